@@ -1,0 +1,104 @@
+"""What stages share: the context they run in, what they return, and the variants they produce."""
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+from omegaconf import DictConfig
+
+STAGE_ORDER = ("train", "compile", "trt", "onnx", "int8", "validate", "promote", "deploy")
+PRECISIONS = ("fp32", "fp16", "bf16", "int8")
+DEVICES = ("auto", "cpu", "cuda")
+
+
+class PipelineError(RuntimeError):
+    """An error a user can fix: bad config, missing input. Printed without a traceback."""
+
+    exit_code = 1
+
+
+class StageUnavailable(PipelineError):
+    """The stage cannot run on this host (no CUDA, no TensorRT): skipped in stage=all, exit 2 by name."""
+
+    exit_code = 2
+
+
+@dataclass
+class Variant:
+    """One deployable form of the model; every variant answers history -> top-K ids and scores."""
+
+    name: str                # e.g. "eager-fp32", "inductor-bf16", "onnxruntime-fp32"
+    backend: str             # eager | inductor | aoti | onnxruntime | tensorrt
+    precision: str
+    artifact: str            # the file that holds it (checkpoint, .pt2, .onnx, engine)
+    stage: str               # the stage that produced it
+    options: dict[str, Any] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+@dataclass
+class StageResult:
+    status: Literal["ok", "skipped", "failed"] = "ok"
+    reason: str = ""
+    metrics: dict[str, float] = field(default_factory=dict)
+    artifacts: dict[str, str] = field(default_factory=dict)
+    variants: list[Variant] = field(default_factory=list)
+
+
+@dataclass
+class Manifest:
+    """What one stage hands the next: paths and metrics, per stage. Saved as manifest.json."""
+
+    stages: dict[str, dict[str, Any]] = field(default_factory=dict)
+
+    def record(self, stage: str, result: StageResult) -> None:
+        self.stages[stage] = {
+            "status": result.status,
+            "reason": result.reason,
+            "metrics": dict(result.metrics),
+            "artifacts": dict(result.artifacts),
+            "variants": [v.to_dict() for v in result.variants],
+        }
+
+    def artifact(self, name: str) -> str | None:
+        for entry in self.stages.values():
+            if name in entry.get("artifacts", {}):
+                return entry["artifacts"][name]
+        return None
+
+    def variants(self) -> list[Variant]:
+        return [Variant(**v) for entry in self.stages.values() for v in entry.get("variants", [])]
+
+    def save(self, path: Path) -> None:
+        path.write_text(json.dumps({"stages": self.stages}, indent=2))
+
+    @classmethod
+    def load(cls, path: Path) -> "Manifest":
+        return cls(stages=json.loads(Path(path).read_text())["stages"])
+
+
+@dataclass
+class Context:
+    """Everything a stage may use. Stages never import each other; they read the manifest."""
+
+    cfg: DictConfig
+    device: torch.device
+    run_dir: Path
+    manifest: Manifest
+    tracker: Any  # pipeline.tracking.Tracker
+
+    def require_artifact(self, name: str) -> Path:
+        path = self.manifest.artifact(name)
+        if path is None:
+            raise PipelineError(
+                f"no '{name}' from an earlier stage: run stage=train first in this invocation, "
+                "or pass from_run=<parent run id> of a run that has one"
+            )
+        if not Path(path).exists():
+            raise PipelineError(f"'{name}' recorded at {path} but the file is gone; run stage=train again")
+        return Path(path)

@@ -1,0 +1,132 @@
+"""HSTU, the Hierarchical Sequential Transduction Unit of Zhai et al. 2024, "Actions Speak Louder than
+Words" (https://arxiv.org/abs/2402.17152), on dense right-padded histories.
+
+Follows the research model of meta-recsys/generative-recommenders: pointwise SiLU attention scaled by
+1/max_len instead of a softmax, a learned relative-position bias (plus a bucketed time-difference bias)
+per layer, and U-gating of the layer-normed attention output. Written for torch.compile and torch.export:
+static shapes, masks instead of jagged tensors, no control flow on tensor values.
+"""
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from pipeline.models.sequence import attention_mask, embed_history, input_tables
+
+
+class RelativeBias(nn.Module):
+    """Learned bias per relative offset j - i, plus optionally one per log-bucketed time gap."""
+
+    def __init__(self, max_len: int, time_bias: bool, num_time_buckets: int) -> None:
+        super().__init__()
+        self.max_len = max_len
+        self.num_time_buckets = num_time_buckets
+        self.position_weight = nn.Parameter(torch.empty(2 * max_len - 1).normal_(std=0.02))
+        self.time_weight = (
+            nn.Parameter(torch.empty(num_time_buckets + 1).normal_(std=0.02)) if time_bias else None
+        )
+
+    def forward(self, seq_len: int, timestamps: Tensor | None, device: torch.device) -> Tensor:
+        """[1, L, L] or, with time bias, [B, L, L]."""
+        positions = torch.arange(seq_len, device=device)
+        offsets = positions.unsqueeze(0) - positions.unsqueeze(1) + self.max_len - 1
+        bias = self.position_weight[offsets].unsqueeze(0)
+        if self.time_weight is None:
+            return bias
+        # The gap is measured from the query's own action, not the next one as in the reference:
+        # at serving time the next action's time is not part of the input.
+        gaps = (timestamps.unsqueeze(2) - timestamps.unsqueeze(1)).abs().clamp(min=1)
+        # float32 on purpose: second-resolution gaps overflow fp16.
+        buckets = (gaps.to(torch.float32).log() / 0.301).long().clamp(0, self.num_time_buckets)
+        return bias + self.time_weight[buckets]
+
+
+class HSTULayer(nn.Module):
+    def __init__(
+        self,
+        dim: int,
+        max_len: int,
+        num_heads: int,
+        attn_dim: int,
+        hidden_dim: int,
+        linear_dropout: float,
+        time_bias: bool,
+        num_time_buckets: int,
+        eps: float,
+    ) -> None:
+        super().__init__()
+        self.num_heads, self.attn_dim, self.hidden_dim = num_heads, attn_dim, hidden_dim
+        self.max_len, self.linear_dropout, self.eps = max_len, linear_dropout, eps
+        self.uvqk = nn.Linear(dim, 2 * num_heads * (hidden_dim + attn_dim), bias=False)
+        self.out = nn.Linear(num_heads * hidden_dim, dim)
+        self.relative_bias = RelativeBias(max_len, time_bias, num_time_buckets)
+        nn.init.normal_(self.uvqk.weight, std=0.02)
+        nn.init.xavier_uniform_(self.out.weight)
+
+    def forward(self, x: Tensor, mask: Tensor, timestamps: Tensor | None) -> Tensor:
+        B, L, D = x.shape
+        H, dv, dqk = self.num_heads, self.hidden_dim, self.attn_dim
+        normed = F.layer_norm(x, (D,), eps=self.eps)
+        u, v, q, k = F.silu(self.uvqk(normed)).split([H * dv, H * dv, H * dqk, H * dqk], dim=-1)
+        scores = torch.einsum("bihd,bjhd->bhij", q.view(B, L, H, dqk), k.view(B, L, H, dqk))
+        scores = scores + self.relative_bias(L, timestamps, x.device).unsqueeze(1).to(scores.dtype)
+        # Dividing by max_len rather than L keeps outputs independent of how far a batch is padded.
+        attn = F.silu(scores) / self.max_len * mask.unsqueeze(1).to(scores.dtype)
+        out = torch.einsum("bhij,bjhd->bihd", attn, v.view(B, L, H, dv)).reshape(B, L, H * dv)
+        gated = F.layer_norm(out, (H * dv,), eps=self.eps) * u
+        return x + self.out(F.dropout(gated, p=self.linear_dropout, training=self.training))
+
+
+class HSTU(nn.Module):
+    def __init__(
+        self,
+        num_items: int,
+        max_len: int,
+        dim: int = 50,
+        num_layers: int = 2,
+        num_heads: int = 1,
+        attn_dim: int | None = None,
+        hidden_dim: int | None = None,
+        dropout: float = 0.2,
+        linear_dropout: float = 0.2,
+        time_bias: bool = False,
+        num_time_buckets: int = 128,
+        eps: float = 1e-6,
+    ) -> None:
+        super().__init__()
+        if (attn_dim is None or hidden_dim is None) and dim % num_heads:
+            raise ValueError(
+                f"dim={dim} is not divisible by num_heads={num_heads}; set attn_dim and hidden_dim explicitly"
+            )
+        self.dropout, self.time_bias = dropout, time_bias
+        self.item_embedding, self.position_embedding = input_tables(num_items, max_len, dim)
+        self.layers = nn.ModuleList(
+            HSTULayer(
+                dim=dim,
+                max_len=max_len,
+                num_heads=num_heads,
+                attn_dim=dim // num_heads if attn_dim is None else attn_dim,
+                hidden_dim=dim // num_heads if hidden_dim is None else hidden_dim,
+                linear_dropout=linear_dropout,
+                time_bias=time_bias,
+                num_time_buckets=num_time_buckets,
+                eps=eps,
+            )
+            for _ in range(num_layers)
+        )
+
+    def item_embeddings(self) -> Tensor:
+        return self.item_embedding.weight
+
+    def forward(self, history: Tensor, lengths: Tensor, timestamps: Tensor | None = None) -> Tensor:
+        """history, lengths, timestamps (int64 [B, L], [B], [B, L]) -> sequence embeddings [B, L, dim]."""
+        if self.time_bias and timestamps is None:
+            raise ValueError("this HSTU was built with time_bias=True and needs timestamps [B, L]")
+        x, valid = embed_history(
+            history, lengths, self.item_embedding, self.position_embedding, self.dropout, self.training
+        )
+        mask = attention_mask(history, lengths)
+        for layer in self.layers:
+            x = layer(x, mask, timestamps if self.time_bias else None)
+        # The reference's output step is an L2 norm, which the retrieval head and the loss apply.
+        return x * valid.to(x.dtype)

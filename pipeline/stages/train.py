@@ -1,0 +1,109 @@
+"""train: next-item training with sampled softmax, early stopping on validation HR@10, full-ranking
+evaluation on validation and test, a checkpoint with its config, and the fp32 eager reference variant."""
+from __future__ import annotations
+
+import copy
+import logging
+import time
+
+import torch
+from omegaconf import OmegaConf
+from tqdm.auto import tqdm
+
+from pipeline.bench.latency import cpu_threads
+from pipeline.checkpoint import save_checkpoint
+from pipeline.core import Context, StageResult, Variant
+from pipeline.data import TrainSequences, load_splits
+from pipeline.evaluation import evaluate_full_ranking
+from pipeline.models import Retriever, build_model, sampled_softmax_loss
+
+log = logging.getLogger(__name__)
+
+
+def run(ctx: Context) -> StageResult:
+    cfg, device = ctx.cfg, ctx.device
+    tcfg = cfg.train
+    splits = load_splits(cfg)
+    ctx.tracker.log_metrics(
+        {"num_users": splits.test.target.shape[0], "num_items": splits.num_items, "num_train_users": splits.train.items.shape[0]}
+    )
+    model = build_model(cfg.model, splits.num_items).to(device)
+    retriever = Retriever(model, k=10, l2_norm=cfg.model.l2_norm)
+    optimizer = torch.optim.AdamW(
+        model.parameters(), lr=tcfg.lr, weight_decay=tcfg.weight_decay, betas=tuple(tcfg.betas)
+    )
+    gen = torch.Generator().manual_seed(cfg.seed)
+    best = {"hr10": -1.0, "epoch": 0, "state": None}
+    passes_without_gain = 0
+    start = time.perf_counter()
+
+    with cpu_threads(tcfg.num_threads if device.type == "cpu" else None):
+        epochs = tqdm(range(1, tcfg.epochs + 1), desc="train", unit="epoch")
+        for epoch in epochs:
+            loss = _train_epoch(model, optimizer, splits.train, cfg, device, gen)
+            metrics = {"train_loss": loss}
+            if epoch % tcfg.eval_every == 0 or epoch == tcfg.epochs:
+                model.eval()
+                valid = evaluate_full_ranking(retriever.score_all, splits.valid, [10], tcfg.eval_batch_size, device)
+                metrics["valid_hr10"], metrics["valid_ndcg10"] = valid["hr10"], valid["ndcg10"]
+                if valid["hr10"] > best["hr10"]:
+                    best = {"hr10": valid["hr10"], "epoch": epoch, "state": copy.deepcopy(model.state_dict())}
+                    passes_without_gain = 0
+                else:
+                    passes_without_gain += 1
+            ctx.tracker.log_metrics(metrics, step=epoch)
+            epochs.set_postfix({k: f"{v:.4f}" for k, v in metrics.items()})
+            if passes_without_gain >= tcfg.patience:
+                log.info("early stop at epoch %d: no validation HR@10 gain in %d passes", epoch, tcfg.patience)
+                break
+        train_seconds = time.perf_counter() - start
+
+        model.load_state_dict(best["state"])
+        model.eval()
+        ks = list(tcfg.ks)
+        valid = evaluate_full_ranking(retriever.score_all, splits.valid, ks, tcfg.eval_batch_size, device, "valid")
+        test = evaluate_full_ranking(retriever.score_all, splits.test, ks, tcfg.eval_batch_size, device, "test")
+
+    metrics = {**test, **{f"valid_{k}": v for k, v in valid.items()}}
+    metrics.update(best_epoch=best["epoch"], epochs_run=epoch, train_seconds=train_seconds)
+    log.info("test %s", ", ".join(f"{k}={v:.4f}" for k, v in test.items()))
+
+    checkpoint = save_checkpoint(
+        ctx.run_dir / "model.pt",
+        model,
+        OmegaConf.to_container(cfg.model, resolve=True),
+        splits.num_items,
+        extra={"data": OmegaConf.to_container(cfg.data, resolve=True), "metrics": metrics},
+    )
+    variants = [Variant("eager-fp32", "eager", "fp32", str(checkpoint), "train")]
+    if cfg.precision in ("fp16", "bf16"):
+        variants.append(Variant(f"eager-{cfg.precision}", "eager", cfg.precision, str(checkpoint), "train"))
+    return StageResult(metrics=metrics, artifacts={"checkpoint": str(checkpoint)}, variants=variants)
+
+
+def _train_epoch(model, optimizer, train: TrainSequences, cfg, device, gen: torch.Generator) -> float:
+    model.train()
+    tcfg = cfg.train
+    order = torch.randperm(train.items.shape[0], generator=gen)
+    total, steps = 0.0, 0
+    for start in range(0, len(order), tcfg.batch_size):
+        idx = order[start : start + tcfg.batch_size]
+        lengths = train.lengths[idx]
+        # Trim the shared right padding: training is eager, so a shorter batch is just faster.
+        width = int(lengths.max())
+        items = train.items[idx, :width].to(device)
+        input_lengths = (lengths - 1).to(device)
+        positions = torch.arange(width - 1, device=device)
+        inputs = items[:, :-1] * (positions < input_lengths[:, None])
+        labels = items[:, 1:] * (positions < input_lengths[:, None])
+        ts = None if train.timestamps is None else train.timestamps[idx, : width - 1].to(device)
+        seq = model(inputs, input_lengths, ts)
+        loss = sampled_softmax_loss(
+            seq, labels, model.item_embeddings(), tcfg.num_negatives, cfg.model.temperature, cfg.model.l2_norm
+        )
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        total += loss.item()
+        steps += 1
+    return total / max(steps, 1)

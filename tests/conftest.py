@@ -1,0 +1,43 @@
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+
+# A run small enough for CI's two cores; every stage still does its real work.
+TINY = [
+    "data.synthetic.num_users=120",
+    "data.synthetic.num_items=80",
+    "data.synthetic.max_len=24",
+    "model.max_len=16",
+    "model.dim=16",
+    "train.epochs=2",
+    "train.eval_every=1",
+    "train.batch_size=64",
+    "train.num_negatives=16",
+    "validate.batch_sizes=[1,8]",
+    "validate.warmup=1",
+    "validate.iters=3",
+    "validate.top_k=20",
+]
+
+
+def shared_data() -> Path:
+    return Path(os.environ.get("GENREC_SHARED_DATA", ROOT.parent / "shared" / "data"))
+
+
+def run_pipeline(args: list[str], cwd: Path, timeout: int = 600) -> subprocess.CompletedProcess:
+    """`python -m pipeline ...` in a fresh process, from another working directory, as a user runs it."""
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "HYDRA_FULL_ERROR": "0"}
+    return subprocess.run(
+        [sys.executable, "-m", "pipeline", *args],
+        cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout,
+    )
+
+
+@pytest.fixture
+def tiny_args(tmp_path):
+    return [*TINY, f"artifacts_dir={tmp_path / 'artifacts'}"]

@@ -1,0 +1,97 @@
+"""stage=all on a tiny synthetic config, then the sqlite store read back with the MLflow client."""
+import json
+from pathlib import Path
+
+import pytest
+from mlflow import MlflowClient
+
+from conftest import run_pipeline
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def finished_run(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("e2e")
+    artifacts = tmp / "artifacts"
+    from conftest import TINY
+
+    args = [*TINY, f"artifacts_dir={artifacts}", "stage=all", "precision=fp16"]
+    result = run_pipeline(args, cwd=tmp)
+    assert result.returncode == 0, result.stdout + result.stderr
+    client = MlflowClient(f"sqlite:///{artifacts / 'mlflow.db'}")
+    experiment = client.get_experiment_by_name("genrec")
+    runs = client.search_runs([experiment.experiment_id])
+    return tmp, artifacts, client, runs
+
+
+def _children(runs, parent_id):
+    return {r.info.run_name: r for r in runs if r.data.tags.get("mlflow.parentRunId") == parent_id}
+
+
+def test_one_parent_run_with_nested_stage_runs(finished_run):
+    _, artifacts, client, runs = finished_run
+    parents = [r for r in runs if "mlflow.parentRunId" not in r.data.tags]
+    assert len(parents) == 1
+    parent = parents[0]
+    assert parent.info.status == "FINISHED"
+    assert parent.data.params["model.name"] == "hstu"
+    assert parent.data.params["precision"] == "fp16"
+    assert parent.data.params["model.dim"] == "16"
+    assert parent.data.tags["status"] == "ok"
+    assert parent.data.tags["torch_version"]
+    assert parent.data.tags["has_checkpoint"] == "true"
+    stages = _children(runs, parent.info.run_id)
+    assert set(stages) == {"train", "validate"}
+    for run in stages.values():
+        assert run.data.tags["status"] == "ok"
+        assert run.data.metrics["stage_seconds"] > 0
+    names = {a.path for a in client.list_artifacts(parent.info.run_id)}
+    assert {"config.yaml", "manifest.json"} <= names
+
+
+def test_train_run_metrics_history_and_checkpoint(finished_run):
+    _, _, client, runs = finished_run
+    train = next(r for r in runs if r.info.run_name == "train")
+    for key in ("hr10", "ndcg10", "hr50", "ndcg50", "hr200", "ndcg200", "valid_hr10"):
+        assert 0.0 <= train.data.metrics[key] <= 1.0, key
+    history = client.get_metric_history(train.info.run_id, "train_loss")
+    assert [m.step for m in history] == [1, 2]
+    assert all(m.value > 0 for m in history)
+    assert "model.pt" in {a.path for a in client.list_artifacts(train.info.run_id)}
+
+
+def test_validate_nested_variant_runs(finished_run):
+    tmp, _, client, runs = finished_run
+    validate = next(r for r in runs if r.info.run_name == "validate")
+    variants = _children(runs, validate.info.run_id)
+    assert set(variants) == {"variant:eager-fp32", "variant:eager-fp16"}
+    ref = variants["variant:eager-fp32"].data
+    assert ref.metrics["parity_topk_overlap"] == pytest.approx(1.0)
+    assert ref.metrics["parity_max_abs_err"] == 0.0
+    for run in variants.values():
+        for key in ("hr10", "latency_p50_ms_b1", "latency_p99_ms_b8", "users_per_s_b8"):
+            assert run.data.metrics[key] >= 0, key
+        assert run.data.tags["backend"] == "eager"
+    # the half-precision twin answers nearly the same top-K
+    assert variants["variant:eager-fp16"].data.metrics["parity_topk_overlap"] > 0.8
+    artifacts = {a.path for a in client.list_artifacts(validate.info.run_id)}
+    assert {"validate_variants.csv", "validate_variants.md", "latency_vs_batch.png"} <= artifacts
+    # Hydra wrote nothing into the working directory: everything goes under artifacts_dir.
+    assert not (tmp / "outputs").exists()
+
+
+def test_later_invocation_picks_up_the_checkpoint(finished_run):
+    tmp, artifacts, client, runs = finished_run
+    from conftest import TINY
+
+    result = run_pipeline([*TINY, f"artifacts_dir={artifacts}", "stage=validate", "precision=fp32"], cwd=tmp)
+    assert result.returncode == 0, result.stdout + result.stderr
+    first_parent = next(r for r in runs if "mlflow.parentRunId" not in r.data.tags)
+    experiment = client.get_experiment_by_name("genrec")
+    newest = client.search_runs(
+        [experiment.experiment_id], filter_string="tags.stages = 'validate'", order_by=["attributes.start_time DESC"]
+    )[0]
+    assert newest.data.tags["from_run"] == first_parent.info.run_id
+    manifest = json.loads(Path(client.download_artifacts(newest.info.run_id, "manifest.json", str(tmp))).read_text())
+    assert "validate" in manifest["stages"] and "train" in manifest["stages"]
