@@ -20,6 +20,7 @@ from pipeline.core import (
     StageResult,
     StageUnavailable,
 )
+from pipeline.data import DataError, DatasetNotFoundError
 from pipeline.stages import STAGES
 from pipeline.tracking import MANIFEST_FILE, Tracker, flatten, host_tags, lineage_key
 
@@ -135,9 +136,9 @@ def _run_stage(name: str, ctx: Context, by_name: bool) -> StageResult:
         except StageUnavailable as err:
             result = StageResult(status="failed" if by_name else "skipped", reason=str(err))
             log.warning("stage %s %s: %s", name, "cannot run" if by_name else "skipped", err)
-        except PipelineError as err:
+        except (PipelineError, DataError, DatasetNotFoundError) as err:
             tracker.set_tags({"status": "failed", "reason": str(err)[:5000]})
-            raise
+            raise PipelineError(f"stage {name}: {err}") from err
         except Exception as err:
             tracker.set_tags({"status": "failed", "reason": f"{type(err).__name__}: {err}"[:5000]})
             raise

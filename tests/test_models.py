@@ -69,7 +69,8 @@ def test_padding_does_not_change_outputs(name):
     lengths_list = [5, 1, 3]
     history, lengths, timestamps = make_batch(lengths_list, 5)
     out = encode(encoder, history, lengths, timestamps)
-    wider = encode(encoder, torch.nn.functional.pad(history, (0, 3)), lengths, torch.nn.functional.pad(timestamps, (0, 3)))
+    pad = torch.nn.functional.pad
+    wider = encode(encoder, pad(history, (0, 3)), lengths, pad(timestamps, (0, 3)))
     valid = (torch.arange(5) < lengths.unsqueeze(1)).unsqueeze(-1)
     torch.testing.assert_close(wider[:, :5] * valid, out * valid, rtol=1e-5, atol=1e-6)
     assert (out * ~valid == 0).all() and (wider[:, 5:] == 0).all()
@@ -129,8 +130,7 @@ def test_top_k_sorted_with_ties_and_k_equal_to_item_count():
 
 @pytest.mark.parametrize("name", ["hstu", "sasrec"])
 def test_retriever_never_returns_seen_items_or_padding(name):
-    retriever_lengths = [MAX_LEN, 3, 1]
-    history, lengths, _ = make_batch(retriever_lengths, MAX_LEN, seed=1)
+    history, lengths, _ = make_batch([MAX_LEN, 3, 1], MAX_LEN, seed=1)
     k = NUM_ITEMS - MAX_LEN
     ids, scores = Retriever(make_encoder(name), k=k)(history, lengths)
     assert ids.shape == scores.shape == (3, k) and ids.dtype == torch.long
@@ -169,7 +169,8 @@ def toy_loss_batch(g):
     return walk[:, :-1] * valid, lengths, walk[:, 1:] * valid
 
 
-def test_sampled_softmax_loss_learns_a_toy_sequence():
+@pytest.mark.parametrize("per_position", [False, True])
+def test_sampled_softmax_loss_learns_a_toy_sequence(per_position):
     torch.manual_seed(0)
     model = HSTU(NUM_ITEMS, MAX_LEN, dim=16, num_heads=2, dropout=0.0, linear_dropout=0.0)
     optimizer = torch.optim.Adam(model.parameters(), lr=1e-2)
@@ -178,7 +179,7 @@ def test_sampled_softmax_loss_learns_a_toy_sequence():
     for _ in range(30):
         history, lengths, labels = toy_loss_batch(g)
         loss = sampled_softmax_loss(
-            model(history, lengths), labels, model.item_embeddings(), 8, 0.05, l2_norm=True, generator=g
+            model(history, lengths), labels, model.item_embeddings(), 8, 0.05, True, g, per_position
         )
         assert torch.isfinite(loss)
         optimizer.zero_grad()
@@ -188,7 +189,8 @@ def test_sampled_softmax_loss_learns_a_toy_sequence():
     assert sum(losses[-5:]) / 5 < 0.5 * sum(losses[:5]) / 5
 
 
-def test_sampled_softmax_loss_ignores_positions_without_label():
+@pytest.mark.parametrize("per_position", [False, True])
+def test_sampled_softmax_loss_ignores_positions_without_label(per_position):
     g = torch.Generator().manual_seed(0)
     seq_emb, table = torch.randn(2, 4, 6, generator=g), torch.randn(NUM_ITEMS + 1, 6, generator=g)
     labels = torch.tensor([[3, 5, 0, 0], [7, 0, 0, 0]])
@@ -196,21 +198,24 @@ def test_sampled_softmax_loss_ignores_positions_without_label():
     noisy[labels == 0] = 1e3
 
     def loss(emb, lab, l2_norm):
-        return sampled_softmax_loss(emb, lab, table, 5, 0.1, l2_norm, torch.Generator().manual_seed(1))
+        return sampled_softmax_loss(emb, lab, table, 5, 0.1, l2_norm, torch.Generator().manual_seed(1), per_position)
 
     for l2_norm in (True, False):
         torch.testing.assert_close(loss(noisy, labels, l2_norm), loss(seq_emb, labels, l2_norm))
     assert loss(seq_emb, torch.zeros_like(labels), True) == 0.0
 
 
-def test_sampled_softmax_loss_leaves_out_negatives_equal_to_the_positive():
+@pytest.mark.parametrize("per_position", [False, True])
+def test_sampled_softmax_loss_leaves_out_negatives_equal_to_the_positive(per_position):
     table = torch.eye(3)  # items 1 and 2 only; every negative is item 1 or 2
     seq_emb = table[[1]].view(1, 1, 3)
     labels = torch.tensor([[1]])
-    with_sampling = sampled_softmax_loss(seq_emb, labels, table, 64, 1.0, False, torch.Generator().manual_seed(0))
-    # Only item 2 draws compete: loss = -log(e / (e + m * 1)) with m the number of item-2 draws.
-    m = (torch.randint(1, 3, (64,), generator=torch.Generator().manual_seed(0)) == 2).sum()
-    torch.testing.assert_close(with_sampling, torch.log1p(m / torch.e).float())
+    loss = sampled_softmax_loss(seq_emb, labels, table, 64, 1.0, False, torch.Generator().manual_seed(0), per_position)
+    # Only the draws of item 2 compete: loss = -log(e / (e + m)) with m the number of those draws.
+    shape = (1, 1, 64) if per_position else (64,)
+    m = (torch.randint(1, 3, shape, generator=torch.Generator().manual_seed(0)) == 2).sum()
+    assert 0 < m < 64
+    torch.testing.assert_close(loss, torch.log1p(m / torch.e).float())
 
 
 @pytest.mark.slow

@@ -4,6 +4,8 @@ A causal pre-LN transformer over right-padded histories with learned absolute po
 feed-forward network. Same call and output as HSTU, so the retrieval head and the loss serve both.
 """
 
+import math
+
 import torch.nn.functional as F
 from torch import Tensor, nn
 
@@ -25,10 +27,12 @@ class SASRecLayer(nn.Module):
         B, L, D = x.shape
         H = self.num_heads
         q, k, v = self.qkv(self.attn_norm(x)).view(B, L, 3, H, D // H).permute(2, 0, 3, 1, 4)
-        # Every query row keeps at least key 0 (lengths >= 1), so no row of the softmax is empty.
-        attn = F.scaled_dot_product_attention(
-            q, k, v, attn_mask=mask.unsqueeze(1), dropout_p=self.dropout if self.training else 0.0
-        )
+        # Written out rather than F.scaled_dot_product_attention: with a mask, its CUDA kernels pad L to a
+        # multiple of 8, which torch.export turns into a guard that a free sequence length cannot meet.
+        # Every query row keeps key 0 (lengths >= 1), so no softmax row is empty.
+        scores = (q @ k.transpose(-1, -2)) / math.sqrt(D // H)
+        weights = scores.masked_fill(~mask.unsqueeze(1), float("-inf")).softmax(dim=-1)
+        attn = F.dropout(weights, self.dropout, self.training) @ v
         x = x + F.dropout(self.attn_out(attn.transpose(1, 2).reshape(B, L, D)), self.dropout, self.training)
         hidden = F.dropout(F.relu(self.ffn_in(self.ffn_norm(x))), self.dropout, self.training)
         return x + F.dropout(self.ffn_out(hidden), self.dropout, self.training)

@@ -42,7 +42,11 @@ def input_tables(num_items: int, max_len: int, dim: int) -> tuple[nn.Embedding, 
 
 
 def embed_history(
-    history: Tensor, lengths: Tensor, item_embedding: nn.Embedding, position_embedding: nn.Embedding, dropout: float,
+    history: Tensor,
+    lengths: Tensor,
+    item_embedding: nn.Embedding,
+    position_embedding: nn.Embedding,
+    dropout: float,
     training: bool,
 ) -> tuple[Tensor, Tensor]:
     """Scaled item embedding + learned absolute position, dropout, zero at padding -> ([B, L, D], valid [B, L, 1])."""

@@ -12,7 +12,7 @@ from tqdm.auto import tqdm
 
 from pipeline.bench.latency import cpu_threads
 from pipeline.checkpoint import save_checkpoint
-from pipeline.core import Context, StageResult, Variant
+from pipeline.core import Context, PipelineError, StageResult, Variant
 from pipeline.data import TrainSequences, load_splits
 from pipeline.evaluation import evaluate_full_ranking
 from pipeline.models import Retriever, build_model, sampled_softmax_loss
@@ -23,6 +23,10 @@ log = logging.getLogger(__name__)
 def run(ctx: Context) -> StageResult:
     cfg, device = ctx.cfg, ctx.device
     tcfg = cfg.train
+    if tcfg.negatives not in ("shared", "per_position"):
+        raise PipelineError(f"unknown train.negatives '{tcfg.negatives}'; valid choices: shared, per_position")
+    if device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = True  # as the reference trains; evaluation is unaffected in effect
     splits = load_splits(cfg)
     ctx.tracker.log_metrics(
         {"num_users": splits.test.target.shape[0], "num_items": splits.num_items, "num_train_users": splits.train.items.shape[0]}
@@ -55,6 +59,9 @@ def run(ctx: Context) -> StageResult:
             epochs.set_postfix({k: f"{v:.4f}" for k, v in metrics.items()})
             if passes_without_gain >= tcfg.patience:
                 log.info("early stop at epoch %d: no validation HR@10 gain in %d passes", epoch, tcfg.patience)
+                break
+            if tcfg.max_minutes and time.perf_counter() - start > 60 * tcfg.max_minutes and best["state"] is not None:
+                log.info("stop at epoch %d: train.max_minutes=%s reached", epoch, tcfg.max_minutes)
                 break
         train_seconds = time.perf_counter() - start
 
@@ -99,7 +106,8 @@ def _train_epoch(model, optimizer, train: TrainSequences, cfg, device, gen: torc
         ts = None if train.timestamps is None else train.timestamps[idx, : width - 1].to(device)
         seq = model(inputs, input_lengths, ts)
         loss = sampled_softmax_loss(
-            seq, labels, model.item_embeddings(), tcfg.num_negatives, cfg.model.temperature, cfg.model.l2_norm
+            seq, labels, model.item_embeddings(), tcfg.num_negatives, cfg.model.temperature, cfg.model.l2_norm,
+            generator=gen if device.type == "cpu" else None, per_position=tcfg.negatives == "per_position",
         )
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
