@@ -15,7 +15,7 @@ from pipeline.data.readers import (
     read_grouplens_ratings,
     read_user_sequences,
 )
-from pipeline.data.splits import Split, Splits, TrainSequences, leave_one_out
+from pipeline.data.splits import Split, Splits, TrainSequences, leave_one_out, train_with_validation
 from pipeline.data.synthetic import generate_synthetic
 
 
@@ -40,4 +40,5 @@ __all__ = [
     "load_interactions",
     "read_grouplens_ratings",
     "read_user_sequences",
+    "train_with_validation",
 ]

@@ -137,3 +137,18 @@ def _window(flat: np.ndarray, end: np.ndarray, lengths: np.ndarray, width: int) 
     valid = offsets < lengths[:, None]
     index = np.where(valid, (end - lengths)[:, None] + offsets, 0)
     return torch.from_numpy(np.where(valid, flat[index], 0).astype(np.int64))
+
+
+def train_with_validation(splits: Splits) -> TrainSequences:
+    """Training sequences that also hold each user's validation item: every item before the test one.
+
+    For a refit after the epoch count was chosen on validation, as the published protocol trains on
+    all but the last item. The test history already is that sequence (capped to L items).
+    """
+    test = splits.test
+    keep = test.lengths >= 2
+    return TrainSequences(
+        items=test.history[keep],
+        lengths=test.lengths[keep],
+        timestamps=None if test.timestamps is None else test.timestamps[keep],
+    )

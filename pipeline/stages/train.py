@@ -13,7 +13,7 @@ from tqdm.auto import tqdm
 from pipeline.bench.latency import cpu_threads
 from pipeline.checkpoint import save_checkpoint
 from pipeline.core import Context, PipelineError, StageResult, Variant
-from pipeline.data import TrainSequences, load_splits
+from pipeline.data import TrainSequences, load_splits, train_with_validation
 from pipeline.evaluation import evaluate_full_ranking
 from pipeline.models import Retriever, build_model, sampled_softmax_loss
 
@@ -69,6 +69,9 @@ def run(ctx: Context) -> StageResult:
         model.eval()
         ks = list(tcfg.ks)
         valid = evaluate_full_ranking(retriever.score_all, splits.valid, ks, tcfg.eval_batch_size, device, "valid")
+        if tcfg.refit:
+            model = _refit(ctx, splits, best["epoch"], gen)
+            retriever = Retriever(model, k=10, l2_norm=cfg.model.l2_norm)
         test = evaluate_full_ranking(retriever.score_all, splits.test, ks, tcfg.eval_batch_size, device, "test")
 
     metrics = {**test, **{f"valid_{k}": v for k, v in valid.items()}}
@@ -86,6 +89,21 @@ def run(ctx: Context) -> StageResult:
     if cfg.precision in ("fp16", "bf16"):
         variants.append(Variant(f"eager-{cfg.precision}", "eager", cfg.precision, str(checkpoint), "train"))
     return StageResult(metrics=metrics, artifacts={"checkpoint": str(checkpoint)}, variants=variants)
+
+
+def _refit(ctx: Context, splits, epochs: int, gen: torch.Generator):
+    """A fresh model trained on train+valid for the epoch count chosen on validation."""
+    cfg, device = ctx.cfg, ctx.device
+    log.info("refit on train+valid for %d epochs (chosen on validation)", epochs)
+    torch.manual_seed(cfg.seed)
+    model = build_model(cfg.model, splits.num_items).to(device)
+    optimizer = torch.optim.AdamW(
+        model.parameters(), lr=cfg.train.lr, weight_decay=cfg.train.weight_decay, betas=tuple(cfg.train.betas)
+    )
+    sequences = train_with_validation(splits)
+    for epoch in tqdm(range(1, epochs + 1), desc="refit", unit="epoch"):
+        ctx.tracker.log_metrics({"refit_train_loss": _train_epoch(model, optimizer, sequences, cfg, device, gen)}, step=epoch)
+    return model.eval()
 
 
 def _train_epoch(model, optimizer, train: TrainSequences, cfg, device, gen: torch.Generator) -> float:
