@@ -40,7 +40,7 @@ def read_checkpoint(path: Path) -> dict[str, Any]:
         raise CheckpointError(f"checkpoint not found: {path}")
     try:
         payload = torch.load(path, map_location="cpu", weights_only=True)
-    except (RuntimeError, pickle.UnpicklingError, EOFError, zipfile.BadZipFile, ValueError) as err:
+    except (RuntimeError, OSError, pickle.UnpicklingError, EOFError, zipfile.BadZipFile, ValueError) as err:
         raise CheckpointError(f"{path} is not a readable checkpoint (corrupt or truncated?): {err}") from err
     missing = {"format_version", "model_config", "num_items", "state_dict"} - set(payload)
     if not isinstance(payload, dict) or missing:

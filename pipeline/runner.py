@@ -20,6 +20,7 @@ from pipeline.core import (
     StageResult,
     StageUnavailable,
 )
+from pipeline.checkpoint import read_checkpoint
 from pipeline.data import DataError, DatasetNotFoundError
 from pipeline.stages import STAGES
 from pipeline.tracking import MANIFEST_FILE, Tracker, flatten, host_tags, lineage_key
@@ -122,6 +123,15 @@ def _starting_manifest(cfg: DictConfig, stages: list[str], tracker: Tracker, key
         log.warning("no earlier run with this data+model config; later stages need stage=train first")
         return Manifest()
     run_id, manifest = found
+    checkpoint = manifest.artifact("checkpoint")
+    if checkpoint is not None:
+        saved = read_checkpoint(checkpoint)["model_config"]
+        wanted = OmegaConf.to_container(cfg.model, resolve=True)
+        if saved != wanted:
+            diff = ", ".join(f"{k}: run={saved.get(k)!r} config={wanted.get(k)!r}"
+                             for k in sorted(set(saved) | set(wanted)) if saved.get(k) != wanted.get(k))
+            raise PipelineError(f"run {run_id} was trained with another model config ({diff}); "
+                                "pass the same model options or run stage=train")
     log.info("using the artifacts of earlier run %s", run_id)
     tracker.set_tags({"from_run": run_id})
     return manifest
@@ -144,6 +154,7 @@ def _run_stage(name: str, ctx: Context, by_name: bool) -> StageResult:
             raise
         result.metrics.setdefault("stage_seconds", time.perf_counter() - start)
         tracker.log_metrics(result.metrics)
+        tracker.log_dict({"status": result.status, "reason": result.reason, "metrics": result.metrics}, "metrics.json")
         tags = {"status": result.status}
         if result.reason:
             tags["skip_reason" if result.status == "skipped" else "reason"] = result.reason
