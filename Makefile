@@ -6,7 +6,10 @@ PY     := $(VENV)/bin/python
 TORCH_SPEC ?= torch==2.13.0+cpu
 ARGS ?=
 
-.PHONY: setup run test ui bench deploy clean
+# The real tritonserver (python backend only), unpacked from the nvidia-pytriton wheel; never pip-installed.
+TRITON := artifacts/triton/pytriton/tritonserver/bin/tritonserver
+
+.PHONY: setup run test ui bench triton serve stop deploy query loadtest clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -27,11 +30,28 @@ ui: $(PY)  ## MLflow UI on http://127.0.0.1:5000
 		--backend-store-uri sqlite:///$(CURDIR)/artifacts/mlflow.db \
 		--default-artifact-root $(CURDIR)/artifacts/mlruns
 
-bench: $(PY)  ## latency of every variant on this device
-	$(PY) -m pipeline stage=validate $(ARGS)
+bench: $(PY)  ## the standard workload, every variant on this device (retrieval-cpu here, retrieval-1m on a GPU)
+	$(PY) -m pipeline.bench.run $(ARGS)
 
-deploy: $(PY)  ## champion -> Triton Inference Server
-	@echo "deploy: not built yet (issue: validate, promote, deploy)"; exit 2
+$(TRITON): | $(PY)
+	$(PY) -m pipeline.serving install
+
+triton: $(TRITON)  ## tritonserver under artifacts/triton (downloads the nvidia-pytriton wheel, about 55 MB)
+
+serve: $(TRITON)  ## start the local Triton server on 127.0.0.1 (ports: conf/serving), in the background
+	$(PY) -m pipeline.serving start $(ARGS)
+
+stop:  ## stop the local Triton server that make serve (or make deploy) started
+	$(PY) -m pipeline.serving stop $(ARGS)
+
+deploy: $(TRITON)  ## champion -> Triton model repository -> local server (started if needed), smoke-tested
+	$(PY) -m pipeline stage=deploy $(ARGS)
+
+query: $(PY)  ## recommendations from the server for a test history, compared with the pipeline's own
+	$(PY) -m pipeline.client --check $(ARGS)
+
+loadtest: $(PY)  ## bounded concurrent load on loopback: throughput, p50/p99, errors, server metrics
+	$(PY) -m pipeline.serving.loadtest $(ARGS)
 
 clean:  ## remove everything the pipeline wrote (keeps .venv)
 	find artifacts -mindepth 1 ! -name .gitkeep -exec rm -rf {} +

@@ -4,10 +4,12 @@ from __future__ import annotations
 import json
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import torch
-from omegaconf import DictConfig
+
+if TYPE_CHECKING:  # annotations only: the GPU bench imports this without omegaconf installed
+    from omegaconf import DictConfig
 
 STAGE_ORDER = ("train", "compile", "trt", "onnx", "int8", "validate", "promote", "deploy")
 PRECISIONS = ("fp32", "fp16", "bf16", "int8")

@@ -23,6 +23,8 @@ from pipeline.core import Manifest
 log = logging.getLogger(__name__)
 
 MANIFEST_FILE = "manifest.json"
+# Registry aliases: the version deploy serves, and the one it replaced (to roll back to).
+CHAMPION, PREVIOUS = "champion", "previous"
 # MLflow refuses param values over 6000 characters and batches over 100 params.
 _MAX_PARAM_CHARS = 6000
 _PARAM_BATCH = 100
@@ -105,6 +107,7 @@ class Tracker:
             Path(self.uri.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
         mlflow.set_tracking_uri(self.uri)
         self.client = mlflow.MlflowClient(self.uri)
+        self.parent_run_id: str | None = None  # the invocation's run, once started
         experiment = self.client.get_experiment_by_name(cfg.experiment_name)
         if experiment is None:
             artifact_root = None
@@ -119,6 +122,8 @@ class Tracker:
     def run(self, name: str, tags: dict[str, str] | None = None, nested: bool = True) -> Iterator[Any]:
         """A run nested under the active one; FAILED if the block raises."""
         with self.mlflow.start_run(run_name=name, nested=nested, tags=tags or {}) as active:
+            if not nested:
+                self.parent_run_id = active.info.run_id
             yield active
 
     @property
@@ -138,9 +143,13 @@ class Tracker:
     def set_tags(self, tags: dict[str, Any]) -> None:
         self.mlflow.set_tags({k: str(v) for k, v in tags.items()})
 
-    def log_artifact(self, path: Path | str, artifact_path: str | None = None) -> None:
+    def log_artifact(self, path: Path | str, artifact_path: str | None = None, run_id: str | None = None) -> None:
+        """Into the active run, or into `run_id` (e.g. the parent run, for the comparison table)."""
         path = Path(path)
-        if path.is_dir():
+        if run_id is not None:
+            log = self.client.log_artifacts if path.is_dir() else self.client.log_artifact
+            log(run_id, str(path), artifact_path)
+        elif path.is_dir():
             self.mlflow.log_artifacts(str(path), artifact_path=artifact_path)
         else:
             self.mlflow.log_artifact(str(path), artifact_path=artifact_path)
@@ -171,6 +180,65 @@ class Tracker:
             except Exception as err:  # MLflow raises several types for a missing run or file
                 raise FileNotFoundError(f"run {run_id} has no {MANIFEST_FILE}: {err}") from err
             return run_id, Manifest.load(Path(local))
+
+    def earlier_variant_runs(self, key: str, exclude_run: str | None, max_runs: int) -> list[dict[str, Any]]:
+        """Validate's variant runs of the latest `max_runs` earlier invocations with the same lineage key:
+        one row per variant run, {run, start_time, variant, backend, precision, **metrics}."""
+        found = self.client.search_runs(
+            [self.experiment_id],
+            filter_string=f"tags.lineage_key = '{key}' and tags.stage = 'validate'",
+            order_by=["attributes.start_time DESC"],
+            max_results=50 * max(max_runs, 1),
+        )
+        found = [r for r in found if r.data.tags.get("variant") and r.data.tags.get("pipeline_run") != exclude_run]
+        keep = list(dict.fromkeys(r.data.tags.get("pipeline_run") for r in found))[:max_runs]
+        return [
+            {"run": r.data.tags.get("pipeline_run"), "start_time": r.info.start_time,
+             **{k: r.data.tags.get(k, "") for k in ("variant", "backend", "precision")}, **r.data.metrics}
+            for r in found if r.data.tags.get("pipeline_run") in keep
+        ]
+
+    # The model registry. Promotion moves aliases (registry stages are deprecated in MLflow).
+
+    def register_model(self, name: str, package_dir: Path, logged_name: str, tags: dict[str, Any]) -> Any:
+        """package_dir -> a logged model of the active run -> a new version of registered model `name`."""
+        from mlflow.entities import LoggedModelStatus
+
+        tags = {k: str(v) for k, v in tags.items()}
+        logged = self.mlflow.initialize_logged_model(name=logged_name, source_run_id=self.active_run_id, tags=tags)
+        try:
+            self.client.log_model_artifacts(logged.model_id, str(package_dir))
+        except Exception:
+            self.mlflow.finalize_logged_model(logged.model_id, LoggedModelStatus.FAILED)
+            raise
+        self.mlflow.finalize_logged_model(logged.model_id, LoggedModelStatus.READY)
+        return self.mlflow.register_model(f"models:/{logged.model_id}", name, tags=tags)
+
+    def model_version(self, name: str, alias: str) -> Any | None:
+        """The version `alias` points to, or None (no such model or alias)."""
+        from mlflow.exceptions import MlflowException
+
+        try:
+            return self.client.get_model_version_by_alias(name, alias)
+        except MlflowException:
+            return None
+
+    def make_champion(self, name: str, version: str) -> str | None:
+        """Alias `champion` -> version; the former champion becomes `previous`. -> the former champion's version."""
+        former = self.model_version(name, CHAMPION)
+        former = None if former is None or str(former.version) == str(version) else str(former.version)
+        if former is not None:
+            self.client.set_registered_model_alias(name, PREVIOUS, former)
+        self.client.set_registered_model_alias(name, CHAMPION, str(version))
+        return former
+
+    def set_model_version_tags(self, name: str, version: str, tags: dict[str, Any]) -> None:
+        for key, value in tags.items():
+            self.client.set_model_version_tag(name, str(version), key, str(value))
+
+    def download_model_version(self, name: str, version: str, dst: Path) -> Path:
+        Path(dst).mkdir(parents=True, exist_ok=True)
+        return Path(self.mlflow.artifacts.download_artifacts(artifact_uri=f"models:/{name}/{version}", dst_path=str(dst)))
 
 
 def quiet_mlflow_env() -> None:

@@ -40,6 +40,38 @@ def _load_eager(variant: Variant, device: torch.device, top_k: int) -> Callable:
     return build_retriever(variant.artifact, top_k, variant.precision, device)
 
 
+@register("onnxruntime")
+def _load_onnxruntime(variant: Variant, device: torch.device, top_k: int) -> Callable:
+    from pipeline.export.onnx import load_onnx_variant
+
+    return load_onnx_variant(variant, device, top_k)
+
+
+@register("inductor")
+def _load_inductor(variant: Variant, device: torch.device, top_k: int) -> Callable:
+    from pipeline.export.inductor import CompiledRetriever
+
+    retriever = build_retriever(variant.artifact, top_k, variant.precision, device)
+    return CompiledRetriever(retriever, variant.options.get("mode", "default"), variant.options.get("kernels", "reference"))
+
+
+@register("aoti")
+def _load_aoti(variant: Variant, device: torch.device, top_k: int) -> Callable:
+    from pipeline.export.inductor import AotiRetriever
+
+    if variant.options.get("top_k", top_k) != top_k:
+        raise PipelineError(f"{variant.name} answers top-{variant.options['top_k']}, asked for top-{top_k}: "
+                            "set compile.top_k and validate.top_k alike")
+    return AotiRetriever(variant.artifact, device, bool(variant.options.get("uses_timestamps", False)))
+
+
+@register("tensorrt")
+def _load_tensorrt(variant: Variant, device: torch.device, top_k: int) -> Callable:
+    from pipeline.export.trt import load_trt_variant
+
+    return load_trt_variant(variant, device, top_k)
+
+
 def load_variant(variant: Variant, device: torch.device, top_k: int) -> Callable:
     if variant.backend not in LOADERS:
         raise PipelineError(f"no loader for backend '{variant.backend}'; known: {', '.join(LOADERS)}")

@@ -42,9 +42,12 @@ def test_one_parent_run_with_nested_stage_runs(finished_run):
     assert parent.data.tags["torch_version"]
     assert parent.data.tags["has_checkpoint"] == "true"
     stages = _children(runs, parent.info.run_id)
-    assert set(stages) == {"train", "validate"}
-    for run in stages.values():
-        assert run.data.tags["status"] == "ok"
+    assert set(stages) == {"train", "compile", "trt", "onnx", "validate", "promote"}
+    for name, run in stages.items():
+        if name == "trt" and run.data.tags["status"] == "skipped":  # no CUDA or no TensorRT here
+            assert "TensorRT cannot run here" in run.data.tags["skip_reason"]
+        else:
+            assert run.data.tags["status"] == "ok"
         assert run.data.metrics["stage_seconds"] > 0
     names = {a.path for a in client.list_artifacts(parent.info.run_id)}
     assert {"config.yaml", "manifest.json"} <= names
@@ -65,14 +68,15 @@ def test_validate_nested_variant_runs(finished_run):
     tmp, _, client, runs = finished_run
     validate = next(r for r in runs if r.info.run_name == "validate")
     variants = _children(runs, validate.info.run_id)
-    assert set(variants) == {"variant:eager-fp32", "variant:eager-fp16"}
+    assert set(variants) == {"variant:eager-fp32", "variant:eager-fp16", "variant:inductor-fp16",
+                             "variant:onnxruntime-fp32", "variant:onnxruntime-fp16"}
     ref = variants["variant:eager-fp32"].data
     assert ref.metrics["parity_topk_overlap"] == pytest.approx(1.0)
     assert ref.metrics["parity_max_abs_err"] == 0.0
     for run in variants.values():
         for key in ("hr10", "latency_p50_ms_b1", "latency_p99_ms_b8", "users_per_s_b8"):
             assert run.data.metrics[key] >= 0, key
-        assert run.data.tags["backend"] == "eager"
+        assert run.data.tags["backend"] == run.data.tags["variant"].split("-")[0]
     # the half-precision twin answers nearly the same top-K
     assert variants["variant:eager-fp16"].data.metrics["parity_topk_overlap"] > 0.8
     artifacts = {a.path for a in client.list_artifacts(validate.info.run_id)}
@@ -95,3 +99,15 @@ def test_later_invocation_picks_up_the_checkpoint(finished_run):
     assert newest.data.tags["from_run"] == first_parent.info.run_id
     manifest = json.loads(Path(client.download_artifacts(newest.info.run_id, "manifest.json", str(tmp))).read_text())
     assert "validate" in manifest["stages"] and "train" in manifest["stages"]
+
+
+def test_earlier_run_with_another_model_config_is_refused(finished_run):
+    tmp, artifacts, client, runs = finished_run
+    from conftest import TINY
+
+    first_parent = next(r for r in runs if "mlflow.parentRunId" not in r.data.tags and r.data.tags.get("stages") != "validate")
+    args = [*TINY, f"artifacts_dir={artifacts}", "stage=validate", "model.dim=32", f"from_run={first_parent.info.run_id}"]
+    result = run_pipeline(args, cwd=tmp)
+    output = result.stdout + result.stderr
+    assert result.returncode != 0
+    assert "dim: run=16 config=32" in output, output

@@ -6,12 +6,13 @@ from __future__ import annotations
 
 import time
 from contextlib import contextmanager
-from typing import Callable, Iterable, Iterator
+from typing import TYPE_CHECKING, Callable, Iterable, Iterator
 
 import numpy as np
 import torch
 
-from pipeline.data import Split
+if TYPE_CHECKING:  # the bench imports this module on GPU hosts that carry only torch and numpy
+    from pipeline.data import Split
 
 
 @contextmanager

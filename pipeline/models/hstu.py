@@ -11,6 +11,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from pipeline.kernels import hstu_attention
 from pipeline.models.sequence import attention_mask, embed_history, input_tables
 
 
@@ -63,16 +64,18 @@ class HSTULayer(nn.Module):
         nn.init.normal_(self.uvqk.weight, std=0.02)
         nn.init.xavier_uniform_(self.out.weight)
 
-    def forward(self, x: Tensor, mask: Tensor, timestamps: Tensor | None) -> Tensor:
+    def forward(self, x: Tensor, mask: Tensor, timestamps: Tensor | None, lengths: Tensor | None = None) -> Tensor:
         B, L, D = x.shape
         H, dv, dqk = self.num_heads, self.hidden_dim, self.attn_dim
         normed = F.layer_norm(x, (D,), eps=self.eps)
         u, v, q, k = F.silu(self.uvqk(normed)).split([H * dv, H * dv, H * dqk, H * dqk], dim=-1)
-        scores = torch.einsum("bihd,bjhd->bhij", q.view(B, L, H, dqk), k.view(B, L, H, dqk))
-        scores = scores + self.relative_bias(L, timestamps, x.device).unsqueeze(1).to(scores.dtype)
-        # Dividing by max_len rather than L keeps outputs independent of how far a batch is padded.
-        attn = F.silu(scores) / self.max_len * mask.unsqueeze(1).to(scores.dtype)
-        out = torch.einsum("bhij,bjhd->bihd", attn, v.view(B, L, H, dv)).reshape(B, L, H * dv)
+        # pipeline.kernels picks the reference (default) or the fused Triton kernel.
+        out = hstu_attention(
+            q.view(B, L, H, dqk), k.view(B, L, H, dqk), v.view(B, L, H, dv),
+            mask=mask, lengths=lengths, max_len=self.max_len,
+            bias=lambda: self.relative_bias(L, timestamps, x.device),
+            position_weight=self.relative_bias.position_weight if self.relative_bias.time_weight is None else None,
+        ).reshape(B, L, H * dv)
         gated = F.layer_norm(out, (H * dv,), eps=self.eps) * u
         return x + self.out(F.dropout(gated, p=self.linear_dropout, training=self.training))
 
@@ -127,6 +130,6 @@ class HSTU(nn.Module):
         )
         mask = attention_mask(history, lengths)
         for layer in self.layers:
-            x = layer(x, mask, timestamps if self.time_bias else None)
+            x = layer(x, mask, timestamps if self.time_bias else None, lengths)
         # The reference's output step is an L2 norm, which the retrieval head and the loss apply.
         return x * valid.to(x.dtype)

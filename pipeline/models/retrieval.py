@@ -5,6 +5,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from pipeline import kernels
+
 
 def last_position(seq_emb: Tensor, lengths: Tensor) -> Tensor:
     """[B, L, D], [B] -> [B, D]: the embedding at position length-1, the latest action."""
@@ -52,5 +54,12 @@ class Retriever(nn.Module):
 
     def forward(self, history: Tensor, lengths: Tensor, timestamps: Tensor | None = None) -> tuple[Tensor, Tensor]:
         """history, lengths[, timestamps] -> (item ids [B, k] int64, scores [B, k])."""
-        scores, ids = top_k(self.score_all(history, lengths, timestamps), self.k)
+        if kernels.backend("retrieval") == "triton":
+            query = last_position(self.encoder(history, lengths, timestamps), lengths)
+            table = self.encoder.item_embeddings()
+            if self.l2_norm:
+                query, table = l2_normalize(query), l2_normalize(table.to(query.dtype))
+            scores, ids = kernels.retrieval_top_k(query, table, history, self.k)
+        else:
+            scores, ids = top_k(self.score_all(history, lengths, timestamps), self.k)
         return torch.where(torch.isneginf(scores), torch.zeros_like(ids), ids), scores

@@ -1,24 +1,28 @@
 """validate: every variant on the same test split and the same inputs: quality from its top-K answer,
 parity with the fp32 eager reference, latency over a batch-size sweep. One nested MLflow run per
-variant (identical metric names, so the UI compares them), a comparison table and a plot."""
+variant (identical metric names, so the UI compares them), each variant's gate result, a comparison table
+(with the variants of earlier runs of the same config) and plots, also logged to the parent run."""
 from __future__ import annotations
 
 import csv
+import json
 import logging
 
 from pipeline.bench.latency import latency_metrics, latency_sweep
-from pipeline.bench.plots import latency_vs_batch
+from pipeline.bench.plots import latency_vs_batch, quality_vs_latency
 from pipeline.core import Context, PipelineError, StageResult
 from pipeline.data import load_splits
 from pipeline.evaluation import parity, predict_top_k, top_k_metrics
-from pipeline.tracking import device_name
+from pipeline.tracking import device_name, lineage_key
 from pipeline.variants import load_variant
 
 log = logging.getLogger(__name__)
 
 REFERENCE = "eager-fp32"
 TABLE_COLUMNS = ("variant", "backend", "precision", "hr10", "ndcg10", "hr50", "ndcg50",
-                 "parity_topk_overlap", "parity_max_abs_err", "latency_p50_ms_b1", "latency_p99_ms_b1")
+                 "parity_topk_overlap", "parity_max_abs_err", "latency_p50_ms_b1", "latency_p99_ms_b1", "gate_passed")
+HISTORY_COLUMNS = ("run", "variant", "backend", "precision", "hr10", "parity_topk_overlap", "gate_passed",
+                   "latency_p50_ms_b1", "latency_p99_ms_b1")
 
 
 def run(ctx: Context) -> StageResult:
@@ -29,11 +33,13 @@ def run(ctx: Context) -> StageResult:
         raise PipelineError(f"validate needs the {REFERENCE} reference from stage=train; variants found: {names or 'none'}")
     variants.sort(key=lambda v: v.name != REFERENCE)  # the reference first: the others compare with it
     test = load_splits(ctx.cfg).test
+    key, parent = lineage_key(ctx.cfg), ctx.tracker.parent_run_id
 
-    reference, rows, latency_rows = None, [], []
+    reference, rows, latency_rows, results = None, [], [], []
     for variant in variants:
         with ctx.tracker.run(f"variant:{variant.name}", tags={
             "variant": variant.name, "backend": variant.backend, "precision": variant.precision, "stage": "validate",
+            "lineage_key": key, "pipeline_run": parent,
         }):
             predict = load_variant(variant, device, vcfg.top_k)
             ids, scores = predict_top_k(predict, test, vcfg.eval_batch_size, device, desc=f"eval {variant.name}")
@@ -44,9 +50,13 @@ def run(ctx: Context) -> StageResult:
             metrics["hr10_delta"] = metrics["hr10"] - rows[0]["hr10"] if rows else 0.0
             sweep = latency_sweep(predict, test, vcfg.batch_sizes, device, vcfg.warmup, vcfg.iters, vcfg.num_threads)
             metrics.update(latency_metrics(sweep))
+            passed, why = _gates(metrics, vcfg.gates)
+            metrics["gate_passed"] = float(passed)
             ctx.tracker.log_metrics(metrics)
-            ctx.tracker.set_tags({"status": "ok", "device_name": device_name(device)})
+            ctx.tracker.set_tags({"status": "ok", "device_name": device_name(device),
+                                  "gate_passed": str(passed).lower(), "gate_reason": why})
         rows.append({"variant": variant.name, "backend": variant.backend, "precision": variant.precision, **metrics})
+        results.append({"variant": variant.to_dict(), "metrics": metrics, "gate_passed": passed, "gate_reason": why})
         latency_rows += [{"variant": variant.name, **r} for r in sweep]
         log.info("%s: hr10=%.4f overlap=%.4f p50(b=1)=%.3f ms", variant.name, metrics["hr10"],
                  metrics["parity_topk_overlap"], metrics.get("latency_p50_ms_b1", float("nan")))
@@ -58,11 +68,38 @@ def run(ctx: Context) -> StageResult:
     table_md = ctx.run_dir / "validate_variants.md"
     table_md.write_text(_markdown(rows, TABLE_COLUMNS))
     plot = latency_vs_batch(latency_rows, ctx.run_dir / "latency_vs_batch.png", f"latency on {device_name(device)}")
+    results_json = ctx.run_dir / "validate_variants.json"
+    results_json.write_text(json.dumps(results, indent=2))
+
+    earlier = ctx.tracker.earlier_variant_runs(key, parent, vcfg.earlier_runs)
+    history = [{"run": "this run", **r} for r in rows] + [{**r, "run": str(r["run"])[:8]} for r in earlier]
+    history_csv, history_md = ctx.run_dir / "validate_history.csv", ctx.run_dir / "validate_history.md"
+    _write_csv(history_csv, history, HISTORY_COLUMNS)
+    history_md.write_text(_markdown(history, HISTORY_COLUMNS))
+    latency_key = f"latency_p99_ms_b{min(vcfg.batch_sizes)}"
+    quality_plot = quality_vs_latency(rows, earlier, ctx.run_dir / "quality_vs_latency.png",
+                                      f"quality against latency on {device_name(device)}", latency_key)
+    for path in (table_csv, table_md, history_csv, history_md, plot, quality_plot):
+        ctx.tracker.log_artifact(path, run_id=parent)
+    log.info("gates: %s", ", ".join(f"{r['variant']['name']}={'pass' if r['gate_passed'] else 'FAIL'}" for r in results))
     return StageResult(
-        metrics={"num_variants": len(rows)},
+        metrics={"num_variants": len(rows), "num_passing_gates": sum(r["gate_passed"] for r in results)},
         artifacts={"validate_table": str(table_csv), "validate_table_md": str(table_md),
-                   "validate_latency": str(latency_csv), "latency_plot": str(plot)},
+                   "validate_latency": str(latency_csv), "latency_plot": str(plot),
+                   "validate_results": str(results_json), "validate_history": str(history_csv),
+                   "validate_history_md": str(history_md), "quality_plot": str(quality_plot)},
     )
+
+
+def _gates(metrics: dict[str, float], gates) -> tuple[bool, str]:
+    """A variant passes when its HR@10 is at most gates.max_hr10_drop below the reference and its top-K
+    overlaps the reference's by at least gates.min_topk_overlap. -> (passed, why)."""
+    failed = []
+    if metrics["hr10_delta"] < -gates.max_hr10_drop:
+        failed.append(f"HR@10 {metrics['hr10_delta']:+.4f} vs {REFERENCE} (allowed drop {gates.max_hr10_drop})")
+    if metrics["parity_topk_overlap"] < gates.min_topk_overlap:
+        failed.append(f"top-K overlap {metrics['parity_topk_overlap']:.4f} < {gates.min_topk_overlap}")
+    return not failed, "; ".join(failed) or "passed"
 
 
 def _write_csv(path, rows, columns) -> None:

@@ -1,0 +1,278 @@
+"""make bench: every variant available on this device on a standard workload, the plain-PyTorch baselines
+included, measured the same way in one run; roofline from bandwidth and matmul peak measured in the same
+run; a CSV, a latency-vs-batch PNG, a compact table, and (optionally) MLflow.
+
+    python -m pipeline.bench.run                                   # retrieval-cpu on the CPU
+    python -m pipeline.bench.run --workload retrieval-1m --out DIR # the standard GPU workload
+    python -m pipeline.bench.run --gpu-tests ...                   # run the GPU kernel tests first
+
+A variant that fails is reported and the run goes on; variants left when --budget-s runs out are skipped.
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import platform
+import subprocess
+import sys
+import time
+import traceback
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+from pipeline import ARTIFACTS, PROJECT_ROOT, kernels
+from pipeline.bench.latency import summarize, time_calls
+from pipeline.bench.roofline import copy_bandwidth, limit_seconds, matmul_peak
+from pipeline.bench.workload import WORKLOADS, Workload
+
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+COLUMNS = ("variant", "batch_size", "p50_ms", "p90_ms", "p99_ms", "mean_ms", "users_per_s", "limit_ms",
+           "roofline_fraction", "topk_overlap", "first_call_s")
+
+
+@dataclass(frozen=True)
+class BenchVariant:
+    name: str
+    precision: str
+    kernels: str               # reference | triton
+    mode: str | None = None    # torch.compile mode; None: eager
+    baseline: bool = False     # plain PyTorch
+
+    def build(self, workload: Workload, device: torch.device) -> Callable:
+        retriever = workload.retriever(device, DTYPES[self.precision])
+        if self.mode is None:
+            @torch.no_grad()
+            def predict(history, lengths):
+                with kernels.use(self.kernels):
+                    return retriever(history, lengths)
+            return predict
+        from pipeline.export.inductor import CompiledRetriever
+
+        return CompiledRetriever(retriever, self.mode, self.kernels)
+
+
+def variants_for(device: torch.device) -> list[BenchVariant]:
+    """Most telling first: when the budget runs out, the slow-to-compile ones go."""
+    if device.type != "cuda":
+        return [BenchVariant("eager-fp32", "fp32", "reference", baseline=True),
+                BenchVariant("eager-bf16", "bf16", "reference", baseline=True),
+                BenchVariant("compile-fp32", "fp32", "reference", "default", baseline=True)]
+    return [
+        BenchVariant("eager-fp32", "fp32", "reference", baseline=True),
+        BenchVariant("eager-bf16", "bf16", "reference", baseline=True),
+        BenchVariant("triton-eager-bf16", "bf16", "triton"),
+        BenchVariant("compile-bf16", "bf16", "reference", "default", baseline=True),
+        BenchVariant("triton-compile-bf16", "bf16", "triton", "default"),
+        BenchVariant("compile-max-autotune-bf16", "bf16", "reference", "max-autotune", baseline=True),
+        # CUDA graphs stay off: the fused top-K checks on the host whether a row needs its exact fallback.
+        BenchVariant("triton-compile-max-autotune-bf16", "bf16", "triton", "max-autotune-no-cudagraphs"),
+    ]
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--workload", choices=sorted(WORKLOADS), default=None,
+                        help="default: retrieval-1m on a GPU, retrieval-cpu on the CPU")
+    parser.add_argument("--out", type=Path, default=None, help="default: artifacts/bench/<UTC time>")
+    parser.add_argument("--batch-sizes", type=int, nargs="+", default=None)
+    parser.add_argument("--variants", nargs="+", default=None, help="names to run (default: all for the device)")
+    parser.add_argument("--warmup", type=int, default=None)
+    parser.add_argument("--iters", type=int, default=None, help="default: 100 on a GPU, 20 on the CPU")
+    parser.add_argument("--budget-s", type=float, default=420.0, help="skip variants not started by then")
+    parser.add_argument("--grace-s", type=float, default=60.0,
+                        help="a started variant stops before its next batch size once budget + grace is spent")
+    parser.add_argument("--num-threads", type=int, default=2, help="CPU threads (timing uses a fixed count)")
+    parser.add_argument("--no-freezing", action="store_true",
+                        help="compile without Inductor freezing (weights as constants, the normalized table folded)")
+    parser.add_argument("--gpu-tests", action="store_true", help="run the gpu-marked kernel tests first")
+    parser.add_argument("--no-mlflow", action="store_true")
+    parser.add_argument("--tracking-uri", default=None, help="default: sqlite:///<project>/artifacts/mlflow.db")
+    args = parser.parse_args(argv)
+
+    start = time.perf_counter()
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if args.gpu_tests:
+        _gpu_tests()
+    workload = WORKLOADS[args.workload or ("retrieval-1m" if device.type == "cuda" else "retrieval-cpu")]
+    batch_sizes = args.batch_sizes or list(workload.batch_sizes)
+    warmup = args.warmup if args.warmup is not None else 10 if device.type == "cuda" else 3
+    iters = args.iters or (100 if device.type == "cuda" else 20)
+    out = args.out or ARTIFACTS / "bench" / datetime.now(timezone.utc).strftime("%Y-%m-%dT%H-%M-%S")
+    out.mkdir(parents=True, exist_ok=True)
+    if device.type == "cpu":
+        torch.set_num_threads(args.num_threads)
+    else:
+        torch.backends.cuda.matmul.allow_tf32 = True
+    import torch._inductor.config as inductor_config
+
+    inductor_config.freezing = not args.no_freezing
+    name = _device_name(device)
+
+    bandwidth = copy_bandwidth(device)
+    peak, peak_dtype = matmul_peak(device)
+    print(f"# {workload.name} on {name}, torch {torch.__version__}: copy {bandwidth / 1e9:.0f} GB/s, "
+          f"{peak_dtype} matmul {peak / 1e12:.3g} TFLOP/s", flush=True)
+
+    rows, failures, reference = [], {}, {}
+    overlap_batch = next((b for b in batch_sizes if b > 1), batch_sizes[0])
+    chosen = [v for v in variants_for(device) if args.variants is None or v.name in args.variants]
+    for variant in chosen:
+        if time.perf_counter() - start > args.budget_s:
+            failures[variant.name] = f"skipped: --budget-s {args.budget_s:.0f} s spent"
+            print(f"{variant.name}: {failures[variant.name]}", flush=True)
+            continue
+        try:
+            predict = variant.build(workload, device)
+            for b in batch_sizes:
+                if time.perf_counter() - start > args.budget_s + args.grace_s:
+                    raise TimeoutError(f"--budget-s {args.budget_s:.0f} s + --grace-s {args.grace_s:.0f} s spent before b={b}")
+                history, lengths = workload.inputs(b, device)
+                t0 = time.perf_counter()
+                ids, _ = predict(history, lengths)
+                _sync(device)
+                first_call = time.perf_counter() - t0
+                samples = time_calls(lambda: predict(history, lengths), device, warmup, iters)
+                row = {"variant": variant.name, **summarize(samples, b), "first_call_s": first_call}
+                limit = limit_seconds(workload.table_bytes(DTYPES[variant.precision]), workload.flops(b), bandwidth, peak)
+                row["limit_ms"] = limit * 1e3
+                row["roofline_fraction"] = row["limit_ms"] / row["p50_ms"]
+                if b == overlap_batch:
+                    reference.setdefault("ids", ids.cpu())
+                    row["topk_overlap"] = _overlap(ids.cpu(), reference["ids"])
+                rows.append(row)
+                print(f"{variant.name:34s} b={b:<5d} p50 {row['p50_ms']:8.3f} ms  p99 {row['p99_ms']:8.3f} ms  "
+                      f"{row['users_per_s']:10.0f} users/s  roofline {row['roofline_fraction']:.2f}  "
+                      f"first call {first_call:.1f} s", flush=True)
+        except Exception as err:  # one broken variant must not cost the others their numbers
+            failures[variant.name] = f"{type(err).__name__}: {err}"[:2000]
+            print(f"{variant.name}: FAILED {failures[variant.name]}", flush=True)
+            traceback.print_exc()
+        finally:
+            predict = None
+            torch._dynamo.reset()
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
+            # After every variant, so that a run killed from outside still leaves its numbers.
+            _write_csv(out / "bench.csv", rows)
+
+    csv_path = _write_csv(out / "bench.csv", rows)
+    plot = _plot(rows, out / "latency_vs_batch.png", f"{workload.name} on {name}")
+    facts = {"workload": workload.name, "device_name": name, "torch": torch.__version__,
+             "copy_gb_s": bandwidth / 1e9, "matmul_tflop_s": peak / 1e12, "matmul_dtype": peak_dtype,
+             "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+             "command": " ".join([Path(sys.executable).name, "-m", "pipeline.bench.run", *(argv or sys.argv[1:])])}
+    table = _table(rows, batch_sizes, variants_for(device), facts, failures)
+    (out / "bench.md").write_text(table)
+    print("\n" + table, flush=True)
+    if not args.no_mlflow:
+        _log_mlflow(args.tracking_uri, rows, facts, failures, [csv_path, out / "bench.md", *([plot] if plot else [])], device)
+    return 0 if rows else 1
+
+
+def _write_csv(path: Path, rows: list[dict]) -> Path:
+    with open(path, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(COLUMNS), extrasaction="ignore")
+        writer.writeheader()
+        writer.writerows(rows)
+    return path
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _device_name(device: torch.device) -> str:
+    # Not pipeline.tracking's: that needs omegaconf, which a bare GPU host may lack.
+    return torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or platform.machine()
+
+
+def _overlap(ids: torch.Tensor, ref: torch.Tensor) -> float:
+    return (ids[:, :, None] == ref[:, None, :]).any(dim=2).float().mean().item()
+
+
+def _gpu_tests() -> None:
+    cmd = [sys.executable, "-m", "pytest", "-q", "-m", "gpu", "-p", "no:cacheprovider", "tests/test_kernels.py"]
+    print("# " + " ".join(cmd), flush=True)
+    proc = subprocess.run(cmd, cwd=PROJECT_ROOT, capture_output=True, text=True)
+    print(proc.stdout[-4000:] + proc.stderr[-2000:], flush=True)
+
+
+def _plot(rows: list[dict], path: Path, title: str) -> Path | None:
+    try:
+        from pipeline.bench.plots import latency_vs_batch
+
+        return latency_vs_batch(rows, path, title) if rows else None
+    except ImportError as err:
+        print(f"no plot: {err}", flush=True)
+        return None
+
+
+def _table(rows, batch_sizes, variants, facts, failures) -> str:
+    """p50 per batch size, users/s and roofline fraction at the largest batch, the best baseline marked."""
+    big, small = max(batch_sizes), min(batch_sizes)
+    baseline = {v.name for v in variants if v.baseline}
+    lines = [f"{facts['workload']} on {facts['device_name']}, torch {facts['torch']}, {facts['date']}; "
+             f"copy {facts['copy_gb_s']:.0f} GB/s, {facts['matmul_dtype']} matmul {facts['matmul_tflop_s']:.3g} TFLOP/s",
+             f"command: {facts['command']}", "",
+             "| variant | " + " | ".join(f"p50 b={b} ms" for b in batch_sizes)
+             + f" | users/s b={big} | roofline b={small} | roofline b={big} | top-K overlap |",
+             "|" + " --- |" * (len(batch_sizes) + 5)]
+    by = {(r["variant"], r["batch_size"]): r for r in rows}
+    for name in dict.fromkeys(r["variant"] for r in rows):
+        cells = [f"{by[(name, b)]['p50_ms']:.3f}" if (name, b) in by else "-" for b in batch_sizes]
+        last, first = by.get((name, big)), by.get((name, small))
+        overlap = next((r["topk_overlap"] for r in rows if r["variant"] == name and "topk_overlap" in r), None)
+        lines.append(f"| {name}{' (baseline)' if name in baseline else ''} | " + " | ".join(cells)
+                     + f" | {last['users_per_s']:.0f}" * bool(last) + " | -" * (not last)
+                     + (f" | {first['roofline_fraction']:.2f}" if first else " | -")
+                     + (f" | {last['roofline_fraction']:.2f}" if last else " | -")
+                     + (f" | {overlap:.4f} |" if overlap is not None else " | - |"))
+    for name, why in failures.items():
+        lines.append(f"\n{name}: {why.splitlines()[0][:300]}")
+    best = lambda b, names: min((by[(n, b)]["p50_ms"] for n in names if (n, b) in by), default=None)  # noqa: E731
+    ours = {r["variant"] for r in rows} - baseline
+    for b in (small, big):
+        mine, theirs = best(b, ours), best(b, baseline)
+        if mine and theirs:
+            lines.append(f"\nb={b}: best of ours {mine:.3f} ms, best baseline {theirs:.3f} ms: {theirs / mine:.2f}x")
+    return "\n".join(lines) + "\n"
+
+
+def _log_mlflow(tracking_uri, rows, facts, failures, artifacts, device) -> None:
+    try:
+        from omegaconf import OmegaConf
+
+        from pipeline.tracking import Tracker, host_tags
+
+        tracker = Tracker(OmegaConf.create({"tracking_uri": tracking_uri, "experiment_name": "genrec-bench"}))
+        with tracker.run(f"bench:{facts['workload']}", tags={**host_tags(device), "workload": facts["workload"]},
+                         nested=False):
+            tracker.log_params({k: v for k, v in facts.items() if k != "date"})
+            tracker.log_metrics({"copy_gb_s": facts["copy_gb_s"], "matmul_tflop_s": facts["matmul_tflop_s"]})
+            for name in dict.fromkeys(r["variant"] for r in rows):
+                with tracker.run(f"variant:{name}", tags={"variant": name, "workload": facts["workload"]}):
+                    metrics = {}
+                    for r in (r for r in rows if r["variant"] == name):
+                        b = int(r["batch_size"])
+                        metrics.update({f"latency_{q}_ms_b{b}": r[f"{q}_ms"] for q in ("p50", "p90", "p99")})
+                        metrics[f"users_per_s_b{b}"] = r["users_per_s"]
+                        metrics[f"roofline_fraction_b{b}"] = r["roofline_fraction"]
+                        if "topk_overlap" in r:
+                            metrics["parity_topk_overlap"] = r["topk_overlap"]
+                    tracker.log_metrics(metrics)
+            if failures:
+                tracker.set_tags({"failed_variants": "; ".join(f"{n}: {w}" for n, w in failures.items())[:5000]})
+            for path in artifacts:
+                tracker.log_artifact(path)
+        print(f"logged to MLflow at {tracker.uri}", flush=True)
+    except Exception as err:
+        print(f"MLflow logging failed (use --no-mlflow to skip it): {type(err).__name__}: {err}", flush=True)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

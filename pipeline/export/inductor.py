@@ -1,0 +1,109 @@
+"""Inductor forms of the retriever: torch.compile (mode x kernels) and an AOTInductor package (.pt2) that
+loads and runs without the model's Python code."""
+from __future__ import annotations
+
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+from typing import Callable
+
+import torch
+from torch import nn
+
+from pipeline import kernels
+from pipeline.core import PipelineError
+from pipeline.export import ShapeRange, export_program, input_names
+
+MODES = ("default", "max-autotune", "max-autotune-no-cudagraphs", "reduce-overhead")
+
+
+class CompiledRetriever:
+    """torch.compile of a retriever with its kernel choice held around every call: the choice is read
+    while tracing, and a new batch size may trace again."""
+
+    def __init__(self, retriever: nn.Module, mode: str, kernel_backend: str) -> None:
+        if mode not in MODES:
+            raise PipelineError(f"unknown torch.compile mode '{mode}'; valid choices: {', '.join(MODES)}")
+        if kernel_backend not in kernels.BACKENDS:
+            raise PipelineError(f"unknown kernels '{kernel_backend}'; valid choices: {', '.join(kernels.BACKENDS)}")
+        self.kernels = kernel_backend
+        self.compiled = torch.compile(retriever, mode=mode)
+
+    @torch.no_grad()
+    def __call__(self, history, lengths, timestamps=None):
+        if history.shape[0] > 1:
+            # One graph for every batch size above 1 (batch 1 is specialized by Dynamo anyway) rather than
+            # a compile per size: compiling dominates on the CPU.
+            for tensor in (history, lengths, timestamps):
+                if tensor is not None:
+                    torch._dynamo.mark_dynamic(tensor, 0)
+        with kernels.use(self.kernels):
+            return self.compiled(history, lengths, timestamps)
+
+
+def package_aoti(retriever: nn.Module, path: Path, batch: ShapeRange, history: ShapeRange,
+                 device: torch.device) -> tuple[Path, float]:
+    """-> (the .pt2 package, seconds to export and compile). Dynamic batch and history length."""
+    start = time.perf_counter()
+    program = export_program(retriever, batch, history, device)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        out = torch._inductor.aoti_compile_and_package(program, package_path=str(path))
+    except Exception as err:
+        raise PipelineError(f"AOTInductor could not compile the retriever: {type(err).__name__}: {err}") from err
+    return Path(out), time.perf_counter() - start
+
+
+class AotiRetriever:
+    """A .pt2 package loaded with torch._inductor.aoti_load_package, answering like every variant."""
+
+    def __init__(self, path: str | Path, device: torch.device, uses_timestamps: bool) -> None:
+        index = device.index if device.type == "cuda" and device.index is not None else -1
+        self.runner = torch._inductor.aoti_load_package(str(path), device_index=index)
+        self.uses_timestamps = uses_timestamps
+
+    def __call__(self, history, lengths, timestamps=None):
+        args = (history, lengths, timestamps) if self.uses_timestamps else (history, lengths)
+        return self.runner(*args)
+
+
+def uses_timestamps(retriever: nn.Module) -> bool:
+    return "timestamps" in input_names(retriever)
+
+
+# Run by a bare interpreter: only torch, no pipeline package on the path.
+_FRESH_PROCESS = textwrap.dedent("""
+    import sys, torch
+    package, inputs, output = sys.argv[1:4]
+    args = torch.load(inputs)
+    runner = torch._inductor.aoti_load_package(package, device_index=0 if args[0].is_cuda else -1)
+    with torch.no_grad():
+        ids, scores = runner(*args)
+    torch.save((ids.cpu(), scores.float().cpu()), output)
+""")
+
+
+def run_in_fresh_process(package: Path, args: tuple[torch.Tensor, ...], work_dir: Path) -> tuple[torch.Tensor, torch.Tensor]:
+    """The package's answer to `args` from a new Python process that cannot import the pipeline."""
+    work_dir.mkdir(parents=True, exist_ok=True)
+    inputs, output = work_dir / "aoti_inputs.pt", work_dir / "aoti_outputs.pt"
+    # Plain copies: torch.compile may have tagged the originals (dynamic dims), which a weights-only load refuses.
+    torch.save(tuple(arg.detach().clone() for arg in args), inputs)
+    proc = subprocess.run(
+        [sys.executable, "-I", "-c", _FRESH_PROCESS, str(package.resolve()), str(inputs), str(output)],
+        cwd=work_dir, capture_output=True, text=True, timeout=600,
+    )
+    if proc.returncode != 0:
+        raise PipelineError(f"the AOTInductor package {package} failed in a fresh process:\n{proc.stderr[-3000:]}")
+    return torch.load(output)
+
+
+def timed_first_call(predict: Callable, args: tuple) -> float:
+    """Seconds of the first call: for torch.compile, the compile time."""
+    start = time.perf_counter()
+    predict(*args)
+    if args[0].is_cuda:
+        torch.cuda.synchronize()
+    return time.perf_counter() - start

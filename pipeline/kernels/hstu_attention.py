@@ -1,0 +1,57 @@
+"""HSTU pointwise attention: silu(Q K^T + relative bias) / max_len under causal and padding masks, times V.
+
+The reference materializes the [B, H, L, L] matrix (it is what HSTULayer always computed). The Triton
+kernel (triton_hstu.py) walks key blocks flash-style and never writes it; it computes the positional bias
+from the layer's position weights itself, so the time-gap bias keeps the reference.
+"""
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+
+def hstu_attention_reference(q: Tensor, k: Tensor, v: Tensor, bias: Tensor, mask: Tensor, max_len: int) -> Tensor:
+    """q, k [B, L, H, dqk], v [B, L, H, dv], bias [1|B, L, L], mask [B, L, L] bool -> [B, L, H, dv]."""
+    scores = torch.einsum("bihd,bjhd->bhij", q, k)
+    scores = scores + bias.unsqueeze(1).to(scores.dtype)
+    # Dividing by max_len rather than L keeps outputs independent of how far a batch is padded.
+    attn = F.silu(scores) / max_len * mask.unsqueeze(1).to(scores.dtype)
+    return torch.einsum("bhij,bjhd->bihd", attn, v)
+
+
+@torch.library.custom_op("genrec::hstu_attention", mutates_args=())
+def _hstu_attention_triton(
+    q: Tensor, k: Tensor, v: Tensor, position_weight: Tensor, lengths: Tensor, max_len: int
+) -> Tensor:
+    from pipeline.kernels.triton_hstu import fused_attention
+
+    return fused_attention(q, k, v, position_weight, lengths, max_len)
+
+
+@_hstu_attention_triton.register_fake
+def _(q, k, v, position_weight, lengths, max_len):
+    return v.new_empty(v.shape)
+
+
+def hstu_attention(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    *,
+    mask: Tensor,
+    lengths: Tensor | None,
+    max_len: int,
+    bias: Callable[[], Tensor],
+    position_weight: Tensor | None,
+) -> Tensor:
+    """The op behind the switch. The Triton kernel runs when selected and the bias is purely positional
+    (position_weight given, indexed by j - i + max_len - 1) and lengths are known; else the reference
+    with bias() and mask."""
+    from pipeline.kernels import wants_triton
+
+    if position_weight is not None and lengths is not None and wants_triton("hstu_attention", q.device):
+        return torch.ops.genrec.hstu_attention(q, k, v, position_weight, lengths, max_len)
+    return hstu_attention_reference(q, k, v, bias(), mask, max_len)

@@ -1,0 +1,78 @@
+"""Triton side of the HSTU attention forward (see hstu_attention.py). Imported only when it runs."""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+from torch import Tensor
+
+
+@triton.jit
+def _hstu_attention_fwd(
+    Q, K, V, PW, LENGTHS, O,
+    L, H, DQK, DV, MAX_LEN, inv_max_len,
+    sqb, sql, sqh, skb, skl, skh, svb, svl, svh, sob, sol, soh,
+    DOT_PRECISION: tl.constexpr, UPCAST: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_DQK: tl.constexpr, BLOCK_DV: tl.constexpr,
+):
+    pid_m = tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    b = pid_bh // H
+    h = pid_bh % H
+    length = tl.load(LENGTHS + b).to(tl.int32)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    dq = tl.arange(0, BLOCK_DQK)
+    dv = tl.arange(0, BLOCK_DV)
+    m_ok = offs_m < L
+    q = tl.load(Q + b * sqb + h * sqh + offs_m[:, None] * sql + dq[None, :],
+                mask=m_ok[:, None] & (dq < DQK)[None, :], other=0.0)
+    acc = tl.zeros((BLOCK_M, BLOCK_DV), dtype=tl.float32)
+    # Keys j <= i and j < length only: the causal and padding masks bound the loop, not just the tile.
+    hi = tl.minimum((pid_m + 1) * BLOCK_M, length)
+    for start_n in range(0, hi, BLOCK_N):
+        offs_n = start_n + tl.arange(0, BLOCK_N)
+        n_ok = offs_n < length
+        kt = tl.load(K + b * skb + h * skh + offs_n[None, :] * skl + dq[:, None],
+                     mask=n_ok[None, :] & (dq < DQK)[:, None], other=0.0)
+        if UPCAST:
+            s = tl.dot(q.to(tl.float32), kt.to(tl.float32), input_precision="ieee")
+        else:
+            s = tl.dot(q, kt, input_precision=DOT_PRECISION)
+        valid = (offs_n[None, :] <= offs_m[:, None]) & n_ok[None, :] & m_ok[:, None]
+        bias = tl.load(PW + offs_n[None, :] - offs_m[:, None] + MAX_LEN - 1, mask=valid, other=0.0)
+        s = s + bias.to(tl.float32)
+        a = tl.where(valid, s * tl.sigmoid(s) * inv_max_len, 0.0)
+        vt = tl.load(V + b * svb + h * svh + offs_n[:, None] * svl + dv[None, :],
+                     mask=n_ok[:, None] & (dv < DV)[None, :], other=0.0)
+        if UPCAST:
+            acc = tl.dot(a.to(vt.dtype).to(tl.float32), vt.to(tl.float32), acc, input_precision="ieee")
+        else:
+            acc = tl.dot(a.to(vt.dtype), vt, acc, input_precision=DOT_PRECISION)
+    tl.store(O + b * sob + h * soh + offs_m[:, None] * sol + dv[None, :], acc.to(O.dtype.element_ty),
+             mask=m_ok[:, None] & (dv < DV)[None, :])
+
+
+def _pow2(n: int) -> int:
+    return max(16, triton.next_power_of_2(n))
+
+
+def fused_attention(q: Tensor, k: Tensor, v: Tensor, position_weight: Tensor, lengths: Tensor, max_len: int) -> Tensor:
+    """q, k [B, L, H, dqk], v [B, L, H, dv] (any strides with a unit last one) -> [B, L, H, dv]."""
+    B, L, H, dqk = q.shape
+    dv = v.shape[-1]
+    q, k, v = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, k, v))
+    out = torch.empty(B, L, H, dv, device=q.device, dtype=v.dtype)
+    block = 64 if q.device.type == "cuda" else 16
+    grid = (triton.cdiv(L, block), B * H)
+    _hstu_attention_fwd[grid](
+        q, k, v, position_weight.contiguous(), lengths.contiguous(), out,
+        L, H, dqk, dv, max_len, 1.0 / max_len,
+        q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
+        v.stride(0), v.stride(1), v.stride(2), out.stride(0), out.stride(1), out.stride(2),
+        DOT_PRECISION="ieee" if q.dtype == torch.float32 else None,
+        # The interpreter's 16-bit dots are wrong (triton 3.9): tiles go through fp32 there.
+        UPCAST=q.device.type != "cuda",
+        BLOCK_M=block, BLOCK_N=block, BLOCK_DQK=_pow2(dqk), BLOCK_DV=_pow2(dv),
+        num_warps=4 if q.device.type == "cuda" else 1,
+    )
+    return out

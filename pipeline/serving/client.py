@@ -1,0 +1,134 @@
+"""A client for the deployed ensemble: a user's history of raw item ids -> top-k raw item ids and scores.
+
+    python -m pipeline.client 3 17 42 -k 10      # make query ARGS="3 17 42 -k 10"
+    python -m pipeline.client --check            # a packaged test history; compares with the pipeline's answer
+    python -m pipeline.client --protocol grpc 3 17 42 serving.grpc_port=8011
+"""
+from __future__ import annotations
+
+import argparse
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+
+from pipeline.core import PipelineError
+
+
+class RequestRejected(PipelineError):
+    """The server answered with an error (a bad request, or a model that failed); the message is the server's."""
+
+
+@dataclass
+class Recommendation:
+    item_ids: np.ndarray     # raw item ids, best first
+    scores: np.ndarray
+    model_version: str       # the registry version that answered
+
+
+class GenrecClient:
+    def __init__(self, url: str, model: str = "genrec", protocol: str = "http", timeout_s: float = 60.0) -> None:
+        if protocol not in ("http", "grpc"):
+            raise PipelineError(f"unknown protocol '{protocol}'; valid choices: http, grpc")
+        if protocol == "http":
+            import tritonclient.http as tc
+
+            self._client = tc.InferenceServerClient(url, connection_timeout=timeout_s, network_timeout=timeout_s)
+        else:
+            import tritonclient.grpc as tc
+
+            self._client = tc.InferenceServerClient(url)
+        self._tc, self._timeout_s = tc, timeout_s
+        self.model, self.protocol = model, protocol
+
+    def recommend(self, history: Sequence[int], k: int) -> Recommendation:
+        """One user's history (oldest first) -> the top k."""
+        answer = self.infer(np.asarray([history], dtype=np.int64), np.asarray([[k]], dtype=np.int64))
+        return Recommendation(answer.item_ids[0], answer.scores[0], answer.model_version)
+
+    def infer(self, history: np.ndarray, k: np.ndarray) -> Recommendation:
+        """The raw call: HISTORY and K exactly as given (any dtype or shape, to test what the server accepts)."""
+        from tritonclient.utils import InferenceServerException, np_to_triton_dtype
+
+        inputs = []
+        for name, array in (("HISTORY", history), ("K", k)):
+            tensor = self._tc.InferInput(name, list(array.shape), np_to_triton_dtype(array.dtype))
+            tensor.set_data_from_numpy(array)
+            inputs.append(tensor)
+        outputs = [self._tc.InferRequestedOutput(n) for n in ("ITEM_IDS", "SCORES")]
+        try:
+            kwargs = {"client_timeout": self._timeout_s} if self.protocol == "grpc" else {}
+            result = self._client.infer(self.model, inputs, outputs=outputs, **kwargs)
+        except InferenceServerException as err:
+            raise RequestRejected(err.message() or str(err)) from err
+        response = result.get_response()
+        version = response["model_version"] if isinstance(response, dict) else response.model_version
+        return Recommendation(result.as_numpy("ITEM_IDS"), result.as_numpy("SCORES"), str(version))
+
+    def close(self) -> None:
+        self._client.close()
+
+
+def mismatch(got: Recommendation, want_ids: np.ndarray, want_scores: np.ndarray, atol: float) -> str | None:
+    """What differs between the server's answer and the pipeline's; None when they agree. Items whose
+    scores tie (within atol) may come in either order."""
+    if got.item_ids.shape != want_ids.shape:
+        return f"the server returned {got.item_ids.shape[0]} items, the pipeline {want_ids.shape[0]}"
+    # Equal scores count as no difference: both answers hold -inf in the empty slots of a short answer.
+    diff = np.where(got.scores == want_scores, 0.0, np.abs(got.scores.astype(np.float64) - want_scores))
+    if diff.size and not diff.max() <= atol:
+        return f"scores differ by up to {diff.max():.3g} (allowed {atol})"
+    for pos in np.flatnonzero(got.item_ids != want_ids):
+        if np.sum(np.abs(want_scores - want_scores[pos]) <= atol) < 2:
+            return (f"item at rank {pos + 1}: server {got.item_ids[pos]}, pipeline {want_ids[pos]} "
+                    f"(server {got.item_ids.tolist()}, pipeline {want_ids.tolist()})")
+    return None
+
+
+def main() -> int:
+    from pipeline.serving.config import load_config
+    from pipeline.serving.rollout import deployed
+    from pipeline.serving.server import LocalServer
+
+    parser = argparse.ArgumentParser(prog="python -m pipeline.client", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("items", nargs="*", help="the history, oldest first (raw item ids); and key=value overrides")
+    parser.add_argument("-k", type=int, default=10, help="how many items to return (default 10)")
+    parser.add_argument("--example", type=int, default=0, help="without items: which packaged test history")
+    parser.add_argument("--protocol", choices=("http", "grpc"), default="http")
+    parser.add_argument("--check", action="store_true", help="also compute the pipeline's own answer and compare")
+    args = parser.parse_intermixed_args()
+    overrides = [a for a in args.items if "=" in a]
+    try:
+        history = [int(a) for a in args.items if "=" not in a]
+    except ValueError as err:
+        raise PipelineError(f"item ids are integers: {err}") from err
+    cfg = load_config(overrides)
+    server = LocalServer(cfg.serving)
+    record = deployed(server.root)
+    package = None
+    if args.check or not history:
+        if record is None:
+            raise PipelineError(f"nothing deployed from {server.root}: run `make deploy` first, or pass a history")
+        from pipeline.serving.package import read_package
+
+        package = read_package(Path(record["package"]))
+        if not history:
+            history = package.examples[args.example % len(package.examples)]
+    url = server.url if args.protocol == "http" else server.grpc_url
+    client = GenrecClient(url, cfg.serving.model_name, args.protocol)
+    try:
+        answer = client.recommend(history, args.k)
+    finally:
+        client.close()
+    print(json.dumps({"history": history, "k": args.k, "model_version": answer.model_version,
+                      "item_ids": answer.item_ids.tolist(), "scores": [round(float(s), 6) for s in answer.scores]}))
+    if args.check:
+        want_ids, want_scores = package.recommend(package.load(), history, args.k)
+        problem = mismatch(answer, want_ids, want_scores, cfg.deploy.smoke.atol)
+        print(f"pipeline: {want_ids.tolist()}\n" + ("MATCH: the server answers as the pipeline does" if problem is None
+                                                     else f"MISMATCH: {problem}"))
+        return 0 if problem is None else 1
+    return 0

@@ -1,0 +1,93 @@
+"""What the python models of the Triton repository share, and what the pipeline's own in-process answer
+uses too, so that the server and the pipeline validate, pad and map item ids in exactly the same way.
+
+Copied beside each model.py as `genrec_common.py`. numpy only: a production Triton image has numpy but
+neither this package nor, perhaps, torch.
+"""
+from __future__ import annotations
+
+import ctypes
+
+import numpy as np
+
+
+class RequestError(ValueError):
+    """A request the model cannot answer; its message is sent back to the client."""
+
+
+class Vocabulary:
+    """Original (raw) item ids <-> the model's item ids 1..N; model id 0 is padding (raw -1)."""
+
+    def __init__(self, raw_item_ids: np.ndarray) -> None:
+        self.raw = np.asarray(raw_item_ids, dtype=np.int64)
+        order = np.argsort(self.raw[1:], kind="stable")
+        self._sorted_raw, self._model_ids = self.raw[1:][order], order + 1
+
+    @property
+    def num_items(self) -> int:
+        return len(self.raw) - 1
+
+    def encode(self, raw: np.ndarray) -> np.ndarray:
+        """Raw ids -> model ids; unknown ids are a RequestError that names them."""
+        raw = np.asarray(raw, dtype=np.int64)
+        pos = np.minimum(np.searchsorted(self._sorted_raw, raw), len(self._sorted_raw) - 1)
+        known = self._sorted_raw[pos] == raw
+        if not known.all():
+            unknown = np.unique(raw[~known])
+            shown = ", ".join(str(i) for i in unknown[:10]) + (", ..." if len(unknown) > 10 else "")
+            raise RequestError(f"unknown item ids ({len(unknown)}): {shown}; the model knows {self.num_items} items")
+        return self._model_ids[pos]
+
+    def decode(self, model_ids: np.ndarray) -> np.ndarray:
+        """Model ids -> raw ids; the empty slots of a short answer (model id 0) become -1."""
+        return self.raw[np.asarray(model_ids, dtype=np.int64)]
+
+
+def check_request(history: np.ndarray, k: np.ndarray, max_len: int, max_k: int) -> int:
+    """Checks a request's HISTORY [B, L] (raw ids, oldest first) and K [B, 1]; -> k. Raises RequestError."""
+    if history.ndim != 2 or history.shape[0] < 1:
+        raise RequestError(f"HISTORY must be [batch, length] with batch >= 1, got shape {list(history.shape)}")
+    if history.shape[1] == 0:
+        raise RequestError("empty history: send at least one item id the user interacted with")
+    if history.shape[1] > max_len:
+        raise RequestError(f"history of {history.shape[1]} items is longer than the maximum {max_len}; "
+                           f"send the {max_len} most recent")
+    if (history < 0).any():
+        raise RequestError(f"negative item ids: {', '.join(str(i) for i in np.unique(history[history < 0])[:10])}")
+    ks = np.unique(np.asarray(k).reshape(-1))
+    if ks.size != 1:
+        raise RequestError(f"K must be the same for every row of a request, got {ks.tolist()}")
+    value = int(ks[0])
+    if not 1 <= value <= max_k:
+        raise RequestError(f"k={value} is out of range; valid: 1..{max_k}")
+    return value
+
+
+def pad(model_ids: np.ndarray, max_len: int) -> tuple[np.ndarray, np.ndarray]:
+    """[B, L] model ids (every row full) -> (history [B, max_len] right-padded with 0, lengths [B, 1])."""
+    batch, length = model_ids.shape
+    padded = np.zeros((batch, max_len), dtype=np.int64)
+    padded[:, :length] = model_ids
+    return padded, np.full((batch, 1), length, dtype=np.int64)
+
+
+def from_triton(tensor) -> np.ndarray:
+    # The stubs in the nvidia-pytriton wheel are built against numpy 1: with numpy 2, as_numpy() misreads
+    # the dtype (int64 [1, 2, 3] reads back as [1, 1, 1]) and Tensor(name, array) sends no data.
+    # DLPack is exact with either numpy.
+    return np.from_dlpack(tensor)
+
+
+_CONSUMED = ctypes.c_char_p(b"used_dltensor")  # lives as long as the module: the capsule keeps the pointer
+_set_capsule_name = ctypes.pythonapi.PyCapsule_SetName
+_set_capsule_name.argtypes = [ctypes.py_object, ctypes.c_char_p]
+
+
+def to_triton(pb_utils, name: str, array: np.ndarray):
+    """A numpy array -> an output tensor through DLPack (see from_triton)."""
+    capsule = np.ascontiguousarray(array).__dlpack__()
+    tensor = pb_utils.Tensor.from_dlpack(name, capsule)
+    # The stub takes ownership but marks the capsule "used_dlpack", not the "used_dltensor" of the DLPack
+    # spec, so numpy's capsule destructor would log an error for every tensor. Mark it as the spec says.
+    _set_capsule_name(capsule, _CONSUMED)
+    return tensor

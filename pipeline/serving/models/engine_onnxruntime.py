@@ -1,0 +1,41 @@
+"""Triton python model: the ONNX variant run by ONNX Runtime (the CUDA provider on a GPU instance when
+onnxruntime-gpu is installed, else the CPU provider). Needs only numpy and onnxruntime.
+
+The graph answers like every variant: inputs (history [B, L], lengths [B]) -> outputs (item ids [B, K],
+scores [B, K]), in that order. Requests queued together by the dynamic batcher run as one batch.
+"""
+import json
+from pathlib import Path
+
+import numpy as np
+import onnxruntime as ort
+import triton_python_backend_utils as pb_utils
+from genrec_common import from_triton, to_triton
+
+
+class TritonPythonModel:
+    def initialize(self, args):
+        params = {k: v["string_value"] for k, v in json.loads(args["model_config"])["parameters"].items()}
+        here = Path(args["model_repository"]) / args["model_version"]
+        spec = json.loads((here / "variant.json").read_text())
+        options = ort.SessionOptions()
+        options.intra_op_num_threads = int(params["threads"])
+        providers = ["CPUExecutionProvider"]
+        if args["model_instance_kind"] == "GPU" and "CUDAExecutionProvider" in ort.get_available_providers():
+            providers.insert(0, ("CUDAExecutionProvider", {"device_id": int(args["model_instance_device_id"])}))
+        self.session = ort.InferenceSession(str(here / spec["artifact"]), options, providers=providers)
+        self.inputs = [i.name for i in self.session.get_inputs()[:2]]
+        self.max_k = int(params["max_k"])
+
+    def execute(self, requests):
+        history = [from_triton(pb_utils.get_input_tensor_by_name(r, "HISTORY")) for r in requests]
+        lengths = [from_triton(pb_utils.get_input_tensor_by_name(r, "LENGTHS")) for r in requests]
+        feed = dict(zip(self.inputs, (np.concatenate(history), np.concatenate(lengths).reshape(-1))))
+        try:
+            ids, scores = self.session.run(None, feed)[:2]
+        except Exception as err:  # the whole batch fails alike; the server keeps serving
+            return [pb_utils.InferenceResponse(error=pb_utils.TritonError(f"engine failed: {err}")) for _ in requests]
+        ids, scores = ids[:, : self.max_k].astype(np.int64), scores[:, : self.max_k].astype(np.float32)
+        bounds = np.cumsum([len(h) for h in history])[:-1]
+        return [pb_utils.InferenceResponse([to_triton(pb_utils, "TOP_IDS", i), to_triton(pb_utils, "TOP_SCORES", s)])
+                for i, s in zip(np.split(ids, bounds), np.split(scores, bounds))]

@@ -1,0 +1,34 @@
+"""Triton python model: a request's history of raw item ids -> the engine's padded model ids and lengths.
+
+Checks every request (empty, too long, negative or unknown ids, k out of range) and answers a bad one
+with an error naming what was wrong; the other requests of the batch are served as usual.
+"""
+import json
+from pathlib import Path
+
+import numpy as np
+import triton_python_backend_utils as pb_utils
+from genrec_common import RequestError, Vocabulary, check_request, from_triton, pad, to_triton
+
+
+class TritonPythonModel:
+    def initialize(self, args):
+        params = json.loads(args["model_config"])["parameters"]
+        self.max_len = int(params["max_len"]["string_value"])
+        self.max_k = int(params["max_k"]["string_value"])
+        here = Path(args["model_repository"]) / args["model_version"]
+        self.vocabulary = Vocabulary(np.load(here / "item_ids.npy"))
+
+    def execute(self, requests):
+        return [self._answer(request) for request in requests]
+
+    def _answer(self, request):
+        try:
+            history = from_triton(pb_utils.get_input_tensor_by_name(request, "HISTORY"))
+            k = from_triton(pb_utils.get_input_tensor_by_name(request, "K"))
+            check_request(history, k, self.max_len, self.max_k)
+            padded, lengths = pad(self.vocabulary.encode(history), self.max_len)
+        except RequestError as err:
+            return pb_utils.InferenceResponse(error=pb_utils.TritonError(f"bad request: {err}"))
+        return pb_utils.InferenceResponse([to_triton(pb_utils, "HISTORY_PADDED", padded),
+                                           to_triton(pb_utils, "LENGTHS", lengths)])

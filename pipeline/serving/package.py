@@ -1,0 +1,126 @@
+"""The champion package: what promote registers in the MLflow registry and what deploy serves. A folder:
+
+    package.json    the variant (artifact relative to the folder), the model's config, top_k, the
+                    validation metrics and the fingerprint of the host that measured them
+    <artifact>      the variant's files: checkpoint, .onnx (+ its external data), .pt2, TensorRT program
+    plan/           a TensorRT variant's Triton model (config.pbtxt, 1/model.plan), when the trt stage made one
+    item_ids.npy    the raw item id of each model item id (index 0 is padding: -1)
+    examples.json   a few test-split histories (raw ids) for the smoke test, `make query` and the load test
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+import torch
+
+from pipeline.core import PipelineError, Variant
+from pipeline.serving.models.common import Vocabulary, pad
+
+PACKAGE_FILE, ITEM_IDS_FILE, EXAMPLES_FILE = "package.json", "item_ids.npy", "examples.json"
+PLAN_DIR = "plan"  # options["triton_model"] of a TensorRT variant, relative to the package
+
+
+@dataclass
+class Package:
+    root: Path
+    variant: Variant          # artifact: the absolute path inside root
+    model_config: dict[str, Any]
+    top_k: int                # the most items one answer can hold
+    info: dict[str, Any]      # metrics, fingerprint, where it came from
+    examples: list[list[int]]
+    vocabulary: Vocabulary
+
+    @property
+    def max_len(self) -> int:
+        return int(self.model_config["max_len"])
+
+    @property
+    def artifact_name(self) -> str:
+        return Path(self.variant.artifact).name
+
+    def load(self, device: torch.device = torch.device("cpu")) -> Callable:
+        """The variant through the pipeline's own loader, as validate ran it."""
+        from pipeline.variants import load_variant
+
+        return load_variant(self.variant, device, self.top_k)
+
+    @torch.no_grad()
+    def recommend(self, predict: Callable, history: list[int], k: int) -> tuple[np.ndarray, np.ndarray]:
+        """The pipeline's own answer for one raw history: (raw item ids [k], scores [k])."""
+        padded, lengths = pad(self.vocabulary.encode(np.asarray([history])), self.max_len)
+        ids, scores = predict(torch.from_numpy(padded), torch.from_numpy(lengths).reshape(-1), None)
+        return self.vocabulary.decode(ids[0, :k].cpu().numpy()), scores[0, :k].float().cpu().numpy()
+
+
+def write_package(dst: Path, variant: Variant, *, model_config: dict, top_k: int, raw_item_ids: np.ndarray,
+                  examples: list[list[int]], info: dict[str, Any]) -> Package:
+    dst = Path(dst)
+    if dst.exists():
+        shutil.rmtree(dst)
+    dst.mkdir(parents=True)
+    name = _copy_variant_files(Path(variant.artifact), dst)
+    spec = {**variant.to_dict(), "artifact": name}
+    if variant.options.get("triton_model"):
+        shutil.copytree(variant.options["triton_model"], dst / PLAN_DIR)
+        spec["options"] = {**variant.options, "triton_model": PLAN_DIR}
+    manifest = {"variant": spec, "model_config": model_config, "top_k": top_k, "info": info}
+    (dst / PACKAGE_FILE).write_text(json.dumps(manifest, indent=2, default=str))
+    np.save(dst / ITEM_IDS_FILE, np.asarray(raw_item_ids, dtype=np.int64))
+    (dst / EXAMPLES_FILE).write_text(json.dumps([[int(i) for i in h] for h in examples]))
+    return read_package(dst)
+
+
+def read_package(root: Path) -> Package:
+    root = Path(root)
+    if not (root / PACKAGE_FILE).is_file():
+        raise PipelineError(f"{root} is not a champion package (no {PACKAGE_FILE}); register one with stage=promote")
+    manifest = json.loads((root / PACKAGE_FILE).read_text())
+    spec = manifest["variant"]
+    options = {**spec["options"], **({"triton_model": str(root / PLAN_DIR)} if (root / PLAN_DIR).is_dir() else {})}
+    variant = Variant(**{**spec, "artifact": str(root / spec["artifact"]), "options": options})
+    return Package(
+        root=root, variant=variant, model_config=manifest["model_config"], top_k=int(manifest["top_k"]),
+        info=manifest["info"], examples=json.loads((root / EXAMPLES_FILE).read_text()),
+        vocabulary=Vocabulary(np.load(root / ITEM_IDS_FILE)),
+    )
+
+
+def variant_digest(variant: Variant) -> str:
+    """Identifies what a variant serves: its name and the bytes of its files."""
+    digest = hashlib.sha256(variant.name.encode())
+    for path in sorted(_variant_files(Path(variant.artifact))):
+        with open(path, "rb") as f:
+            for block in iter(lambda: f.read(1 << 20), b""):
+                digest.update(block)
+    return digest.hexdigest()[:16]
+
+
+def _variant_files(artifact: Path) -> list[Path]:
+    """The files a variant needs: a folder's content, an ONNX model with its external data, or one file."""
+    if not artifact.exists():
+        raise PipelineError(f"the variant's artifact {artifact} is gone; run the stage that made it again")
+    if artifact.is_dir():
+        return [p for p in artifact.rglob("*") if p.is_file()]
+    if artifact.suffix == ".onnx":
+        import onnx
+        from onnx.external_data_helper import ExternalDataInfo, uses_external_data
+
+        graph = onnx.load_model(str(artifact), load_external_data=False).graph
+        external = {ExternalDataInfo(t).location for t in graph.initializer if uses_external_data(t)}
+        return [artifact, *(artifact.parent / name for name in sorted(external))]
+    return [artifact]
+
+
+def _copy_variant_files(artifact: Path, dst: Path) -> str:
+    """Copies the variant's files into dst, keeping the names the artifact refers to; -> the artifact's name."""
+    for path in _variant_files(artifact):
+        target = dst / path.relative_to(artifact.parent)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(path, target)
+    return artifact.name

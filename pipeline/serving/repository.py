@@ -1,0 +1,268 @@
+"""The Triton model repository of a champion package: one ensemble that clients call,
+
+    <name>              ensemble: HISTORY [B, L] raw item ids + K [B, 1] -> ITEM_IDS [B, k] raw ids, SCORES [B, k]
+    <name>_preprocess   python: checks the request, raw ids -> model ids, right-padded to max_len, lengths
+    <name>_engine       the variant: top-K model ids and scores for a batch (dynamic batching, instance groups)
+    <name>_postprocess  python: the first k, model ids -> raw ids
+
+each `<model>/config.pbtxt` + `<model>/<version>/`, the version being the registry's model version. The
+engine follows the variant and the target: `local` runs it in the python backend (ONNX Runtime for an
+ONNX variant, the pipeline's own loader for the others), `production` writes native onnxruntime or
+tensorrt_plan configs for a full Triton image. Every config is built with tritonclient's model_config_pb2
+and parsed back before it is written.
+"""
+from __future__ import annotations
+
+import json
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+from google.protobuf import text_format
+from omegaconf import DictConfig
+from tritonclient.grpc import model_config_pb2 as mc
+
+from pipeline.core import PipelineError
+from pipeline.serving.package import EXAMPLES_FILE, ITEM_IDS_FILE, Package
+
+TARGETS = ("local", "production")
+MODELS_DIR = Path(__file__).parent / "models"
+PLAN_FILE = "model.plan"
+COMMON = "genrec_common.py"
+
+
+@dataclass(frozen=True)
+class Io:
+    """One tensor of a model config: dims without the batch dimension; reshape [] for a [B] tensor."""
+
+    name: str
+    dtype: str
+    dims: tuple[int, ...]
+    reshape: tuple[int, ...] | None = None
+
+
+@dataclass(frozen=True)
+class Engine:
+    """How the engine runs: `kind` is a python model file (python_*) or a native backend."""
+
+    kind: str
+    inputs: tuple[Io, Io]    # history, lengths
+    outputs: tuple[Io, Io]   # item ids, scores
+
+
+def step_names(name: str) -> dict[str, str]:
+    return {"preprocess": f"{name}_preprocess", "engine": f"{name}_engine", "postprocess": f"{name}_postprocess"}
+
+
+def choose_engine(package: Package, target: str, max_k: int) -> Engine:
+    if target not in TARGETS:
+        raise PipelineError(f"unknown deploy.target '{target}'; valid choices: {', '.join(TARGETS)}")
+    backend, max_len = package.variant.backend, package.max_len
+    python_io = (Io("HISTORY", "TYPE_INT64", (max_len,)), Io("LENGTHS", "TYPE_INT64", (1,))), \
+                (Io("TOP_IDS", "TYPE_INT64", (max_k,)), Io("TOP_SCORES", "TYPE_FP32", (max_k,)))
+    if target == "production" and backend == "onnxruntime":
+        return Engine("onnxruntime", *_onnx_io(Path(package.variant.artifact), max_len, max_k))
+    if target == "production" and backend == "tensorrt":
+        return Engine("tensorrt_plan", *_plan_io(package, max_k))
+    return Engine("python_onnxruntime" if backend == "onnxruntime" else "python_torch", *python_io)
+
+
+def write_repository(package: Package, scfg: DictConfig, dst: Path, version: int, target: str) -> dict[str, Path]:
+    """Writes the four models into dst (emptied first); -> {model name: its folder}."""
+    if package.model_config.get("time_bias"):
+        raise PipelineError("this model uses timestamps (model.time_bias=true); requests carry no timestamps yet, "
+                            "so it cannot be served")
+    if scfg.max_k > package.top_k:
+        raise PipelineError(f"serving.max_k={scfg.max_k} exceeds the {package.top_k} items the variant answers; "
+                            f"set serving.max_k <= {package.top_k}")
+    engine = choose_engine(package, target, scfg.max_k)
+    dst = Path(dst)
+    if dst.exists():
+        shutil.rmtree(dst)
+    names = step_names(scfg.model_name)
+    folders = {
+        scfg.model_name: _write(dst, _ensemble(scfg, names, engine, version), version),
+        names["preprocess"]: _write(dst, _preprocess(scfg, names["preprocess"], package), version),
+        names["engine"]: _write(dst, _engine(scfg, names["engine"], engine, package), version),
+        names["postprocess"]: _write(dst, _postprocess(scfg, names["postprocess"], engine), version),
+    }
+    for step in ("preprocess", "postprocess"):
+        step_dir = folders[names[step]] / str(version)
+        _python_files(step_dir, step)
+        shutil.copy2(package.root / ITEM_IDS_FILE, step_dir / ITEM_IDS_FILE)
+    engine_dir = folders[names["engine"]] / str(version)
+    if engine.kind == "tensorrt_plan":
+        shutil.copy2(_plan_dir(package) / "1" / PLAN_FILE, engine_dir / PLAN_FILE)
+    else:
+        for path in package.root.iterdir():
+            if path.name not in (ITEM_IDS_FILE, EXAMPLES_FILE):
+                (shutil.copytree if path.is_dir() else shutil.copy2)(path, engine_dir / path.name)
+    if engine.kind.startswith("python_"):
+        _python_files(engine_dir, "engine_" + engine.kind.removeprefix("python_"))
+        (engine_dir / "variant.json").write_text(_variant_json(package))
+    return folders
+
+
+def config_text(config: mc.ModelConfig) -> str:
+    """The config.pbtxt text of config, parsed back to prove it is one."""
+    text = text_format.MessageToString(config)
+    if text_format.Parse(text, mc.ModelConfig()) != config:
+        raise PipelineError(f"config.pbtxt of {config.name} does not read back as written")
+    return text
+
+
+def _write(dst: Path, config: mc.ModelConfig, version: int) -> Path:
+    folder = dst / config.name
+    (folder / str(version)).mkdir(parents=True)
+    (folder / "config.pbtxt").write_text(config_text(config))
+    return folder
+
+
+def _python_files(version_dir: Path, source: str) -> None:
+    shutil.copy2(MODELS_DIR / f"{source}.py", version_dir / "model.py")
+    shutil.copy2(MODELS_DIR / "common.py", version_dir / COMMON)
+
+
+def _variant_json(package: Package) -> str:
+    return json.dumps({**package.variant.to_dict(), "artifact": package.artifact_name}, indent=2)
+
+
+def _add(tensors, io: Io) -> None:
+    tensor = tensors.add(name=io.name, data_type=mc.DataType.Value(io.dtype), dims=list(io.dims))
+    if io.reshape is not None:
+        tensor.reshape.shape[:] = list(io.reshape)
+
+
+def _base(scfg: DictConfig, name: str, backend: str) -> mc.ModelConfig:
+    return mc.ModelConfig(name=name, backend=backend, max_batch_size=scfg.max_batch_size)
+
+
+def _cpu_instances(config: mc.ModelConfig) -> None:
+    """One CPU instance, taking whatever requests are queued in one call (no delay: the calls are cheap)."""
+    config.instance_group.add(kind=mc.ModelInstanceGroup.KIND_CPU, count=1)
+    config.dynamic_batching.max_queue_delay_microseconds = 0
+
+
+def _ensemble(scfg: DictConfig, names: dict[str, str], engine: Engine, version: int) -> mc.ModelConfig:
+    """Each step pinned to `version`: the ensemble never mixes steps of two releases."""
+    config = mc.ModelConfig(name=scfg.model_name, platform="ensemble", max_batch_size=scfg.max_batch_size)
+    for io in (Io("HISTORY", "TYPE_INT64", (-1,)), Io("K", "TYPE_INT64", (1,))):
+        _add(config.input, io)
+    for io in (Io("ITEM_IDS", "TYPE_INT64", (-1,)), Io("SCORES", "TYPE_FP32", (-1,))):
+        _add(config.output, io)
+    steps = config.ensemble_scheduling.step
+    steps.add(model_name=names["preprocess"], model_version=version,
+              input_map={"HISTORY": "HISTORY", "K": "K"},
+              output_map={"HISTORY_PADDED": "history_padded", "LENGTHS": "lengths"})
+    (history, lengths), (ids, scores) = engine.inputs, engine.outputs
+    steps.add(model_name=names["engine"], model_version=version,
+              input_map={history.name: "history_padded", lengths.name: "lengths"},
+              output_map={ids.name: "top_ids", scores.name: "top_scores"})
+    steps.add(model_name=names["postprocess"], model_version=version,
+              input_map={"TOP_IDS": "top_ids", "TOP_SCORES": "top_scores", "K": "K"},
+              output_map={"ITEM_IDS": "ITEM_IDS", "SCORES": "SCORES"})
+    return config
+
+
+def _preprocess(scfg: DictConfig, name: str, package: Package) -> mc.ModelConfig:
+    config = _base(scfg, name, "python")
+    _add(config.input, Io("HISTORY", "TYPE_INT64", (-1,)))
+    _add(config.input, Io("K", "TYPE_INT64", (1,)))
+    _add(config.output, Io("HISTORY_PADDED", "TYPE_INT64", (package.max_len,)))
+    _add(config.output, Io("LENGTHS", "TYPE_INT64", (1,)))
+    config.parameters["max_len"].string_value = str(package.max_len)
+    config.parameters["max_k"].string_value = str(scfg.max_k)
+    _cpu_instances(config)
+    return config
+
+
+def _engine(scfg: DictConfig, name: str, engine: Engine, package: Package) -> mc.ModelConfig:
+    python = engine.kind.startswith("python_")
+    config = _base(scfg, name, "python" if python else engine.kind)
+    if not python:
+        config.backend, config.platform = "", {"onnxruntime": "onnxruntime_onnx", "tensorrt_plan": "tensorrt_plan"}[engine.kind]
+        config.default_model_filename = PLAN_FILE if engine.kind == "tensorrt_plan" else package.artifact_name
+    for io in engine.inputs:
+        _add(config.input, io)
+    for io in engine.outputs:
+        _add(config.output, io)
+    batching = scfg.dynamic_batching
+    config.dynamic_batching.preferred_batch_size[:] = [b for b in batching.preferred_batch_size if b <= scfg.max_batch_size]
+    config.dynamic_batching.max_queue_delay_microseconds = batching.max_queue_delay_microseconds
+    config.instance_group.add(kind=mc.ModelInstanceGroup.Kind.Value(scfg.instance_group.kind),
+                              count=scfg.instance_group.count)
+    config.parameters["max_k"].string_value = str(scfg.max_k)
+    config.parameters["threads"].string_value = str(scfg.threads)
+    return config
+
+
+def _postprocess(scfg: DictConfig, name: str, engine: Engine) -> mc.ModelConfig:
+    config = _base(scfg, name, "python")
+    ids, scores = engine.outputs
+    _add(config.input, Io("TOP_IDS", ids.dtype, ids.dims))
+    _add(config.input, Io("TOP_SCORES", scores.dtype, scores.dims))
+    _add(config.input, Io("K", "TYPE_INT64", (1,)))
+    _add(config.output, Io("ITEM_IDS", "TYPE_INT64", (-1,)))
+    _add(config.output, Io("SCORES", "TYPE_FP32", (-1,)))
+    _cpu_instances(config)
+    return config
+
+
+_ONNX_TYPES = {"INT64": "TYPE_INT64", "INT32": "TYPE_INT32", "FLOAT": "TYPE_FP32", "FLOAT16": "TYPE_FP16",
+               "BFLOAT16": "TYPE_BF16"}
+
+
+def _onnx_io(path: Path, max_len: int, max_k: int) -> tuple[tuple[Io, Io], tuple[Io, Io]]:
+    """The ONNX graph's own tensor names and types: (history [B, L], lengths [B]) -> (ids [B, K], scores [B, K])."""
+    import onnx
+
+    graph = onnx.load_model(str(path), load_external_data=False).graph
+    weights = {t.name for t in graph.initializer}
+    inputs = [i for i in graph.input if i.name not in weights]
+    if len(inputs) != 2 or len(graph.output) < 2:
+        raise PipelineError(f"{path.name}: expected inputs (history, lengths) and outputs (item ids, scores), got "
+                            f"inputs {[i.name for i in inputs]} and outputs {[o.name for o in graph.output]}")
+
+    def spec(value) -> tuple[str, list[int | None]]:
+        kind = onnx.TensorProto.DataType.Name(value.type.tensor_type.elem_type)
+        if kind not in _ONNX_TYPES:
+            raise PipelineError(f"{path.name}: tensor {value.name} has type {kind}, which the repository does not map")
+        dims = [d.dim_value if d.HasField("dim_value") else None for d in value.type.tensor_type.shape.dim]
+        return _ONNX_TYPES[kind], dims
+
+    (h_type, h_dims), (l_type, _), (i_type, i_dims), (s_type, s_dims) = map(spec, [*inputs, *graph.output[:2]])
+    if (h_type, l_type) != ("TYPE_INT64", "TYPE_INT64"):
+        raise PipelineError(f"{path.name}: history and lengths must be int64, got {h_type} and {l_type}")
+    if h_dims[1] not in (None, max_len):
+        raise PipelineError(f"{path.name}: the graph takes histories of {h_dims[1]} items, the model {max_len}")
+    k = i_dims[1] if i_dims[1] is not None else -1
+    if k != -1 and k < max_k:
+        raise PipelineError(f"{path.name}: the graph answers top-{k}, fewer than serving.max_k={max_k}")
+    return ((Io(inputs[0].name, h_type, (max_len,)), Io(inputs[1].name, l_type, (1,), reshape=())),
+            (Io(graph.output[0].name, i_type, (k,)), Io(graph.output[1].name, s_type, (k,))))
+
+
+def _plan_dir(package: Package) -> Path:
+    folder = package.variant.options.get("triton_model")
+    if not folder or not (Path(folder) / "1" / PLAN_FILE).is_file():
+        raise PipelineError(f"{package.variant.name} carries no serialized TensorRT engine for Triton "
+                            "(options.triton_model); run stage=trt again, then promote")
+    return Path(folder)
+
+
+def _plan_io(package: Package, max_k: int) -> tuple[tuple[Io, Io], tuple[Io, Io]]:
+    """The engine's own tensors, from the config.pbtxt the trt stage wrote beside the plan (TensorRT's
+    names, types and shapes): inputs (history, lengths), outputs (item ids, scores), in that order."""
+    plan = text_format.Parse((_plan_dir(package) / "config.pbtxt").read_text(), mc.ModelConfig())
+    if len(plan.input) < 2 or len(plan.output) < 2:
+        raise PipelineError(f"{package.variant.name}: the engine needs inputs (history, lengths) and outputs "
+                            f"(item ids, scores), has {[t.name for t in plan.input]} -> {[t.name for t in plan.output]}")
+
+    def io(tensor) -> Io:
+        return Io(tensor.name, mc.DataType.Name(tensor.data_type), tuple(tensor.dims),
+                  tuple(tensor.reshape.shape) if tensor.HasField("reshape") else None)
+
+    ids = io(plan.output[0])
+    if ids.dims[0] != -1 and ids.dims[0] < max_k:
+        raise PipelineError(f"{package.variant.name}: the engine answers top-{ids.dims[0]}, fewer than serving.max_k={max_k}")
+    return (io(plan.input[0]), io(plan.input[1])), (ids, io(plan.output[1]))

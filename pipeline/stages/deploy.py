@@ -1,0 +1,146 @@
+"""deploy: the registry's champion -> a Triton model repository -> the local server, smoke-tested.
+
+Resolves models:/<promote.model_name>@<deploy.alias>, refuses a TensorRT engine built for another GPU or
+TensorRT version, writes the repository (ensemble: preprocess -> engine -> postprocess), and for the
+local target loads it into the local server (started when none answers), then compares the server's
+answers for packaged test histories with the pipeline's own. On any failure the previous release serves
+again. The deployment is recorded on the model version (time, server URL, repository).
+"""
+from __future__ import annotations
+
+import logging
+import shutil
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+
+from pipeline.core import Context, PipelineError, StageResult
+from pipeline.serving.client import GenrecClient, mismatch
+from pipeline.serving.package import read_package
+from pipeline.serving.repository import write_repository
+from pipeline.serving.rollout import RolledBack, deployed, record, rollout
+from pipeline.serving.server import LocalServer
+from pipeline.tracking import PREVIOUS, host_tags
+
+log = logging.getLogger(__name__)
+
+KEEP_RELEASES = 3  # the serving one, the one before it (to roll back to) and one more
+
+
+def run(ctx: Context) -> StageResult:
+    dcfg, scfg, name = ctx.cfg.deploy, ctx.cfg.serving, ctx.cfg.promote.model_name
+    version = ctx.tracker.model_version(name, dcfg.alias)
+    if version is None:
+        raise PipelineError(f"models:/{name}@{dcfg.alias} does not exist in {ctx.tracker.uri}; "
+                            "run stage=promote first (make run does)")
+    number = str(version.version)  # an int or a str, depending on the MLflow store
+    _check_fingerprint(version, dcfg, ctx)
+    root = Path(scfg.root)
+    package = read_package(ctx.tracker.download_model_version(name, number, _fresh(root / "packages" / f"v{number}")))
+    # A new release is written beside the serving one and takes its name only once it serves.
+    release = root / ("releases" if dcfg.target == "local" else dcfg.target) / f"v{number}"
+    staging = release.with_name(f".staging-{release.name}") if dcfg.target == "local" else release
+    folders = write_repository(package, scfg, staging, int(number), dcfg.target)
+    for model, folder in folders.items():
+        ctx.tracker.log_artifact(folder / "config.pbtxt", artifact_path=f"triton/{model}")
+    log.info("models:/%s@%s is version %s (%s); repository written to %s", name, dcfg.alias, number,
+             package.variant.name, staging)
+    ctx.tracker.set_tags({"model_version": number, "variant": package.variant.name, "repository": str(release)})
+    if dcfg.target != "local":
+        ctx.tracker.set_model_version_tags(name, number, {"repository_written": str(release), "repository_target": dcfg.target})
+        log.info("target %s: the repository is for a full Triton image (copy %s); nothing loaded here", dcfg.target, release)
+        return StageResult(metrics={"deployed_version": 0})
+
+    server = LocalServer(scfg)
+    if not server.is_live():
+        if not dcfg.start_server:
+            raise PipelineError(f"no Triton server answers on {server.url}; start one with `make serve`")
+        server.start()
+    elif server.pid() is None:
+        raise PipelineError(f"the server on {server.url} was not started from {server.root}, so it serves another "
+                            "repository; stop it (make stop with its artifacts_dir) or set serving.*_port")
+    smoke = _smoke_test(package, server, scfg.model_name, number, dcfg.smoke)
+    start = time.perf_counter()
+    try:
+        rollout(server, scfg.model_name, staging, smoke, dcfg.load_timeout_s, label=f"version {number}")
+    except RolledBack as err:
+        shutil.rmtree(staging, ignore_errors=True)
+        ctx.tracker.set_model_version_tags(name, number, {
+            "deploy_status": "rolled_back", "deploy_failed_at": _now(), "deploy_error": str(err)[:4000]})
+        raise
+    seconds = time.perf_counter() - start
+    shutil.rmtree(release, ignore_errors=True)
+    staging.rename(release)
+    before = deployed(root)
+    record(root, {"model": name, "version": number, "variant": package.variant.name, "release": str(release),
+                  "package": str(package.root), "url": server.url, "grpc_url": server.grpc_url, "time": _now()})
+    ctx.tracker.set_model_version_tags(name, number, {
+        "deploy_status": "serving", "deployed_at": _now(), "deployed_url": f"http://{server.url}",
+        "deployed_grpc_url": server.grpc_url, "deployed_repository": str(server.repository),
+        "deployed_release": str(release)})
+    if before is not None and before["version"] != number and before["model"] == name:
+        ctx.tracker.set_model_version_tags(name, before["version"], {"deploy_status": "replaced"})
+    if dcfg.alias == PREVIOUS:  # rolling back: the registry follows what serves
+        ctx.tracker.make_champion(name, number)
+    _prune(root, keep={str(release), before["release"] if before else ""})
+    log.info("version %s serves on http://%s (gRPC %s) and answers as the pipeline does", number,
+             server.url, server.grpc_url)
+    return StageResult(metrics={"deployed_version": int(number), "load_and_smoke_seconds": seconds})
+
+
+def _smoke_test(package, server: LocalServer, ensemble: str, version: str, smoke):
+    """The server's answers for a few packaged test histories must be the pipeline's own. The pipeline's
+    answers are computed first: a package that does not load here never reaches the server."""
+    predict = package.load()
+    examples = package.examples[: smoke.examples]
+    if not examples:
+        raise PipelineError("the package holds no test histories for the smoke test; promote it again")
+    expected = [package.recommend(predict, history, smoke.k) for history in examples]
+
+    def check() -> None:
+        client = GenrecClient(server.url, ensemble)
+        try:
+            for history, (ids, scores) in zip(examples, expected):
+                answer = client.recommend(history, smoke.k)
+                if answer.model_version != str(version):
+                    raise PipelineError(f"smoke test: version {answer.model_version} answered, not {version}")
+                problem = mismatch(answer, ids, scores, smoke.atol)
+                if problem:
+                    raise PipelineError(f"smoke test: the server's answer differs from the pipeline's: {problem}")
+        finally:
+            client.close()
+
+    return check
+
+
+def _check_fingerprint(version, dcfg, ctx: Context) -> None:
+    """A TensorRT engine runs only on the GPU model and TensorRT version it was built with."""
+    if version.tags.get("backend") != "tensorrt":
+        return
+    here = host_tags(ctx.device)
+    for key in ("device_name", "tensorrt_version"):
+        target = dcfg.target_fingerprint[key] or here[key]
+        if version.tags.get(key) != target:
+            raise PipelineError(
+                f"version {version.version} is a TensorRT engine built with {key}={version.tags.get(key)!r}, but the "
+                f"target has {target!r}; rebuild it there (stage=trt) and promote it, or set deploy.target_fingerprint")
+
+
+def _fresh(folder: Path) -> Path:
+    if folder.exists():
+        shutil.rmtree(folder)
+    folder.mkdir(parents=True)
+    return folder
+
+
+def _prune(root: Path, keep: set[str]) -> None:
+    """Keeps the newest releases (and their packages), always those in `keep`."""
+    releases = sorted((root / "releases").glob("v*"), key=lambda p: int(p.name[1:]), reverse=True)
+    for old in releases[KEEP_RELEASES:]:
+        if str(old) not in keep:
+            shutil.rmtree(old, ignore_errors=True)
+            shutil.rmtree(root / "packages" / old.name, ignore_errors=True)
+
+
+def _now() -> str:
+    return datetime.now(timezone.utc).isoformat(timespec="seconds")

@@ -1,0 +1,56 @@
+"""The compile stage end to end on the CPU (Inductor CPU, reference kernels): a torch.compile variant and an
+AOTInductor package that reloads in a fresh process, both passing their parity check."""
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from pipeline.core import Manifest, Variant
+from pipeline.variants import LOADERS, load_variant
+from tests.conftest import run_pipeline
+
+
+@pytest.mark.slow
+def test_compile_stage_builds_inductor_and_aoti_variants(tiny_args, tmp_path):
+    proc = run_pipeline(["stage=[train,compile]", "precision=fp32", "compile.aoti.devices=[cpu]", *tiny_args], cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    manifest = Manifest.load(next((tmp_path / "artifacts" / "runs").glob("*/manifest.json")))
+    compiled = manifest.stages["compile"]
+    assert compiled["status"] == "ok"
+    by_name = {v["name"]: v for v in compiled["variants"]}
+    assert set(by_name) == {"inductor-fp32", "aoti-fp32"}
+    assert by_name["inductor-fp32"]["backend"] == "inductor" and by_name["aoti-fp32"]["backend"] == "aoti"
+    package = Path(by_name["aoti-fp32"]["artifact"])
+    assert package.suffix == ".pt2" and package.exists()
+    report = json.loads(Path(compiled["artifacts"]["compile_report"]).read_text())
+    assert report["variants"]["aoti-fp32"]["fresh_process_topk_overlap"] == 1.0
+    for name in by_name:
+        assert report["variants"][name]["parity_topk_overlap"] >= 0.99
+        assert compiled["metrics"][f"compile_seconds_{name}"] > 0
+
+    # validate's loader answers with the package like every variant: (ids, scores) for a batch of histories.
+    predict = load_variant(Variant(**by_name["aoti-fp32"]), torch.device("cpu"), top_k=20)
+    history = torch.zeros(3, 16, dtype=torch.long)
+    history[:, :4] = torch.arange(1, 5)
+    ids, scores = predict(history, torch.full((3,), 4), None)
+    assert ids.shape == (3, 20) and scores.shape == (3, 20)
+    assert not torch.isin(ids, torch.arange(1, 5)).any()
+
+
+def test_compile_backends_have_loaders():
+    assert {"inductor", "aoti"} <= set(LOADERS)
+
+
+def test_triton_entries_are_skipped_on_cpu(tiny_args, tmp_path, monkeypatch):
+    """Asking for Triton kernels on the CPU names the reason; nothing else is built in their place."""
+    if torch.cuda.is_available():
+        pytest.skip("on a GPU the Triton entry builds")
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    proc = run_pipeline(["stage=[train,compile]", "precision=fp32", "compile.inductor.cpu=[{mode: default, kernels: triton}]",
+                         *tiny_args], cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    manifest = Manifest.load(next((tmp_path / "artifacts" / "runs").glob("*/manifest.json")))
+    assert manifest.stages["compile"]["variants"] == []
+    report = json.loads(Path(manifest.stages["compile"]["artifacts"]["compile_report"]).read_text())
+    assert "CUDA" in report["skipped"]["inductor-triton-fp32"]

@@ -1,0 +1,181 @@
+"""deploy against a real tritonserver that this module starts on free loopback ports and stops by its pid:
+train -> onnx -> validate -> promote -> deploy on a tiny config; the server answers as the pipeline does;
+bad requests get clear errors while the server keeps serving; a failed smoke test or a release that does
+not load rolls back; a second deploy moves champion, and `previous` can be restored."""
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from mlflow import MlflowClient
+
+from conftest import ROOT, TINY, run_pipeline
+from pipeline.core import Manifest
+from pipeline.data import load_splits
+from pipeline.serving.client import GenrecClient, RequestRejected
+from pipeline.serving.config import load_config
+from pipeline.serving.loadtest import run_load, scrape, server_side
+from pipeline.serving.package import read_package
+from pipeline.serving.repository import write_repository
+from pipeline.serving.rollout import RolledBack, deployed, rollout
+from pipeline.serving.server import LocalServer
+from pipeline.variants import load_variant
+
+pytestmark = [pytest.mark.slow, pytest.mark.triton]
+
+
+def _require_triton() -> None:
+    if (ROOT / "artifacts" / "triton" / "pytriton" / "tritonserver" / "bin" / "tritonserver").is_file():
+        return
+    message = "no tritonserver under artifacts/triton: run `make triton`"
+    if os.environ.get("GENREC_REQUIRE_TRITON"):
+        pytest.fail(message + " (CI runs it before the tests)")
+    pytest.skip(message)
+
+
+def _free_ports(count: int) -> list[int]:
+    sockets = [socket.socket() for _ in range(count)]
+    for s in sockets:
+        s.bind(("127.0.0.1", 0))
+    ports = [s.getsockname()[1] for s in sockets]
+    for s in sockets:
+        s.close()
+    return ports
+
+
+@pytest.fixture(scope="module")
+def env(tmp_path_factory):
+    _require_triton()
+    tmp = tmp_path_factory.mktemp("deploy")
+    http, grpc, metrics = _free_ports(3)
+    args = [*TINY, f"artifacts_dir={tmp / 'artifacts'}", "precision=fp32", f"serving.http_port={http}",
+            f"serving.grpc_port={grpc}", f"serving.metrics_port={metrics}", "serving.exit_timeout_s=3"]
+    cfg = load_config(args)
+    server = LocalServer(cfg.serving)
+    pid = server.start()
+    client = GenrecClient(server.url)
+    try:
+        yield tmp, args, cfg, server, client, MlflowClient(f"sqlite:///{tmp / 'artifacts' / 'mlflow.db'}")
+    finally:
+        client.close()
+        server.stop()
+        assert not Path(f"/proc/{pid}").exists() or b"tritonserver" not in Path(f"/proc/{pid}/cmdline").read_bytes()
+
+
+def _pipeline(env, *extra):
+    tmp, args = env[0], env[1]
+    result = run_pipeline([*args, *extra], cwd=tmp)
+    return result.returncode, result.stdout + result.stderr
+
+
+def _pipeline_answers(env, version: str, users: int, k: int):
+    """The pipeline's own top-k for the first test users, from the variant of the run that promoted `version`."""
+    tmp, cfg, registry = env[0], env[2], env[5]
+    tags = registry.get_model_version("genrec", version).tags
+    manifest = Manifest.load(tmp / "artifacts" / "runs" / tags["source_run"] / "manifest.json")
+    variant = next(v for v in manifest.variants() if v.name == tags["variant"])
+    predict = load_variant(variant, torch.device("cpu"), cfg.validate.top_k)
+    test = load_splits(cfg).test
+    with torch.inference_mode():
+        ids, scores = predict(test.history[:users], test.lengths[:users], None)
+    histories = [test.history[u, : test.lengths[u]].tolist() for u in range(users)]  # synthetic: raw ids = model ids
+    return histories, ids[:, :k].numpy(), scores[:, :k].numpy()
+
+
+def test_deploy_serves_what_the_pipeline_answers(env):
+    code, output = _pipeline(env, "stage=[train,onnx,validate,promote,deploy]", "promote.backends=[onnxruntime]")
+    assert code == 0, output
+    _, _, _, server, client, registry = env
+    assert deployed(server.root)["version"] == "1"
+    assert registry.get_model_version("genrec", "1").tags["backend"] == "onnxruntime"
+    histories, ids, scores = _pipeline_answers(env, "1", users=12, k=10)
+    for history, want_ids, want_scores in zip(histories, ids, scores):
+        answer = client.recommend(history, 10)
+        assert answer.model_version == "1"
+        assert answer.item_ids.tolist() == want_ids.tolist()
+        np.testing.assert_allclose(answer.scores, want_scores, atol=1e-5)
+    tags = registry.get_model_version("genrec", "1").tags
+    assert tags["deploy_status"] == "serving" and tags["deployed_url"] == f"http://{server.url}"
+    assert tags["deployed_repository"] == str(server.repository) and tags["deployed_at"]
+
+
+def test_query_command_matches_the_pipeline(env):
+    tmp, args = env[0], env[1]
+    out = subprocess.run([sys.executable, "-m", "pipeline.client", "--check", "--example", "3", *args],
+                         cwd=tmp, env={**os.environ, "PYTHONPATH": str(ROOT)}, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stdout + out.stderr
+    assert "MATCH" in out.stdout and '"model_version": "1"' in out.stdout
+
+
+BAD = {
+    "empty history": (np.zeros((1, 0), np.int64), [[5]], "empty history"),
+    "negative id": (np.array([[3, -4, 5]]), [[5]], "negative item ids: -4"),
+    "unknown id": (np.array([[3, 4000, 5]]), [[5]], "unknown item ids (1): 4000"),
+    "too long": (np.arange(1, 18).reshape(1, -1), [[5]], "longer than the maximum 16"),
+    "wrong dtype": (np.array([[3, 4, 5]], np.int32), [[5]], "data-type is 'INT32', but model 'genrec' expects 'INT64'"),
+    "wrong shape": (np.array([[[3, 4, 5]]]), [[5]], "unexpected shape for input 'HISTORY'"),
+    "k zero": (np.array([[3, 4, 5]]), [[0]], "k=0 is out of range; valid: 1..20"),
+    "k too large": (np.array([[3, 4, 5]]), [[21]], "k=21 is out of range; valid: 1..20"),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD))
+def test_bad_request_gets_a_clear_error_and_the_server_keeps_serving(env, case):
+    client = env[4]
+    history, k, message = BAD[case]
+    with pytest.raises(RequestRejected, match=message.replace("(", r"\(").replace(")", r"\)")):
+        client.infer(history, np.array(k, dtype=np.int64))
+    assert client.recommend([3, 4, 5], 5).item_ids.shape == (5,)
+
+
+def test_load_test_counts_what_the_server_counts(env):
+    server = env[3]
+    before = scrape(server.metrics_url)
+    result = run_load(server.url, "genrec", [[1, 2, 3], [4, 5]], k=10, requests=40, concurrency=4)
+    assert result["ok"] == 40 and result["errors"] == 0 and result["p99_ms"] > 0
+    counted = server_side(before, scrape(server.metrics_url))
+    assert counted["genrec"]["requests"] == 40 and counted["genrec_engine"]["batches"] >= 1
+
+
+def test_release_that_does_not_load_is_rolled_back(env, tmp_path):
+    # A broken copy of the serving version itself: the old engine keeps serving after the failed load, and
+    # deploy must still notice and put the whole previous release back.
+    _, _, cfg, server, client, _ = env
+    broken = tmp_path / "broken"
+    write_repository(read_package(Path(deployed(server.root)["package"])), cfg.serving, broken, 1, "local")
+    with open(broken / "genrec_engine" / "1" / "model.py", "a") as f:
+        f.write("\nraise RuntimeError('engine broken on purpose')\n")
+    with pytest.raises(RolledBack, match="engine broken on purpose; version 1 serves again"):
+        rollout(server, "genrec", broken, smoke=lambda: None, timeout_s=120)
+    answer = client.recommend([3, 4, 5], 5)
+    assert answer.model_version == "1" and answer.item_ids.shape == (5,)
+
+
+def test_failed_smoke_test_rolls_back_then_second_deploy_moves_champion(env):
+    _, _, _, server, client, registry = env
+    # A second model (eager this time: the torch engine), promoted; its deploy asks the server for more items
+    # than it serves, so the smoke test fails and version 1 keeps serving.
+    code, output = _pipeline(env, "stage=[train,validate,promote,deploy]", "seed=1", "deploy.smoke.k=21")
+    assert code != 0 and "version 2 failed and was rolled back" in output and "version 1 serves again" in output
+    assert client.recommend([3, 4, 5], 5).model_version == "1"
+    assert registry.get_model_version("genrec", "2").tags["deploy_status"] == "rolled_back"
+    assert str(registry.get_model_version_by_alias("genrec", "champion").version) == "2"
+    assert str(registry.get_model_version_by_alias("genrec", "previous").version) == "1"
+
+    code, output = _pipeline(env, "stage=deploy", "seed=1")
+    assert code == 0, output
+    assert client.recommend([3, 4, 5], 5).model_version == "2"
+    assert registry.get_model_version("genrec", "2").tags["backend"] == "eager"
+    histories, ids, _ = _pipeline_answers(env, "2", users=4, k=10)
+    assert [client.recommend(h, 10).item_ids.tolist() for h in histories] == ids.tolist()
+    assert registry.get_model_version("genrec", "1").tags["deploy_status"] == "replaced"
+
+    code, output = _pipeline(env, "stage=deploy", "deploy.alias=previous")
+    assert code == 0, output
+    assert client.recommend([3, 4, 5], 5).model_version == "1"
+    assert str(registry.get_model_version_by_alias("genrec", "champion").version) == "1"
+    assert str(registry.get_model_version_by_alias("genrec", "previous").version) == "2"

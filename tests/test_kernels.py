@@ -1,0 +1,196 @@
+"""Each Triton kernel against its PyTorch reference: under the interpreter on small shapes on the CPU,
+at full shapes on a GPU (marked gpu)."""
+import os
+import sys
+
+import pytest
+import torch
+
+# Without a GPU the kernels run in Triton's interpreter, which triton reads when its jit functions are
+# defined, tl.argmax & co. included: so before triton is first imported. Restored after this module.
+_INTERPRET_BEFORE = os.environ.get("TRITON_INTERPRET")
+_TRITON_IMPORTED_BEFORE = "triton" in sys.modules
+if not torch.cuda.is_available():
+    os.environ["TRITON_INTERPRET"] = "1"
+
+from pipeline import kernels  # noqa: E402
+from pipeline.kernels import hstu_attention_reference, retrieval_top_k_reference  # noqa: E402
+
+pytest.importorskip("triton")
+DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+@pytest.fixture(autouse=True, scope="module")
+def interpreter_without_gpu():
+    if DEVICE.type == "cpu" and _TRITON_IMPORTED_BEFORE and _INTERPRET_BEFORE != "1":
+        pytest.skip("triton was imported before this module without TRITON_INTERPRET=1; run "
+                    "`TRITON_INTERPRET=1 pytest tests/test_kernels.py`")
+    yield
+    if _INTERPRET_BEFORE is None:
+        os.environ.pop("TRITON_INTERPRET", None)
+    else:
+        os.environ["TRITON_INTERPRET"] = _INTERPRET_BEFORE
+
+
+def _fused_top_k(*args):
+    with kernels.use("triton", op="retrieval"):
+        return kernels.retrieval_top_k(*args)
+
+
+def _check_top_k(query, table, history, k, scales, scores, ids, atol):
+    """Valid top-k: never column 0 or a seen item among finite scores, ids' true scores match, and the
+    sorted scores match the reference's (ties may pick different ids)."""
+    ref_scores, _ = retrieval_top_k_reference(query, table, history, k, scales)
+    full = query.float() @ table.float().T
+    if scales is not None:
+        full = full * scales
+    torch.testing.assert_close(scores.float(), ref_scores.float(), atol=atol, rtol=0)
+    finite = torch.isfinite(scores)
+    assert (ids[finite] != 0).all()
+    for row in range(query.shape[0]):
+        mine = ids[row][finite[row]]
+        assert mine.unique().numel() == mine.numel(), "an item returned twice"
+        assert not torch.isin(mine, history[row]).any(), "a seen item returned"
+        torch.testing.assert_close(full[row, mine], scores[row][finite[row]].float(), atol=atol, rtol=0)
+
+
+def _case(batch, num_items, dim, hist_len, dtype, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    query = torch.randn(batch, dim, generator=gen).to(dtype)
+    table = torch.randn(num_items + 1, dim, generator=gen).to(dtype)
+    history = torch.randint(0, num_items + 1, (batch, hist_len), generator=gen)
+    history[:, hist_len // 2 + 1:] = 0  # right padding
+    return query.to(DEVICE), table.to(DEVICE), history.to(DEVICE)
+
+
+@pytest.mark.parametrize(
+    "batch,num_items,dim,k,dtype",
+    [
+        (3, 100, 24, 10, torch.float32),   # N+1 not a multiple of the block, odd batch and width
+        (17, 70, 16, 70, torch.float32),   # k equal to the item count: -inf slots after filtering
+        (2, 50, 16, 5, torch.float16),
+        (2, 50, 16, 5, torch.bfloat16),
+    ],
+)
+def test_fused_retrieval_matches_reference(batch, num_items, dim, k, dtype):
+    query, table, history = _case(batch, num_items, dim, hist_len=7, dtype=dtype)
+    scores, ids = _fused_top_k(query, table, history, k, None)
+    atol = 1e-4 if dtype == torch.float32 else 5e-2
+    _check_top_k(query, table, history, k, None, scores, ids, atol)
+
+
+def test_fused_retrieval_ties_and_crowded_block():
+    """Many equal rows, and the whole top-k inside one block (more than a block keeps): still exact."""
+    query, table, history = _case(2, 90, 16, hist_len=5, dtype=torch.float32)
+    table[1:40] = table[1]          # ties
+    table[41:61] = 10 * query[0]    # 20 top items for row 0 in one or two blocks
+    scores, ids = _fused_top_k(query, table, history, 25, None)
+    _check_top_k(query, table, history, 25, None, scores, ids, 1e-4)
+
+
+def test_fused_retrieval_int8_table():
+    query, table, history = _case(4, 75, 32, hist_len=6, dtype=torch.float32)
+    scales = (table.abs().amax(dim=1) / 127).clamp(min=1e-8)
+    table_int8 = (table / scales[:, None]).round().clamp(-127, 127).to(torch.int8)
+    scores, ids = _fused_top_k(query, table_int8, history, 12, scales)
+    _check_top_k(query, table_int8, history, 12, scales, scores, ids, 1e-3)
+
+
+def _attention_case(batch, length, heads, dqk, dv, max_len, dtype, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    q, k = (torch.randn(batch, length, heads, dqk, generator=gen).to(dtype) for _ in range(2))
+    v = torch.randn(batch, length, heads, dv, generator=gen).to(dtype)
+    weight = (0.1 * torch.randn(2 * max_len - 1, generator=gen)).to(dtype)
+    lengths = torch.randint(1, length + 1, (batch,), generator=gen)
+    lengths[0] = length
+    return [t.to(DEVICE) for t in (q, k, v, weight, lengths)]
+
+
+def _reference_attention(q, k, v, weight, lengths, max_len):
+    L = q.shape[1]
+    positions = torch.arange(L, device=q.device)
+    bias = weight[positions[None, :] - positions[:, None] + max_len - 1].unsqueeze(0)
+    valid = positions[None, :] < lengths[:, None]
+    mask = (positions[:, None] >= positions[None, :]).unsqueeze(0) & valid.unsqueeze(1)
+    return hstu_attention_reference(q, k, v, bias, mask, max_len), mask
+
+
+@pytest.mark.parametrize(
+    "batch,length,heads,dqk,dv,max_len,dtype",
+    [
+        (3, 19, 2, 8, 8, 24, torch.float32),   # odd lengths, padding, head dims below a tile
+        (2, 33, 1, 16, 24, 40, torch.float32),  # several key blocks, dv != dqk
+        (2, 17, 2, 16, 16, 17, torch.bfloat16),
+    ],
+)
+def test_fused_hstu_attention_matches_reference(batch, length, heads, dqk, dv, max_len, dtype):
+    q, k, v, weight, lengths = _attention_case(batch, length, heads, dqk, dv, max_len, dtype)
+    expected, mask = _reference_attention(q.float(), k.float(), v.float(), weight.float(), lengths, max_len)
+    with kernels.use("triton", op="hstu_attention"):
+        out = kernels.hstu_attention(q, k, v, mask=mask, lengths=lengths, max_len=max_len,
+                                     bias=lambda: pytest.fail("the kernel computes its own bias"),
+                                     position_weight=weight)
+    atol = 1e-5 if dtype == torch.float32 else 2e-2
+    torch.testing.assert_close(out.float(), expected, atol=atol, rtol=1e-2)
+
+
+def test_switch_defaults_to_reference_and_checks_names():
+    assert kernels.backend("retrieval") == "reference" and kernels.backend("hstu_attention") == "reference"
+    with kernels.use("triton"):
+        assert kernels.backend("retrieval") == "triton"
+    assert kernels.backend("retrieval") == "reference"
+    with pytest.raises(ValueError, match="valid choices"):
+        kernels.set_backend("cuda")
+
+
+def test_hstu_model_with_triton_kernels_matches_reference():
+    from pipeline.models import HSTU, Retriever
+
+    torch.manual_seed(0)
+    model = HSTU(num_items=60, max_len=12, dim=16, num_layers=1, num_heads=2, dropout=0.0, linear_dropout=0.0)
+    retriever = Retriever(model, k=10).to(DEVICE).eval()
+    history = torch.randint(1, 61, (3, 12), device=DEVICE)
+    lengths = torch.tensor([12, 5, 1], device=DEVICE)
+    history[1, 5:] = 0
+    history[2, 1:] = 0
+    with torch.no_grad():
+        ref_ids, ref_scores = retriever(history, lengths)
+        with kernels.use("triton"):
+            ids, scores = retriever(history, lengths)
+    torch.testing.assert_close(scores, ref_scores, atol=1e-4, rtol=0)
+    assert (ids == ref_ids).float().mean() > 0.9  # only near-ties may swap
+
+
+def test_ops_trace_through_torch_compile():
+    """The fake implementations let torch.compile trace the custom ops without running them."""
+    query, table, history = _case(2, 40, 16, hist_len=4, dtype=torch.float32)
+    fn = torch.compile(lambda q: torch.ops.genrec.retrieval_top_k(q, table, history, 5, None), backend="eager",
+                       fullgraph=True)
+    scores, ids = fn(query)
+    _check_top_k(query, table, history, 5, None, scores, ids, 1e-4)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("batch", [1, 16, 1024])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_fused_retrieval_full_shape(batch, dtype):
+    query, table, history = _case(batch, 1_000_000, 256, hist_len=200, dtype=dtype)
+    query, table = torch.nn.functional.normalize(query.float(), dim=-1).to(dtype), table
+    scores, ids = _fused_top_k(query, table, history, 100, None)
+    ref_scores, ref_ids = retrieval_top_k_reference(query, table, history, 100)
+    torch.testing.assert_close(scores.float(), ref_scores.float(), atol=0.1, rtol=1e-2)
+    overlap = (ids[:, :, None] == ref_ids[:, None, :]).any(-1).float().mean()
+    assert overlap > 0.98
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_fused_hstu_attention_full_shape(dtype):
+    q, k, v, weight, lengths = _attention_case(64, 200, 4, 64, 64, 200, dtype)
+    expected, mask = _reference_attention(q.float(), k.float(), v.float(), weight.float(), lengths, 200)
+    with kernels.use("triton", op="hstu_attention"):
+        out = kernels.hstu_attention(q, k, v, mask=mask, lengths=lengths, max_len=200, bias=lambda: None,
+                                     position_weight=weight)
+    torch.testing.assert_close(out.float(), expected, atol=2e-2 if dtype == torch.bfloat16 else 1e-3, rtol=2e-2)

@@ -1,0 +1,192 @@
+"""The serving pieces that need no server: request checks and id mapping, the repository writer (every
+config.pbtxt parsed back; local and production engines), the TensorRT fingerprint check, the server's
+command line and environment."""
+import json
+from pathlib import Path
+from types import SimpleNamespace
+
+import numpy as np
+import onnx
+import pytest
+from google.protobuf import text_format
+from onnx import TensorProto, helper
+from tritonclient.grpc import model_config_pb2 as mc
+
+from conftest import ROOT
+from pipeline.core import PipelineError, Variant
+from pipeline.serving.config import load_config
+from pipeline.serving.models.common import RequestError, Vocabulary, check_request, pad
+from pipeline.serving.package import read_package, variant_digest, write_package
+from pipeline.serving.repository import write_repository
+from pipeline.serving.server import LocalServer, ServerError, TritonInstall
+
+RAW = np.array([-1, 30, 10, 20, 40])  # model ids 1..4 are raw 30, 10, 20, 40 (not sorted)
+
+
+def test_vocabulary_maps_raw_ids_both_ways():
+    vocab = Vocabulary(RAW)
+    assert vocab.encode(np.array([[10, 40, 30]])).tolist() == [[2, 4, 1]]
+    assert vocab.decode(np.array([2, 4, 1, 0])).tolist() == [10, 40, 30, -1]
+    with pytest.raises(RequestError, match=r"unknown item ids \(2\): 11, 99"):
+        vocab.encode(np.array([[10, 99, 11]]))
+
+
+@pytest.mark.parametrize("history, k, message", [
+    (np.zeros((1, 0), np.int64), [[5]], "empty history"),
+    (np.ones((1, 9), np.int64), [[5]], "longer than the maximum 8"),
+    (np.array([[3, -2]]), [[5]], "negative item ids: -2"),
+    (np.array([[3, 4]]), [[0]], "k=0 is out of range; valid: 1..20"),
+    (np.array([[3, 4]]), [[21]], "k=21 is out of range"),
+    (np.array([[3, 4], [5, 6]]), [[1], [2]], "same for every row"),
+])
+def test_bad_requests_are_named(history, k, message):
+    with pytest.raises(RequestError, match=message):
+        check_request(history, np.array(k), max_len=8, max_k=20)
+
+
+def test_padding_is_right_padding_with_lengths():
+    padded, lengths = pad(np.array([[5, 6, 7]]), 5)
+    assert padded.tolist() == [[5, 6, 7, 0, 0]] and lengths.tolist() == [[3]]
+
+
+def _cfg(tmp_path, *overrides):
+    return load_config([f"artifacts_dir={tmp_path / 'artifacts'}", "validate.top_k=20", *overrides])
+
+
+def _package(tmp_path, variant: Variant, max_len=8):
+    return write_package(tmp_path / "pkg", variant, model_config={"name": "hstu", "max_len": max_len}, top_k=20,
+                         raw_item_ids=RAW, examples=[[10, 20]], info={"metrics": {}})
+
+
+def _configs(folders) -> dict[str, mc.ModelConfig]:
+    return {name: text_format.Parse((folder / "config.pbtxt").read_text(), mc.ModelConfig())
+            for name, folder in folders.items()}
+
+
+def test_local_repository_is_an_ensemble_of_three_python_models(tmp_path):
+    checkpoint = tmp_path / "model.pt"
+    checkpoint.write_bytes(b"weights")
+    package = _package(tmp_path, Variant("eager-fp32", "eager", "fp32", str(checkpoint), "train"))
+    cfg = _cfg(tmp_path, "serving.max_batch_size=32", "serving.instance_group.count=2")
+    folders = write_repository(package, cfg.serving, tmp_path / "repo", 7, "local")
+    configs = _configs(folders)
+    assert set(configs) == {"genrec", "genrec_preprocess", "genrec_engine", "genrec_postprocess"}
+    ensemble, engine = configs["genrec"], configs["genrec_engine"]
+    assert ensemble.platform == "ensemble" and ensemble.max_batch_size == 32
+    assert [s.model_name for s in ensemble.ensemble_scheduling.step] == [
+        "genrec_preprocess", "genrec_engine", "genrec_postprocess"]
+    assert engine.backend == "python" and engine.instance_group[0].count == 2
+    assert list(engine.dynamic_batching.preferred_batch_size) == [8, 16, 32]
+    assert list(engine.input[0].dims) == [8]  # histories padded to max_len: requests batch together
+    engine_dir = folders["genrec_engine"] / "7"
+    assert (engine_dir / "model.py").read_text() == (ROOT / "pipeline/serving/models/engine_torch.py").read_text()
+    assert json.loads((engine_dir / "variant.json").read_text())["artifact"] == "model.pt"
+    assert (engine_dir / "model.pt").read_bytes() == b"weights"
+    for step in ("genrec_preprocess", "genrec_postprocess"):
+        assert {p.name for p in (folders[step] / "7").iterdir()} == {"model.py", "genrec_common.py", "item_ids.npy"}
+    assert (folders["genrec"] / "7").is_dir()
+
+
+def _tiny_onnx(path: Path, k: int = 20) -> Path:
+    """A graph with the variants' signature: (history [B, L], lengths [B]) -> (item_ids [B, K], scores [B, K])."""
+    graph = helper.make_graph(
+        [helper.make_node("Cast", ["history"], ["scores_wide"], to=TensorProto.FLOAT),
+         helper.make_node("TopK", ["scores_wide", "k"], ["scores", "item_ids"])],
+        "tiny",
+        [helper.make_tensor_value_info("history", TensorProto.INT64, ["batch", "length"]),
+         helper.make_tensor_value_info("lengths", TensorProto.INT64, ["batch"])],
+        [helper.make_tensor_value_info("item_ids", TensorProto.INT64, ["batch", k]),
+         helper.make_tensor_value_info("scores", TensorProto.FLOAT, ["batch", k])],
+        initializer=[helper.make_tensor("k", TensorProto.INT64, [1], [k])],
+    )
+    onnx.save(helper.make_model(graph), str(path))
+    return path
+
+
+def test_production_onnxruntime_engine_uses_the_graphs_names(tmp_path):
+    model = _tiny_onnx(tmp_path / "retriever-fp32.onnx")
+    package = _package(tmp_path, Variant("onnxruntime-fp32", "onnxruntime", "fp32", str(model), "onnx"))
+    folders = write_repository(package, _cfg(tmp_path).serving, tmp_path / "repo", 3, "production")
+    engine = _configs(folders)["genrec_engine"]
+    assert engine.platform == "onnxruntime_onnx" and engine.default_model_filename == "retriever-fp32.onnx"
+    assert [i.name for i in engine.input] == ["history", "lengths"]
+    assert engine.input[1].HasField("reshape") and list(engine.input[1].reshape.shape) == []
+    assert [(o.name, list(o.dims)) for o in engine.output] == [("item_ids", [20]), ("scores", [20])]
+    step = _configs(folders)["genrec"].ensemble_scheduling.step[1]
+    assert dict(step.input_map) == {"history": "history_padded", "lengths": "lengths"}
+    assert (folders["genrec_engine"] / "3" / "retriever-fp32.onnx").is_file()
+    assert not (folders["genrec_engine"] / "3" / "model.py").exists()  # native backend, no python
+
+
+def test_production_onnx_graph_answering_too_few_items_is_refused(tmp_path):
+    model = _tiny_onnx(tmp_path / "small.onnx", k=5)
+    package = _package(tmp_path, Variant("onnxruntime-fp32", "onnxruntime", "fp32", str(model), "onnx"))
+    with pytest.raises(PipelineError, match="answers top-5, fewer than serving.max_k=20"):
+        write_repository(package, _cfg(tmp_path).serving, tmp_path / "repo", 1, "production")
+
+
+def test_production_tensorrt_plan_config_follows_the_trt_stages_engine(tmp_path):
+    program = tmp_path / "retriever-fp16.ep"
+    program.write_bytes(b"program")
+    plan_model = tmp_path / "triton" / "retriever_trt_fp16"  # as the trt stage writes it
+    (plan_model / "1").mkdir(parents=True)
+    (plan_model / "1" / "model.plan").write_bytes(b"engine")
+    trt_config = mc.ModelConfig(name="retriever_trt_fp16", platform="tensorrt_plan", max_batch_size=64)
+    trt_config.input.add(name="history", data_type=mc.TYPE_INT64, dims=[-1])
+    trt_config.input.add(name="lengths", data_type=mc.TYPE_INT64, dims=[1]).reshape.SetInParent()
+    trt_config.output.add(name="item_ids", data_type=mc.TYPE_INT64, dims=[20])
+    trt_config.output.add(name="scores", data_type=mc.TYPE_FP16, dims=[20])
+    (plan_model / "config.pbtxt").write_text(text_format.MessageToString(trt_config))
+    variant = Variant("tensorrt-fp16", "tensorrt", "fp16", str(program), "trt", {"triton_model": str(plan_model)})
+    folders = write_repository(_package(tmp_path, variant), _cfg(tmp_path).serving, tmp_path / "repo", 1, "production")
+    configs = _configs(folders)
+    engine = configs["genrec_engine"]
+    assert engine.platform == "tensorrt_plan" and engine.default_model_filename == "model.plan"
+    assert [(i.name, list(i.dims)) for i in engine.input] == [("history", [-1]), ("lengths", [1])]
+    assert engine.input[1].HasField("reshape")
+    assert (folders["genrec_engine"] / "1" / "model.plan").read_bytes() == b"engine"
+    assert configs["genrec_postprocess"].input[1].data_type == mc.TYPE_FP16  # cast to fp32 there
+
+
+def test_package_round_trip_and_digest(tmp_path):
+    checkpoint = tmp_path / "model.pt"
+    checkpoint.write_bytes(b"weights")
+    variant = Variant("eager-fp32", "eager", "fp32", str(checkpoint), "train")
+    package = read_package(_package(tmp_path, variant).root)
+    assert package.variant.artifact == str(tmp_path / "pkg" / "model.pt")
+    assert package.examples == [[10, 20]] and package.max_len == 8
+    assert variant_digest(variant) == variant_digest(package.variant)
+    checkpoint.write_bytes(b"other weights")
+    assert variant_digest(variant) != variant_digest(package.variant)
+
+
+def test_tensorrt_engine_for_another_gpu_is_refused(tmp_path):
+    from pipeline.stages.deploy import _check_fingerprint
+
+    cfg = _cfg(tmp_path, "deploy.target_fingerprint.device_name='NVIDIA H100 80GB HBM3'",
+               "deploy.target_fingerprint.tensorrt_version=10.9.0")
+    ctx = SimpleNamespace(device=__import__("torch").device("cpu"))
+    built = {"backend": "tensorrt", "device_name": "NVIDIA A100-SXM4-80GB", "tensorrt_version": "10.9.0"}
+    with pytest.raises(PipelineError, match="device_name='NVIDIA A100-SXM4-80GB'.*rebuild it there"):
+        _check_fingerprint(SimpleNamespace(version="4", tags=built), cfg.deploy, ctx)
+    same = {**built, "device_name": "NVIDIA H100 80GB HBM3"}
+    _check_fingerprint(SimpleNamespace(version="4", tags=same), cfg.deploy, ctx)
+    _check_fingerprint(SimpleNamespace(version="4", tags={"backend": "onnxruntime"}), cfg.deploy, ctx)
+
+
+def test_server_binds_loopback_with_explicit_model_control(tmp_path):
+    cfg = _cfg(tmp_path, "serving.http_port=18000", "serving.grpc_port=18001", "serving.metrics_port=18002")
+    server = LocalServer(cfg.serving)
+    install = TritonInstall(tmp_path / "triton")
+    command = server.command(install)
+    for flag in ("--http-address=127.0.0.1", "--grpc-address=127.0.0.1", "--metrics-address=127.0.0.1",
+                 "--model-control-mode=explicit", "--grpc-port=18001", f"--model-repository={server.repository}"):
+        assert flag in command
+    env = server.environment(install)
+    assert env["PATH"].split(":")[0] == str(Path(__import__("sys").executable).parent)
+    assert str(install.libs) in env["LD_LIBRARY_PATH"].split(":")
+
+
+def test_missing_server_says_how_to_get_it(tmp_path):
+    with pytest.raises(ServerError, match="make triton"):
+        TritonInstall.find(tmp_path / "nothing")
