@@ -93,23 +93,13 @@ def install(triton_dir: str | Path, wheel: str) -> TritonInstall:
         (archive,) = Path(tmp).glob("*.whl")
         triton_dir.parent.mkdir(parents=True, exist_ok=True)
         staging = Path(tempfile.mkdtemp(dir=triton_dir.parent, prefix=".triton-"))
-        with zipfile.ZipFile(archive) as zf:
-            for info in zf.infolist():
-                if info.filename.startswith((_SERVER_DIR + "/", _LIBS_DIR + "/")) and not info.is_dir():
-                    target = Path(zf.extract(info, staging))
-                    mode = info.external_attr >> 16
-                    if mode & stat.S_IXUSR:
-                        target.chmod(target.stat().st_mode | stat.S_IXUSR | stat.S_IXGRP | stat.S_IXOTH)
-    stubs = staging / _SERVER_DIR / "python_backend_stubs"
-    available = sorted(p.name for p in stubs.iterdir())
-    if python not in available:
-        shutil.rmtree(staging)
-        raise ServerError(f"{wheel} has python backend stubs for Python {', '.join(available)}, not {python}; "
-                          "create the environment with one of those")
-    installed = TritonInstall(staging)
-    shutil.copy2(stubs / python / "triton_python_backend_stub", installed.stub)
-    (staging / "INSTALLED.json").write_text(json.dumps({"wheel": archive.name, "python": python,
-                                                        "libpython": str(libpython)}, indent=2))
+        try:
+            _unpack(archive, staging, python)
+        except BaseException:
+            shutil.rmtree(staging)
+            raise
+        (staging / "INSTALLED.json").write_text(json.dumps({"wheel": archive.name, "python": python,
+                                                            "libpython": str(libpython)}, indent=2))
     if triton_dir.exists():
         shutil.rmtree(triton_dir)
     staging.rename(triton_dir)
@@ -117,13 +107,34 @@ def install(triton_dir: str | Path, wheel: str) -> TritonInstall:
     return TritonInstall(triton_dir)
 
 
+def _unpack(archive: Path, dst: Path, python: str) -> None:
+    """The server and its bundled libraries (executable bits kept), and the stub for `python` put where
+    the python backend looks for it."""
+    with zipfile.ZipFile(archive) as zf:
+        for info in zf.infolist():
+            if info.filename.startswith((_SERVER_DIR + "/", _LIBS_DIR + "/")) and not info.is_dir():
+                target = Path(zf.extract(info, dst))
+                if (info.external_attr >> 16) & stat.S_IXUSR:
+                    target.chmod(target.stat().st_mode | stat.S_IXUSR | stat.S_IXGRP | stat.S_IXOTH)
+    stubs = dst / _SERVER_DIR / "python_backend_stubs"
+    available = sorted(p.name for p in stubs.iterdir())
+    if python not in available:
+        raise ServerError(f"{archive.name} has python backend stubs for Python {', '.join(available)}, not {python}; "
+                          "create the environment with one of those")
+    shutil.copy2(stubs / python / "triton_python_backend_stub", TritonInstall(dst).stub)
+
+
 def _libpython_dir() -> Path:
+    """The folder holding this Python's shared libpython, for the stub's LD_LIBRARY_PATH."""
     libdir, soname = sysconfig.get_config_var("LIBDIR"), sysconfig.get_config_var("INSTSONAME")
-    if not sysconfig.get_config_var("Py_ENABLE_SHARED") or not (Path(libdir) / soname).exists():
-        raise ServerError(f"{sys.executable} has no shared libpython, which the python backend's stub links to; "
-                          "create .venv from a Python built with --enable-shared (distribution packages and "
-                          "pyenv with PYTHON_CONFIGURE_OPTS=--enable-shared are)")
-    return Path(libdir)
+    if sysconfig.get_config_var("Py_ENABLE_SHARED"):
+        # Debian-style layouts keep it in the multiarch folder below LIBDIR.
+        for folder in (Path(libdir), Path(libdir) / (sysconfig.get_config_var("MULTIARCH") or "")):
+            if (folder / soname).is_file():
+                return folder
+    raise ServerError(f"{sys.executable} has no shared libpython, which the python backend's stub links to; "
+                      "create .venv from a Python built with --enable-shared (distribution packages and "
+                      "pyenv with PYTHON_CONFIGURE_OPTS=--enable-shared are)")
 
 
 class LocalServer:
@@ -160,6 +171,9 @@ class LocalServer:
             "--strict-readiness=true",
             f"--exit-timeout-secs={c.exit_timeout_s}",
             "--log-verbose=0",
+            # What was deployed serves again after a restart; a model that fails then is logged, not fatal.
+            "--exit-on-error=false",
+            *([f"--load-model={c.model_name}"] if (self.repository / c.model_name).is_dir() else []),
         ]
 
     def _cpu_only_flags(self) -> list[str]:
