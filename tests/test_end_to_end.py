@@ -68,7 +68,7 @@ def test_validate_nested_variant_runs(finished_run):
     tmp, _, client, runs = finished_run
     validate = next(r for r in runs if r.info.run_name == "validate")
     variants = _children(runs, validate.info.run_id)
-    assert set(variants) == {"variant:eager-fp32", "variant:eager-fp16", "variant:inductor-fp16",
+    assert set(variants) == {"variant:eager-fp32", "variant:eager-fp16", "variant:inductor-fp32",
                              "variant:onnxruntime-fp32", "variant:onnxruntime-fp16"}
     ref = variants["variant:eager-fp32"].data
     assert ref.metrics["parity_topk_overlap"] == pytest.approx(1.0)
