@@ -21,13 +21,7 @@ def latency_vs_batch(rows: list[dict], path: Path, title: str) -> Path:
     ax.set_yscale("log")
     ax.set_xlabel("batch size (users)")
     ax.set_ylabel("latency per call, ms (solid p50, dotted p99)")
-    ax.set_title(title)
-    ax.grid(True, which="both", alpha=0.3)
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    return _save(fig, ax, title, path)
 
 
 def quality_vs_latency(rows: list[dict], earlier: list[dict], path: Path, title: str, latency_key: str) -> Path:
@@ -45,6 +39,10 @@ def quality_vs_latency(rows: list[dict], earlier: list[dict], path: Path, title:
     ax.set_xscale("log")
     ax.set_xlabel(f"{latency_key} (log)")
     ax.set_ylabel("HR@10 (test)")
+    return _save(fig, ax, title, path)
+
+
+def _save(fig, ax, title: str, path: Path) -> Path:
     ax.set_title(title)
     ax.grid(True, which="both", alpha=0.3)
     ax.legend(fontsize=8)
