@@ -23,6 +23,19 @@ def head(split: Split, num_users: int) -> Split:
     )
 
 
+def reference_answer(cfg, checkpoint: str, num_users: int, batch_size: int, top_k: int) -> tuple[Split, tuple]:
+    """-> (the first num_users test users, fp32 eager's (ids, scores) on them).
+
+    The reference runs on the CPU: exact fp32, whatever TF32 setting a GPU run has.
+    """
+    from pipeline.data import load_splits
+    from pipeline.variants import build_retriever
+
+    cpu = torch.device("cpu")
+    sample = head(load_splits(cfg).test, num_users)
+    return sample, predict_top_k(build_retriever(checkpoint, top_k, "fp32", cpu), sample, batch_size, cpu)
+
+
 def check_parity(
     name: str,
     predict: Callable,

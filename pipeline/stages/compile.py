@@ -10,10 +10,9 @@ import logging
 import torch
 
 from pipeline import kernels
-from pipeline.bench.parity import check_parity, head
+from pipeline.bench.parity import check_parity, reference_answer
 from pipeline.core import Context, PipelineError, StageResult, Variant
-from pipeline.data import load_splits
-from pipeline.evaluation import parity, predict_top_k
+from pipeline.evaluation import parity
 from pipeline.export import ShapeRange
 from pipeline.export.inductor import (
     AotiRetriever,
@@ -32,11 +31,8 @@ def run(ctx: Context) -> StageResult:
     ccfg, device = ctx.cfg.compile, ctx.device
     checkpoint = str(ctx.require_artifact("checkpoint"))
     precision = ctx.cfg.precision if ctx.cfg.precision in ("fp16", "bf16") else "fp32"
-    sample = head(load_splits(ctx.cfg).test, ccfg.parity.num_users)
     gates = {"min_topk_overlap": ccfg.parity.min_topk_overlap[precision]}
-    # The reference is fp32 eager on the CPU: exact fp32, whatever TF32 setting a GPU run has.
-    cpu = torch.device("cpu")
-    reference = predict_top_k(build_retriever(checkpoint, ccfg.top_k, "fp32", cpu), sample, ccfg.parity.batch_size, cpu)
+    sample, reference = reference_answer(ctx.cfg, checkpoint, ccfg.parity.num_users, ccfg.parity.batch_size, ccfg.top_k)
     first_batch = _batch(sample, ccfg.parity.batch_size, device)
 
     metrics: dict[str, float] = {}

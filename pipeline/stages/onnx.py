@@ -10,10 +10,8 @@ import logging
 
 import torch
 
-from pipeline.bench.parity import check_parity, head
+from pipeline.bench.parity import check_parity, reference_answer
 from pipeline.core import Context, PipelineError, StageResult, Variant
-from pipeline.data import load_splits
-from pipeline.evaluation import predict_top_k
 from pipeline.export.onnx import CUDA, OnnxRetriever, export_onnx, provider_for
 from pipeline.variants import build_retriever
 
@@ -32,10 +30,8 @@ def run(ctx: Context) -> StageResult:
         log.info("precision=int8: INT8 variants come from the int8 stage; exporting fp32 only")
     precisions = ["fp32", *([ctx.cfg.precision] if ctx.cfg.precision in REDUCED else [])]
 
-    # The reference is fp32 eager on the CPU: exact fp32, whatever TF32 setting a GPU run has.
     cpu = torch.device("cpu")
-    sample = head(load_splits(ctx.cfg).test, ocfg.parity.num_users)
-    reference = predict_top_k(build_retriever(checkpoint, ocfg.top_k, "fp32", cpu), sample, ocfg.parity.batch_size, cpu)
+    sample, reference = reference_answer(ctx.cfg, checkpoint, ocfg.parity.num_users, ocfg.parity.batch_size, ocfg.top_k)
 
     out_dir = ctx.run_dir / "onnx"
     ctx.tracker.set_tags({"onnx_provider": provider})

@@ -14,12 +14,8 @@ import copy
 import logging
 import time
 
-import torch
-
-from pipeline.bench.parity import check_parity, head
+from pipeline.bench.parity import check_parity, reference_answer
 from pipeline.core import Context, PipelineError, StageResult, StageUnavailable, Variant
-from pipeline.data import load_splits
-from pipeline.evaluation import predict_top_k
 from pipeline.export import example_inputs, export_program, input_names
 from pipeline.export.trt import (
     compile_settings,
@@ -55,10 +51,7 @@ def run(ctx: Context) -> StageResult:
     if ctx.cfg.precision == "int8":
         log.info("precision=int8: INT8 variants come from the int8 stage (calibration); compiling fp32 only")
     precisions = ["fp32", *([ctx.cfg.precision] if ctx.cfg.precision in REDUCED else [])]
-    # The reference is fp32 eager on the CPU: exact fp32, whatever TF32 setting this process has.
-    cpu = torch.device("cpu")
-    sample = head(load_splits(ctx.cfg).test, tcfg.parity.num_users)
-    reference = predict_top_k(build_retriever(checkpoint, tcfg.top_k, "fp32", cpu), sample, tcfg.parity.batch_size, cpu)
+    sample, reference = reference_answer(ctx.cfg, checkpoint, tcfg.parity.num_users, tcfg.parity.batch_size, tcfg.top_k)
     out_dir = ctx.run_dir / "trt"
     out_dir.mkdir(parents=True, exist_ok=True)
 
