@@ -72,6 +72,20 @@ def _load_tensorrt(variant: Variant, device: torch.device, top_k: int) -> Callab
     return load_trt_variant(variant, device, top_k)
 
 
+@register("torchao")
+def _load_torchao(variant: Variant, device: torch.device, top_k: int) -> Callable:
+    from pipeline.quant.torchao_pt2e import load_torchao_variant
+
+    return load_torchao_variant(variant, device, top_k)
+
+
+@register("int8_table")
+def _load_int8_table(variant: Variant, device: torch.device, top_k: int) -> Callable:
+    from pipeline.quant.int8_table import load_int8_table_variant
+
+    return load_int8_table_variant(variant, device, top_k)
+
+
 def load_variant(variant: Variant, device: torch.device, top_k: int) -> Callable:
     if variant.backend not in LOADERS:
         raise PipelineError(f"no loader for backend '{variant.backend}'; known: {', '.join(LOADERS)}")
