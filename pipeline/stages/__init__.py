@@ -15,6 +15,7 @@ _MODULES = {
     "compile": "pipeline.stages.compile",
     "trt": "pipeline.stages.trt",
     "onnx": "pipeline.stages.onnx",
+    "int8": "pipeline.stages.int8",
     "validate": "pipeline.stages.validate",
     "promote": "pipeline.stages.promote",
     "deploy": "pipeline.stages.deploy",
