@@ -7,6 +7,7 @@ from __future__ import annotations
 import csv
 import json
 import logging
+from types import SimpleNamespace
 
 from pipeline.bench.latency import latency_metrics, latency_sweep
 from pipeline.bench.plots import latency_vs_batch, quality_vs_latency
@@ -50,7 +51,9 @@ def run(ctx: Context) -> StageResult:
             metrics["hr10_delta"] = metrics["hr10"] - rows[0]["hr10"] if rows else 0.0
             sweep = latency_sweep(predict, test, vcfg.batch_sizes, device, vcfg.warmup, vcfg.iters, vcfg.num_threads)
             metrics.update(latency_metrics(sweep))
-            passed, why = _gates(metrics, vcfg.gates)
+            gates = gates_for(vcfg.gates, variant.precision)
+            passed, why = _gates(metrics, gates)
+            metrics.update({"gate_max_hr10_drop": gates.max_hr10_drop, "gate_min_topk_overlap": gates.min_topk_overlap})
             metrics["gate_passed"] = float(passed)
             ctx.tracker.log_metrics(metrics)
             ctx.tracker.set_tags({"status": "ok", "device_name": device_name(device),
@@ -89,6 +92,12 @@ def run(ctx: Context) -> StageResult:
                    "validate_results": str(results_json), "validate_history": str(history_csv),
                    "validate_history_md": str(history_md), "quality_plot": str(quality_plot)},
     )
+
+
+def gates_for(gates, precision: str):
+    """The gates of a precision: gates.per_precision.<precision> replaces the defaults it names."""
+    per_precision = (gates.get("per_precision") or {}).get(precision) or {}
+    return SimpleNamespace(**{key: per_precision.get(key, gates[key]) for key in ("max_hr10_drop", "min_topk_overlap")})
 
 
 def _gates(metrics: dict[str, float], gates) -> tuple[bool, str]:
