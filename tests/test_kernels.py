@@ -96,6 +96,24 @@ def test_fused_retrieval_int8_table():
     _check_top_k(query, table_int8, history, 12, scales, scores, ids, 1e-3)
 
 
+def test_fused_retrieval_marks_only_rows_a_chunk_may_have_cut():
+    """Without the check, a row whose top-k crowds one chunk is marked unsure (and is then fixed); rows with
+    spread-out winners are exact already and unmarked. Nothing of this reads back to the host."""
+    query, table, history = _case(3, 2000, 16, hist_len=4, dtype=torch.float32, seed=3)
+    table[100:120] = 5 * query[1] + 0.01 * torch.arange(20, device=DEVICE)[:, None]  # row 1's top 20 in one chunk
+    for row in (0, 2):  # orthogonal to row 1's query: those items are not their winners
+        query[row] -= (query[row] @ query[1]) / (query[1] @ query[1]) * query[1]
+    with kernels.use("triton", op="retrieval"):
+        scores, ids, unsure = kernels.retrieval_top_k_candidates(query, table, history, 20)
+    assert unsure.tolist() == [False, True, False]
+    for row in (0, 2):
+        ref_scores, _ = retrieval_top_k_reference(query[row:row + 1], table, history[row:row + 1], 20)
+        torch.testing.assert_close(scores[row:row + 1], ref_scores, atol=1e-4, rtol=0)
+    fixed_scores, fixed_ids = kernels.fix_unsure(query, table, history, 20, None, scores, ids, unsure)
+    _check_top_k(query, table, history, 20, None, fixed_scores, fixed_ids, 1e-4)
+    assert set(fixed_ids[1].tolist()) == set(range(100, 120)) - set(history[1].tolist())
+
+
 def _attention_case(batch, length, heads, dqk, dv, max_len, dtype, seed=0):
     gen = torch.Generator().manual_seed(seed)
     q, k = (torch.randn(batch, length, heads, dqk, generator=gen).to(dtype) for _ in range(2))
@@ -164,9 +182,10 @@ def test_hstu_model_with_triton_kernels_matches_reference():
 def test_ops_trace_through_torch_compile():
     """The fake implementations let torch.compile trace the custom ops without running them."""
     query, table, history = _case(2, 40, 16, hist_len=4, dtype=torch.float32)
-    fn = torch.compile(lambda q: torch.ops.genrec.retrieval_top_k(q, table, history, 5, None), backend="eager",
-                       fullgraph=True)
-    scores, ids = fn(query)
+    fn = torch.compile(lambda q: torch.ops.genrec.retrieval_top_k_candidates(q, table, history, 5, None),
+                       backend="eager", fullgraph=True)
+    scores, ids, unsure = fn(query)
+    scores, ids = kernels.fix_unsure(query, table, history, 5, None, scores, ids, unsure)
     _check_top_k(query, table, history, 5, None, scores, ids, 1e-4)
 
 
@@ -194,3 +213,29 @@ def test_fused_hstu_attention_full_shape(dtype):
         out = kernels.hstu_attention(q, k, v, mask=mask, lengths=lengths, max_len=200, bias=lambda: None,
                                      position_weight=weight)
     torch.testing.assert_close(out.float(), expected, atol=2e-2 if dtype == torch.bfloat16 else 1e-3, rtol=2e-2)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("mode", ["reduce-overhead", "max-autotune-no-cudagraphs"])
+def test_compiled_triton_retriever_matches_eager_reference(mode):
+    """The CUDA-graph-captured candidates plus the exactness check after them answer like eager PyTorch,
+    also when a row's winners crowd one chunk (the check recomputes it)."""
+    from pipeline.export.inductor import CompiledRetriever
+    from pipeline.models import HSTU, Retriever
+
+    torch.manual_seed(0)
+    model = HSTU(num_items=50_000, max_len=50, dim=64, num_layers=2, num_heads=2, dropout=0.0, linear_dropout=0.0)
+    retriever = Retriever(model, k=100).to(DEVICE).eval()
+    history = torch.randint(1, 50_001, (64, 50), device=DEVICE)
+    lengths = torch.randint(1, 51, (64,), device=DEVICE)
+    with torch.no_grad():
+        ref_ids, ref_scores = retriever(history, lengths)
+        query = retriever.query(history[:1], lengths[:1])
+        model.item_embedding.weight[1000:1100] = query[0] * model.item_embedding.weight[1000:1100].norm(dim=-1, keepdim=True)
+        ref_ids, ref_scores = retriever(history, lengths)
+    compiled = CompiledRetriever(retriever.freeze(), mode, "triton")
+    for _ in range(3):  # warm-up, record, replay
+        ids, scores = compiled(history, lengths)
+    torch.testing.assert_close(scores.float(), ref_scores.float(), atol=1e-3, rtol=0)
+    assert (ids[:, :, None] == ref_ids[:, None, :]).any(-1).float().mean() > 0.999

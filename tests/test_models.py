@@ -273,3 +273,33 @@ def test_build_model_from_config():
 def test_build_model_refuses_bad_configs(options, message):
     with pytest.raises(ValueError, match=message):
         build_model(OmegaConf.create(options), NUM_ITEMS)
+
+
+@pytest.mark.parametrize("time_bias", [False, True])
+def test_encode_last_matches_the_full_forward_at_the_last_position(time_bias):
+    """Retrieval runs the last layer for one position only: same embedding as the full forward there."""
+    torch.manual_seed(0)
+    model = HSTU(num_items=40, max_len=10, dim=16, num_layers=3, num_heads=2, time_bias=time_bias).eval()
+    history = torch.randint(1, 41, (3, 10))
+    lengths = torch.tensor([10, 6, 1])
+    history[1, 6:] = 0
+    history[2, 1:] = 0
+    timestamps = torch.cumsum(torch.randint(1, 10_000, (3, 10)), dim=1) if time_bias else None
+    with torch.no_grad():
+        full = last_position(model(history, lengths, timestamps), lengths)
+        last = model.encode_last(history, lengths, timestamps)
+    torch.testing.assert_close(last, full, atol=1e-5, rtol=1e-5)
+
+
+def test_frozen_retriever_answers_like_the_unfrozen_one():
+    torch.manual_seed(0)
+    retriever = Retriever(HSTU(num_items=50, max_len=8, dim=16, num_layers=1, num_heads=2), k=7).eval()
+    history = torch.randint(1, 51, (4, 8))
+    lengths = torch.full((4,), 8)
+    with torch.no_grad():
+        ids, scores = retriever(history, lengths)
+        retriever.freeze()
+        frozen_ids, frozen_scores = retriever(history, lengths)
+    assert retriever.frozen_table is not None and "frozen_table" not in retriever.state_dict()
+    torch.testing.assert_close(frozen_scores, scores)
+    assert torch.equal(frozen_ids, ids)

@@ -33,11 +33,13 @@ class Workload:
         return history.to(device), torch.full((batch,), self.max_len, device=device)
 
     def table_bytes(self, dtype: torch.dtype) -> int:
-        return (self.num_items + 1) * self.dim * torch.empty((), dtype=dtype).element_size()
+        """Bytes of the item table; int8 tables carry an fp32 scale per row."""
+        scales = 4 * (self.num_items + 1) if dtype == torch.int8 else 0
+        return (self.num_items + 1) * self.dim * torch.empty((), dtype=dtype).element_size() + scales
 
     def flops(self, batch: int) -> float:
         """Multiply-adds x 2 of one call: the encoder over all positions (causal attention counted once)
-        and scoring every item."""
+        and scoring every item. (An upper bound: the last layer needs its last position only.)"""
         L, D, H = self.max_len, self.dim, self.num_heads
         head = D // H
         per_layer = 2 * L * D * (4 * H * head) + 2 * H * (L * (L + 1) / 2) * 2 * head + 2 * L * H * head * D

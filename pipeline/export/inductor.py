@@ -21,15 +21,22 @@ MODES = ("default", "max-autotune", "max-autotune-no-cudagraphs", "reduce-overhe
 
 class CompiledRetriever:
     """torch.compile of a retriever with its kernel choice held around every call: the choice is read
-    while tracing, and a new batch size may trace again."""
+    while tracing, and a new batch size may trace again.
+
+    With the Triton kernels the compiled graph is Retriever.candidates, which never synchronizes with the
+    host (so CUDA-graph modes capture all of it); the exactness check of the fused top-K (Retriever.finish,
+    one host sync that rarely recomputes a row) runs after it, outside the graph."""
 
     def __init__(self, retriever: nn.Module, mode: str, kernel_backend: str) -> None:
         if mode not in MODES:
             raise PipelineError(f"unknown torch.compile mode '{mode}'; valid choices: {', '.join(MODES)}")
         if kernel_backend not in kernels.BACKENDS:
             raise PipelineError(f"unknown kernels '{kernel_backend}'; valid choices: {', '.join(kernels.BACKENDS)}")
-        self.kernels = kernel_backend
-        self.compiled = torch.compile(retriever, mode=mode)
+        self.kernels, self.retriever = kernel_backend, retriever
+        if kernel_backend == "triton":
+            self.compiled = torch.compile(retriever.candidates, mode=mode)
+        else:
+            self.compiled = torch.compile(retriever, mode=mode)
 
     @torch.no_grad()
     def __call__(self, history, lengths, timestamps=None):
@@ -40,7 +47,10 @@ class CompiledRetriever:
                 if tensor is not None:
                     torch._dynamo.mark_dynamic(tensor, 0)
         with kernels.use(self.kernels):
-            return self.compiled(history, lengths, timestamps)
+            if self.kernels != "triton":
+                return self.compiled(history, lengths, timestamps)
+            ids, scores, unsure, query = self.compiled(history, lengths, timestamps)
+            return self.retriever.finish(history, ids, scores, unsure, query)
 
 
 def package_aoti(retriever: nn.Module, path: Path, batch: ShapeRange, history: ShapeRange,

@@ -67,15 +67,22 @@ def wants_triton(op: str, device: torch.device) -> bool:
 
 
 from pipeline.kernels.hstu_attention import hstu_attention, hstu_attention_reference  # noqa: E402
-from pipeline.kernels.retrieval import retrieval_top_k, retrieval_top_k_reference  # noqa: E402
+from pipeline.kernels.retrieval import (  # noqa: E402
+    fix_unsure,
+    retrieval_top_k,
+    retrieval_top_k_candidates,
+    retrieval_top_k_reference,
+)
 
 __all__ = [
     "BACKENDS",
     "OPS",
     "backend",
+    "fix_unsure",
     "hstu_attention",
     "hstu_attention_reference",
     "retrieval_top_k",
+    "retrieval_top_k_candidates",
     "retrieval_top_k_reference",
     "set_backend",
     "use",

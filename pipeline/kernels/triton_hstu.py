@@ -1,12 +1,24 @@
 """Triton side of the HSTU attention forward (see hstu_attention.py). Imported only when it runs."""
 from __future__ import annotations
 
+import os
+
 import torch
 import triton
 import triton.language as tl
 from torch import Tensor
 
 
+def _configs() -> list[triton.Config]:
+    """Tile sizes tried on the first call of each (length, head dims) on a GPU; one under the interpreter."""
+    if os.environ.get("TRITON_INTERPRET", "0") == "1":
+        return [triton.Config({"BLOCK_M": 16, "BLOCK_N": 16}, num_warps=1, num_stages=1)]
+    return [triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=w, num_stages=s)
+            for m, n, w, s in [(64, 64, 4, 2), (64, 32, 4, 3), (32, 32, 2, 3), (128, 64, 8, 2), (32, 64, 4, 2),
+                               (16, 32, 2, 3), (64, 64, 4, 3)]]
+
+
+@triton.autotune(configs=_configs(), key=["L", "DQK", "DV"])
 @triton.jit
 def _hstu_attention_fwd(
     Q, K, V, PW, LENGTHS, O,
@@ -62,8 +74,7 @@ def fused_attention(q: Tensor, k: Tensor, v: Tensor, position_weight: Tensor, le
     dv = v.shape[-1]
     q, k, v = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, k, v))
     out = torch.empty(B, L, H, dv, device=q.device, dtype=v.dtype)
-    block = 64 if q.device.type == "cuda" else 16
-    grid = (triton.cdiv(L, block), B * H)
+    grid = lambda meta: (triton.cdiv(L, meta["BLOCK_M"]), B * H)  # noqa: E731
     _hstu_attention_fwd[grid](
         q, k, v, position_weight.contiguous(), lengths.contiguous(), out,
         L, H, dqk, dv, max_len, 1.0 / max_len,
@@ -72,7 +83,6 @@ def fused_attention(q: Tensor, k: Tensor, v: Tensor, position_weight: Tensor, le
         DOT_PRECISION="ieee" if q.dtype == torch.float32 else None,
         # The interpreter's 16-bit dots are wrong (triton 3.9): tiles go through fp32 there.
         UPCAST=q.device.type != "cuda",
-        BLOCK_M=block, BLOCK_N=block, BLOCK_DQK=_pow2(dqk), BLOCK_DV=_pow2(dv),
-        num_warps=4 if q.device.type == "cuda" else 1,
+        BLOCK_DQK=_pow2(dqk), BLOCK_DV=_pow2(dv),
     )
     return out

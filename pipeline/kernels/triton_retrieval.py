@@ -1,118 +1,213 @@
-"""Triton side of the fused retrieval (see retrieval.py). Imported only when it runs."""
+"""Triton side of the fused retrieval (see retrieval.py). Imported only when it runs.
+
+One program scores a block of query rows against a chunk of the item table, tile by tile, and keeps a
+running top-KEEP per row in registers: a tile costs one tensor-core matmul plus as many extraction passes as
+the most crowded row of the block has items above its running KEEP-th best (most tiles: none or one). The
+program writes its KEEP candidates per row; torch.topk over the candidates (chunks x KEEP per row, a few
+thousand) merges them. Nothing is synchronized with the host: `unsure` marks rows where a chunk's KEEP-th
+candidate beats the merged k-th, i.e. where the chunk might have dropped a better item; the caller fixes
+those rows exactly (retrieval.py), once, at the end of the call.
+
+Block sizes are tuned on the device at the first call of each (batch bucket, items, width, dtypes, k) and
+remembered for the process (GENREC_AUTOTUNE=0: the first candidate, untimed).
+"""
 from __future__ import annotations
+
+import os
+from dataclasses import dataclass
 
 import torch
 import triton
 import triton.language as tl
 from torch import Tensor
 
-# Candidates kept per (row, item block). With random-looking scores a block of 256 items rarely holds more
-# than a couple of any row's top 100 out of a million; rows where one might are recomputed exactly.
-KEEP_PER_BLOCK = 8
+# Candidates kept per (row, chunk). With random-looking scores a chunk of a few thousand items out of a
+# million rarely holds more than two or three of any row's top 100; rows where one might are recomputed.
+KEEP = 8
 
 
 @triton.jit
-def _block_top_k(
+def _chunk_top_k(
     Q, T, S, HIST, BOUNDS, OUT_SCORES, OUT_IDS,
-    B, N1, D,
+    B, N1, D, NUM_TILES,
     stride_qb, stride_tn, stride_hb, stride_bb, stride_ob,
     HAS_SCALES: tl.constexpr, DOT_PRECISION: tl.constexpr, UPCAST: tl.constexpr,
-    BLOCK_B: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, KEEP: tl.constexpr,
+    BLOCK_B: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+    TILES_PER_CHUNK: tl.constexpr, KEEP: tl.constexpr,
 ):
-    # program_id(0) (query blocks) varies fastest, so programs reading the same table block run together.
+    # program_id(0) (query blocks) varies fastest, so programs reading the same chunk run together.
     pid_b = tl.program_id(0)
-    pid_n = tl.program_id(1)
+    pid_c = tl.program_id(1)
     rows = pid_b * BLOCK_B + tl.arange(0, BLOCK_B)
-    local = tl.arange(0, BLOCK_N)
-    cols = pid_n * BLOCK_N + local
     row_ok = rows < B
-    col_ok = cols < N1
+    local = tl.arange(0, BLOCK_N)
+    slot = tl.arange(0, KEEP)
+    dd = tl.arange(0, BLOCK_D)
+    d_ok = dd < D
+    q = tl.load(Q + rows[:, None] * stride_qb + dd[None, :], mask=row_ok[:, None] & d_ok[None, :], other=0.0)
+    if UPCAST:
+        q = q.to(tl.float32)
 
-    acc = tl.zeros((BLOCK_B, BLOCK_N), dtype=tl.float32)
-    for d0 in range(0, D, BLOCK_D):
-        dd = d0 + tl.arange(0, BLOCK_D)
-        d_ok = dd < D
-        q = tl.load(Q + rows[:, None] * stride_qb + dd[None, :], mask=row_ok[:, None] & d_ok[None, :], other=0.0)
-        t = tl.load(T + cols[None, :] * stride_tn + dd[:, None], mask=col_ok[None, :] & d_ok[:, None], other=0)
+    # History items of this chunk: HIST is sorted per row and BOUNDS[row, chunk] indexes its first item in
+    # the chunk, so a tile checks only the few history items that fall into its chunk.
+    h_start = tl.load(BOUNDS + rows * stride_bb + pid_c, mask=row_ok, other=0)
+    h_count = tl.load(BOUNDS + rows * stride_bb + pid_c + 1, mask=row_ok, other=0) - h_start
+    h_max = tl.max(h_count, axis=0)
+
+    best = tl.full((BLOCK_B, KEEP), float("-inf"), dtype=tl.float32)
+    best_ids = tl.zeros((BLOCK_B, KEEP), dtype=tl.int32)
+    for t in range(TILES_PER_CHUNK):
+        tile = pid_c * TILES_PER_CHUNK + t
+        cols = tile * BLOCK_N + local
+        col_ok = cols < N1
+        tab = tl.load(T + cols[None, :] * stride_tn + dd[:, None], mask=col_ok[None, :] & d_ok[:, None], other=0)
         if UPCAST:
-            acc = tl.dot(q.to(tl.float32), t.to(tl.float32), acc, input_precision="ieee")
+            acc = tl.dot(q, tab.to(tl.float32), input_precision="ieee")
         else:
-            acc = tl.dot(q, t.to(q.dtype), acc, input_precision=DOT_PRECISION)
-    if HAS_SCALES:
-        acc = acc * tl.load(S + cols, mask=col_ok, other=0.0)[None, :]
-    acc = tl.where((col_ok & (cols > 0))[None, :], acc, float("-inf"))
+            acc = tl.dot(q, tab.to(q.dtype), input_precision=DOT_PRECISION)
+        if HAS_SCALES:
+            acc = acc * tl.load(S + cols, mask=col_ok, other=0.0)[None, :]
+        acc = tl.where((col_ok & (cols > 0))[None, :], acc, float("-inf"))
+        for j in range(0, h_max):
+            item = tl.load(HIST + rows * stride_hb + h_start + j, mask=row_ok & (j < h_count), other=-1)
+            acc = tl.where(cols[None, :] == item[:, None], float("-inf"), acc)
 
-    # History items of this block: HIST is sorted per row and BOUNDS[row, block] indexes its first item
-    # in the block, so a block touches only the few history items that fall into it.
-    start = tl.load(BOUNDS + rows * stride_bb + pid_n, mask=row_ok, other=0)
-    count = tl.load(BOUNDS + rows * stride_bb + pid_n + 1, mask=row_ok, other=0) - start
-    for j in range(0, tl.max(count, axis=0)):
-        item = tl.load(HIST + rows * stride_hb + start + j, mask=row_ok & (j < count), other=-1)
-        acc = tl.where(cols[None, :] == item[:, None], float("-inf"), acc)
+        # Merge the tile into the running top-KEEP: only items above a row's current KEEP-th best can enter,
+        # and they enter best first, so the passes needed are the most such items of any row (at most KEEP).
+        floor = tl.min(best, axis=1)
+        above = tl.sum((acc > floor[:, None]).to(tl.int32), axis=1)
+        passes = tl.minimum(tl.max(above, axis=0), KEEP)
+        for _ in range(0, passes):
+            top = tl.max(acc, axis=1)
+            arg = tl.argmax(acc, axis=1)
+            low = tl.min(best, axis=1)
+            low_at = tl.argmin(best, axis=1)
+            hit = (slot[None, :] == low_at[:, None]) & (top > low)[:, None]
+            best = tl.where(hit, top[:, None], best)
+            best_ids = tl.where(hit, (tile * BLOCK_N + arg)[:, None], best_ids)
+            acc = tl.where(local[None, :] == arg[:, None], float("-inf"), acc)
 
-    out = rows * stride_ob + pid_n * KEEP
-    for i in tl.static_range(KEEP):
-        best = tl.max(acc, axis=1)
-        arg = tl.argmax(acc, axis=1)
-        tl.store(OUT_SCORES + out + i, best, mask=row_ok)
-        tl.store(OUT_IDS + out + i, pid_n * BLOCK_N + arg, mask=row_ok)
-        acc = tl.where(local[None, :] == arg[:, None], float("-inf"), acc)
-
-
-def _blocks(batch: int) -> tuple[int, int, int, int]:
-    """(BLOCK_B, BLOCK_N, BLOCK_D, num_warps): small batches read the table once, large ones reuse tiles."""
-    if batch <= 16:
-        return 16, 256, 64, 4
-    if batch <= 64:
-        return 64, 128, 64, 4
-    return 128, 128, 64, 8
+    out = rows[:, None] * stride_ob + pid_c * KEEP + slot[None, :]
+    tl.store(OUT_SCORES + out, best, mask=row_ok[:, None])
+    tl.store(OUT_IDS + out, best_ids, mask=row_ok[:, None])
 
 
-def fused_top_k(query: Tensor, item_table: Tensor, history: Tensor, k: int, scales: Tensor | None) -> tuple[Tensor, Tensor]:
+@dataclass(frozen=True)
+class Config:
+    block_b: int
+    block_n: int
+    tiles_per_chunk: int
+    num_warps: int
+    num_stages: int
+
+
+# Candidates per batch regime, the heuristic default first. Small batches must stream the table at full
+# bandwidth (many programs, short chunks); large ones are matmul-bound (big tiles, long chunks so that the
+# running threshold prunes most extraction passes).
+_CANDIDATES = {
+    "small": [Config(16, 128, 8, 4, 3), Config(16, 128, 1, 4, 2), Config(16, 256, 4, 8, 3),
+              Config(16, 64, 16, 4, 3), Config(16, 128, 32, 4, 3), Config(16, 256, 1, 8, 2),
+              Config(16, 64, 4, 2, 4)],
+    "medium": [Config(64, 128, 16, 4, 3), Config(64, 128, 64, 8, 3), Config(128, 128, 16, 8, 3),
+               Config(32, 128, 16, 4, 3), Config(64, 256, 8, 8, 2), Config(128, 64, 32, 4, 3)],
+    "large": [Config(128, 128, 32, 8, 3), Config(128, 128, 128, 8, 3), Config(128, 256, 16, 8, 2),
+              Config(64, 128, 64, 4, 3), Config(128, 64, 64, 4, 3), Config(64, 256, 32, 8, 2)],
+}
+# The interpreter (tests on the CPU): small tiles keep it quick, and chunks of two tiles exercise the merge.
+_INTERPRETED = Config(16, 32, 2, 1, 1)
+_tuned: dict[tuple, Config] = {}
+
+
+def _regime(batch: int) -> str:
+    return "small" if batch <= 16 else "medium" if batch <= 128 else "large"
+
+
+def _shape(cfg: Config, n1: int, k: int) -> tuple[int, int, int]:
+    """-> (tiles per chunk, chunks, keep): chunks shrink, then keep grows, until chunks x keep >= k."""
+    num_tiles = triton.cdiv(n1, cfg.block_n)
+    tpc = min(cfg.tiles_per_chunk, num_tiles)
+    keep = KEEP
+    while triton.cdiv(num_tiles, tpc) * keep < k and tpc > 1:
+        tpc //= 2
+    while triton.cdiv(num_tiles, tpc) * keep < k:
+        keep *= 2
+    return tpc, triton.cdiv(num_tiles, tpc), keep
+
+
+def candidates(query: Tensor, item_table: Tensor, history: Tensor, k: int, scales: Tensor | None,
+               cfg: Config) -> tuple[Tensor, Tensor, Tensor]:
+    """-> (scores fp32 [B, k] descending, ids int64 [B, k], unsure bool [B]). No host synchronization."""
     B, D = query.shape
     n1 = item_table.shape[0]
-    block_b, block_n, block_d, num_warps = _blocks(B)
-    # The interpreter (tests on the CPU): small tiles keep it quick, and its 16-bit dots are wrong
-    # (triton 3.9), so tiles go through fp32 there.
     interpreted = query.device.type != "cuda"
-    if interpreted:
-        block_b, block_n, block_d, num_warps = 16, 32, 16, 1
-    num_blocks = triton.cdiv(n1, block_n)
-    keep = KEEP_PER_BLOCK
-    while num_blocks * keep < k and keep < block_n:
-        keep *= 2
-    keep = min(keep, block_n)
+    tpc, num_chunks, keep = _shape(cfg, n1, k)
+    chunk = tpc * cfg.block_n
 
     query = query.contiguous()
     item_table = item_table.contiguous()
     hist = history.sort(dim=1).values.contiguous()
-    edges = (torch.arange(num_blocks + 1, device=query.device) * block_n).expand(B, -1).contiguous()
-    bounds = torch.searchsorted(hist, edges).to(torch.int32).contiguous()
-    cand_scores = torch.empty(B, num_blocks * keep, device=query.device, dtype=torch.float32)
-    cand_ids = torch.empty(B, num_blocks * keep, device=query.device, dtype=torch.int32)
-    fp32 = query.dtype == torch.float32
-    grid = (triton.cdiv(B, block_b), num_blocks)
-    _block_top_k[grid](
+    edges = (torch.arange(num_chunks + 1, device=query.device) * chunk).expand(B, -1).contiguous()
+    bounds = torch.searchsorted(hist, edges).to(torch.int32)
+    cand_scores = torch.empty(B, num_chunks * keep, device=query.device, dtype=torch.float32)
+    cand_ids = torch.empty(B, num_chunks * keep, device=query.device, dtype=torch.int32)
+    grid = (triton.cdiv(B, cfg.block_b), num_chunks)
+    _chunk_top_k[grid](
         query, item_table, scales if scales is not None else query, hist, bounds, cand_scores, cand_ids,
-        B, n1, D,
+        B, n1, D, triton.cdiv(n1, cfg.block_n),
         query.stride(0), item_table.stride(0), hist.stride(0), bounds.stride(0), cand_scores.stride(0),
-        HAS_SCALES=scales is not None, DOT_PRECISION="ieee" if fp32 else None, UPCAST=interpreted,
-        BLOCK_B=block_b, BLOCK_N=block_n, BLOCK_D=block_d, KEEP=keep, num_warps=num_warps,
+        HAS_SCALES=scales is not None, DOT_PRECISION="ieee" if query.dtype == torch.float32 else None,
+        # The interpreter's 16-bit dots are wrong (triton 3.9): tiles go through fp32 there.
+        UPCAST=interpreted,
+        BLOCK_B=cfg.block_b, BLOCK_N=cfg.block_n, BLOCK_D=max(16, triton.next_power_of_2(D)),
+        TILES_PER_CHUNK=tpc, KEEP=keep, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )
     scores, pos = torch.topk(cand_scores, k, dim=1)
     ids = cand_ids.gather(1, pos).long()
-
-    # A block whose smallest kept score beats the k-th best may have dropped a better item than the k-th:
-    # recompute those rows exactly. (Dropped items tie at most with a kept one, and ties may go either way.)
-    smallest_kept = cand_scores.view(B, num_blocks, keep)[:, :, -1]
-    if keep < block_n:
+    if keep >= chunk:  # every item of every chunk was kept
+        unsure = torch.zeros(B, dtype=torch.bool, device=query.device)
+    else:
+        # A chunk whose smallest kept score beats the k-th best may have dropped a better item than the
+        # k-th. (Dropped items tie at most with a kept one, and ties may go either way.)
+        smallest_kept = cand_scores.view(B, num_chunks, keep).amin(dim=2)
         unsure = (smallest_kept > scores[:, -1:]).any(dim=1)
-        if bool(unsure.any()):
-            from pipeline.kernels.retrieval import retrieval_top_k_reference
+    return scores, ids, unsure
 
-            rows = unsure.nonzero().squeeze(1)
-            ref_scores, ref_ids = retrieval_top_k_reference(
-                query[rows], item_table, history[rows], k, scales
-            )
-            scores[rows], ids[rows] = ref_scores.float(), ref_ids
-    return scores.to(query.dtype), ids
+
+def config_for(query: Tensor, item_table: Tensor, history: Tensor, k: int, scales: Tensor | None) -> Config:
+    """The tuned config for this call's shape, timing the candidates on the first call of a shape."""
+    if query.device.type != "cuda":
+        return _INTERPRETED
+    B = query.shape[0]
+    bucket = 1 << max(0, (B - 1).bit_length())
+    key = (bucket, item_table.shape[0], query.shape[1], query.dtype, item_table.dtype, k, scales is not None)
+    if key in _tuned:
+        return _tuned[key]
+    options = _CANDIDATES[_regime(B)]
+    if os.environ.get("GENREC_AUTOTUNE", "1") == "0" or torch.cuda.is_current_stream_capturing():
+        return options[0]
+    timings = {}
+    for cfg in options:
+        try:
+            timings[cfg] = _time(lambda: candidates(query, item_table, history, k, scales, cfg))
+        except Exception:  # e.g. out of shared memory for this GPU: not a candidate here
+            continue
+    _tuned[key] = min(timings, key=timings.get) if timings else options[0]
+    return _tuned[key]
+
+
+def _time(fn, reps: int = 5) -> float:
+    fn()  # compile
+    torch.cuda.synchronize()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for _ in range(reps):
+        fn()
+    end.record()
+    end.synchronize()
+    return start.elapsed_time(end) / reps
+
+
+def fused_top_k(query: Tensor, item_table: Tensor, history: Tensor, k: int, scales: Tensor | None,
+                cfg: Config | None = None) -> tuple[Tensor, Tensor, Tensor]:
+    cfg = cfg or config_for(query, item_table, history, k, scales)
+    return candidates(query, item_table, history, k, scales, cfg)

@@ -79,6 +79,34 @@ class HSTULayer(nn.Module):
         gated = F.layer_norm(out, (H * dv,), eps=self.eps) * u
         return x + self.out(F.dropout(gated, p=self.linear_dropout, training=self.training))
 
+    def forward_last(self, x: Tensor, timestamps: Tensor | None, lengths: Tensor) -> Tensor:
+        """forward(...) at position length-1 only: [B, L, D] -> [B, D]. Keys and values still come from
+        every position, but the query, the attention row, the gating and the output projection are computed
+        for one position instead of L."""
+        B, L, D = x.shape
+        H, dv, dqk = self.num_heads, self.hidden_dim, self.attn_dim
+        normed = F.layer_norm(x, (D,), eps=self.eps)
+        weight = self.uvqk.weight  # rows: u, v, q, k; slices of it are views, not copies
+        v = F.silu(F.linear(normed, weight[H * dv: 2 * H * dv])).view(B, L, H, dv)
+        k = F.silu(F.linear(normed, weight[2 * H * dv + H * dqk:])).view(B, L, H, dqk)
+        last = lengths - 1
+        x_last = x.gather(1, last.view(B, 1, 1).expand(B, 1, D)).squeeze(1)
+        uq = F.silu(F.linear(normed.gather(1, last.view(B, 1, 1).expand(B, 1, D)).squeeze(1), weight[: 2 * H * dv + H * dqk]))
+        u = uq[:, : H * dv]
+        q = uq[:, 2 * H * dv:].view(B, H, dqk)
+        scores = torch.einsum("bhd,bjhd->bhj", q, k)
+        positions = torch.arange(L, device=x.device)
+        if self.relative_bias.time_weight is None:
+            bias = self.relative_bias.position_weight[positions.unsqueeze(0) - last.unsqueeze(1) + self.max_len - 1]
+        else:
+            rows = self.relative_bias(L, timestamps, x.device).expand(B, L, L)
+            bias = rows.gather(1, last.view(B, 1, 1).expand(B, 1, L)).squeeze(1)
+        mask = positions.unsqueeze(0) <= last.unsqueeze(1)  # causal and padding at once for the last query
+        attn = F.silu(scores + bias.unsqueeze(1).to(scores.dtype)) / self.max_len * mask.unsqueeze(1).to(scores.dtype)
+        out = torch.einsum("bhj,bjhd->bhd", attn, v).reshape(B, H * dv)
+        gated = F.layer_norm(out, (H * dv,), eps=self.eps) * u
+        return x_last + self.out(F.dropout(gated, p=self.linear_dropout, training=self.training))
+
 
 class HSTU(nn.Module):
     def __init__(
@@ -133,3 +161,17 @@ class HSTU(nn.Module):
             x = layer(x, mask, timestamps if self.time_bias else None, lengths)
         # The reference's output step is an L2 norm, which the retrieval head and the loss apply.
         return x * valid.to(x.dtype)
+
+    def encode_last(self, history: Tensor, lengths: Tensor, timestamps: Tensor | None = None) -> Tensor:
+        """forward(...) at position length-1 only, [B, dim]: what retrieval needs. The last layer runs for
+        that one position (HSTULayer.forward_last); the others as in forward."""
+        if self.time_bias and timestamps is None:
+            raise ValueError("this HSTU was built with time_bias=True and needs timestamps [B, L]")
+        x, _ = embed_history(
+            history, lengths, self.item_embedding, self.position_embedding, self.dropout, self.training
+        )
+        mask = attention_mask(history, lengths)
+        ts = timestamps if self.time_bias else None
+        for layer in self.layers[:-1]:
+            x = layer(x, mask, ts, lengths)
+        return self.layers[-1].forward_last(x, ts, lengths)

@@ -35,6 +35,9 @@ class Retriever(nn.Module):
 
     When fewer than k items are left after filtering, the remaining slots hold id 0 (padding) with score
     -inf rather than a seen item.
+
+    For serving, freeze() stores the normalized item table once (after .to(dtype)) instead of normalizing
+    the whole table on every call; a frozen retriever must not be trained further.
     """
 
     def __init__(self, encoder: nn.Module, k: int, l2_norm: bool = True) -> None:
@@ -43,23 +46,77 @@ class Retriever(nn.Module):
         if not 1 <= k <= num_items:
             raise ValueError(f"k={k} must be between 1 and the number of items ({num_items})")
         self.encoder, self.k, self.l2_norm = encoder, k, l2_norm
+        self.register_buffer("frozen_table", None, persistent=False)
+        self.register_buffer("table_scales", None, persistent=False)
+
+    @torch.no_grad()
+    def freeze(self, int8_table: bool = False) -> "Retriever":
+        """Precompute the scoring table in the current dtype and device (call it after .to()); returns self.
+
+        int8_table: store it as int8 with one fp32 scale per row (symmetric, max-abs / 127), half the bytes
+        of bf16 to read per query; scores are (query . row) * scale, computed in fp32.
+        """
+        table = self.encoder.item_embeddings()
+        table = l2_normalize(table) if self.l2_norm else table.clone()
+        if int8_table:
+            scales = table.float().abs().amax(dim=1).clamp(min=1e-12) / 127
+            self.frozen_table = (table.float() / scales[:, None]).round().clamp(-127, 127).to(torch.int8)
+            self.table_scales = scales
+        else:
+            self.frozen_table, self.table_scales = table, None
+        return self
+
+    def table(self, dtype: torch.dtype) -> Tensor:
+        """[N+1, D] the table queries are scored against: the item embeddings, L2-normalized if l2_norm
+        (int8 when frozen so; see table_scales)."""
+        if self.frozen_table is not None:
+            return self.frozen_table if self.table_scales is not None else self.frozen_table.to(dtype)
+        table = self.encoder.item_embeddings().to(dtype)
+        return l2_normalize(table) if self.l2_norm else table
+
+    def query(self, history: Tensor, lengths: Tensor, timestamps: Tensor | None = None) -> Tensor:
+        """[B, D]: the encoder's output at each row's last position, L2-normalized if l2_norm."""
+        encode_last = getattr(self.encoder, "encode_last", None)
+        if encode_last is not None:
+            query = encode_last(history, lengths, timestamps)
+        else:
+            query = last_position(self.encoder(history, lengths, timestamps), lengths)
+        return l2_normalize(query) if self.l2_norm else query
 
     def score_all(self, history: Tensor, lengths: Tensor, timestamps: Tensor | None = None) -> Tensor:
         """-> [B, N+1] scores of every item, column 0 and history items at -inf (for full-ranking evaluation)."""
-        query = last_position(self.encoder(history, lengths, timestamps), lengths)
-        table = self.encoder.item_embeddings().to(query.dtype)
-        if self.l2_norm:
-            query, table = l2_normalize(query), l2_normalize(table)
-        return mask_history(query @ table.T, history)
+        query = self.query(history, lengths, timestamps)
+        if self.table_scales is not None:
+            scores = ((query.float() @ self.table(query.dtype).float().T) * self.table_scales).to(query.dtype)
+        else:
+            scores = query @ self.table(query.dtype).T
+        return mask_history(scores, history)
+
+    def candidates(self, history: Tensor, lengths: Tensor, timestamps: Tensor | None = None):
+        """-> (ids, scores, unsure [B], query): forward() before its exactness check. With the Triton
+        retrieval kernel, rows marked unsure may miss a top-k item (finish() fixes them); nothing here
+        synchronizes with the host, so compiled callers can capture it whole in a CUDA graph."""
+        query = self.query(history, lengths, timestamps)
+        table, scales = self.table(query.dtype), self.table_scales
+        if kernels.backend("retrieval") == "triton":
+            scores, ids, unsure = kernels.retrieval_top_k_candidates(query, table, history, self.k, scales)
+        else:
+            scores, ids = kernels.retrieval_top_k_reference(query, table, history, self.k, scales)
+            unsure = torch.zeros(ids.shape[0], dtype=torch.bool, device=ids.device)
+        return torch.where(torch.isneginf(scores), torch.zeros_like(ids), ids), scores, unsure, query
+
+    def finish(self, history: Tensor, ids: Tensor, scores: Tensor, unsure: Tensor, query: Tensor) -> tuple[Tensor, Tensor]:
+        """candidates() -> the exact (ids, scores): unsure rows recomputed (one host sync)."""
+        if not bool(unsure.any()):
+            return ids, scores
+        scores, ids = kernels.fix_unsure(query, self.table(query.dtype), history, self.k, self.table_scales,
+                                         scores, ids, unsure)
+        return torch.where(torch.isneginf(scores), torch.zeros_like(ids), ids), scores
 
     def forward(self, history: Tensor, lengths: Tensor, timestamps: Tensor | None = None) -> tuple[Tensor, Tensor]:
         """history, lengths[, timestamps] -> (item ids [B, k] int64, scores [B, k])."""
         if kernels.backend("retrieval") == "triton":
-            query = last_position(self.encoder(history, lengths, timestamps), lengths)
-            table = self.encoder.item_embeddings()
-            if self.l2_norm:
-                query, table = l2_normalize(query), l2_normalize(table.to(query.dtype))
-            scores, ids = kernels.retrieval_top_k(query, table, history, self.k)
-        else:
-            scores, ids = top_k(self.score_all(history, lengths, timestamps), self.k)
+            ids, scores, unsure, query = self.candidates(history, lengths, timestamps)
+            return self.finish(history, ids, scores, unsure, query)
+        scores, ids = top_k(self.score_all(history, lengths, timestamps), self.k)
         return torch.where(torch.isneginf(scores), torch.zeros_like(ids), ids), scores
