@@ -166,9 +166,9 @@ class Tracker:
     def log_text(self, text: str, file: str) -> None:
         self.mlflow.log_text(text, file)
 
-    def log_dataset(self, features: dict[str, Any], name: str, digest: str, source: str, context: str) -> None:
-        """An input dataset of the active run (MLflow's Datasets: name, digest, source, schema, size)."""
-        dataset = self.mlflow.data.from_numpy(features, source=source, name=name, digest=digest)
+    def log_dataset(self, features: dict[str, Any], name: str, digest: str, context: str) -> None:
+        """An input dataset of the active run (MLflow's Datasets: name, digest, schema, size)."""
+        dataset = self.mlflow.data.from_numpy(features, name=name, digest=digest)
         self.mlflow.log_input(dataset, context=context)
 
     def find_manifest(self, key: str, run_id: str | None = None) -> tuple[str, Manifest] | None:

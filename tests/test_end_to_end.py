@@ -42,10 +42,12 @@ def test_one_parent_run_with_nested_stage_runs(finished_run):
     assert parent.data.tags["torch_version"]
     assert parent.data.tags["has_checkpoint"] == "true"
     stages = _children(runs, parent.info.run_id)
-    assert set(stages) == {"train", "compile", "trt", "onnx", "validate", "promote"}
+    assert set(stages) == {"train", "compile", "trt", "onnx", "int8", "validate", "promote"}
     for name, run in stages.items():
         if name == "trt" and run.data.tags["status"] == "skipped":  # no CUDA or no TensorRT here
             assert "TensorRT cannot run here" in run.data.tags["skip_reason"]
+        elif name == "int8":  # INT8 variants only for precision=int8
+            assert run.data.tags["status"] == "skipped" and "precision=fp16" in run.data.tags["skip_reason"]
         else:
             assert run.data.tags["status"] == "ok"
         assert run.data.metrics["stage_seconds"] > 0

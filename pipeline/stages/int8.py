@@ -126,10 +126,9 @@ def _log_calibration_set(ctx: Context, calib: CalibrationSet, out_dir: Path) -> 
     if calib.timestamps is not None:
         features["timestamps"] = calib.timestamps.numpy()
     name = f"{ctx.cfg.data.name}-calibration"
-    ctx.tracker.log_dataset(features, name=name, digest=calib.digest[:16],
-                            source=f"{ctx.cfg.data.name} training split, {calib.size} users, seed {calib.seed}",
-                            context="calibration")
-    ctx.tracker.set_tags({"calibration_dataset": name, "calibration_digest": calib.digest,
+    ctx.tracker.log_dataset(features, name=name, digest=calib.digest[:16], context="calibration")
+    ctx.tracker.set_tags({"calibration_dataset": name, "calibration_source": f"{ctx.cfg.data.name} training split",
+                          "calibration_num_users": calib.size, "calibration_digest": calib.digest,
                           "calibration_method": ccfg.method, "calibration_seed": calib.seed})
     (out_dir / "calibration_users.json").write_text(json.dumps(
         {"dataset": name, "digest": calib.digest, "seed": calib.seed, "split": "train",
