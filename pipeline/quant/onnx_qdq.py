@@ -209,24 +209,31 @@ def module_path(node) -> str:
     return f"{modules[-1] if modules else 'retriever'}/{scopes[-1]}"
 
 
-def quantizable_nodes(model_path: Path, op_types: Sequence[str], exclude: Sequence[str]) -> list[tuple[str, str, str]]:
-    """(node name, op type, module path) of every node that quantize() would quantize."""
+def quantizable_nodes(model_path: Path, op_types: Sequence[str], exclude: Sequence[str],
+                      labels_from: Path | None = None) -> list[tuple[str, str, str]]:
+    """(node name, op type, module path) of every node that quantize() would quantize. labels_from: the
+    exported model to read module paths from (pre-processing may drop the exporter's metadata)."""
     import onnx
 
     graph = onnx.load(str(model_path), load_external_data=False).graph
-    return [(n.name, n.op_type, module_path(n)) for n in graph.node if n.op_type in op_types and n.name not in exclude]
+    labels = {}
+    if labels_from is not None:
+        labels = {n.name: module_path(n) for n in onnx.load(str(labels_from), load_external_data=False).graph.node}
+    return [(n.name, n.op_type, labels.get(n.name) or module_path(n))
+            for n in graph.node if n.op_type in op_types and n.name not in exclude]
 
 
 SENSITIVITY_COLUMNS = ("node", "op_type", "module", "topk_overlap", "overlap_loss", "hr10_delta")
 
 
 def sensitivity_sweep(model_path: Path, work_dir: Path, ranges: dict[str, list[float]], settings: QdqSettings,
-                      keep_float: Sequence[str], evaluate: Callable[[Path], dict[str, float]]) -> list[dict]:
+                      keep_float: Sequence[str], evaluate: Callable[[Path], dict[str, float]],
+                      labels_from: Path | None = None) -> list[dict]:
     """Quantizes one node at a time (all others in float) and measures each model with
     evaluate(path) -> {"topk_overlap", "hr10_delta"} against fp32. Rows sorted by cost: the largest
     top-K overlap loss first (ties: the largest HR@10 drop first)."""
     rows = []
-    for i, (name, op_type, module) in enumerate(quantizable_nodes(model_path, settings.op_types, keep_float)):
+    for i, (name, op_type, module) in enumerate(quantizable_nodes(model_path, settings.op_types, keep_float, labels_from)):
         path = quantize(model_path, work_dir / f"single-{i}.onnx", ranges, settings, nodes_to_quantize=[name])
         measured = evaluate(path)
         rows.append({"node": name, "op_type": op_type, "module": module, "topk_overlap": measured["topk_overlap"],

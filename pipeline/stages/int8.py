@@ -199,7 +199,7 @@ def _onnx_qdq(ctx: Context, fp32: Variant, calib: CalibrationSet, splits, out_di
         onnx_qdq.quantize(pre, path, cache.ranges, settings, nodes_to_exclude=keep_float)
         artifacts = {f"calibration_cache_{ONNX_KIND}": str(cache_path), "int8_onnx": str(path)}
         if icfg.sensitivity.enabled:
-            rows = _sensitivity(ctx, pre, Path(tmp), cache, settings, keep_float, path, splits)
+            rows = _sensitivity(ctx, pre, Path(tmp), cache, settings, keep_float, path, splits, source)
             artifacts.update(_write_sensitivity(rows, out_dir))
             metrics.update(_sensitivity_metrics(rows))
     metrics.update({"onnx_qdq_quantize_linear_nodes": len(onnx_qdq.quantizable_nodes(path, ("QuantizeLinear",), ())),
@@ -215,7 +215,7 @@ def _onnx_qdq(ctx: Context, fp32: Variant, calib: CalibrationSet, splits, out_di
 
 
 def _sensitivity(ctx: Context, pre: Path, work_dir: Path, cache: CalibrationCache, settings, keep_float: list[str],
-                 full_model: Path, splits) -> list[dict]:
+                 full_model: Path, splits, source: Path) -> list[dict]:
     """One quantized node at a time against fp32 eager on the first validation users; the full INT8 model
     as the last row."""
     scfg, threads = ctx.cfg.int8.sensitivity, ctx.cfg.int8.onnx_qdq.num_threads
@@ -230,7 +230,7 @@ def _sensitivity(ctx: Context, pre: Path, work_dir: Path, cache: CalibrationCach
         return {"topk_overlap": parity(ids, scores, ref_ids, ref_scores)["parity_topk_overlap"],
                 "hr10_delta": top_k_metrics(ids, sample.target, ks=(10,))["hr10"] - ref_hr10}
 
-    rows = onnx_qdq.sensitivity_sweep(pre, work_dir, cache.ranges, settings, keep_float, evaluate)
+    rows = onnx_qdq.sensitivity_sweep(pre, work_dir, cache.ranges, settings, keep_float, evaluate, labels_from=source)
     whole = evaluate(full_model)
     rows.append({"node": "(all of them: onnxruntime-int8)", "op_type": "", "module": "", **whole,
                  "overlap_loss": 1.0 - whole["topk_overlap"]})
