@@ -79,6 +79,26 @@ def test_fused_retrieval_matches_reference(batch, num_items, dim, k, dtype):
     _check_top_k(query, table, history, k, None, scores, ids, atol)
 
 
+@pytest.mark.parametrize("config", [
+    dict(block_b=16, block_n=32, tiles_per_chunk=2, num_warps=1, num_stages=1),               # whole width at once
+    dict(block_b=16, block_n=32, tiles_per_chunk=3, num_warps=1, num_stages=1, block_d=16),  # width in steps
+    dict(block_b=1, block_n=32, tiles_per_chunk=2, num_warps=1, num_stages=1),                # CUDA-core kernel
+])
+@pytest.mark.parametrize("scaled", [False, True])
+def test_every_kernel_shape_the_tuner_may_pick(config, scaled):
+    """The tuner chooses among these on a GPU: each must be exact on its own (int8 tables too)."""
+    from pipeline.kernels.triton_retrieval import Config, fused_top_k
+
+    query, table, history = _case(5, 250, 24, hist_len=9, dtype=torch.float32, seed=1)
+    scales = None
+    if scaled:
+        scales = (table.abs().amax(dim=1) / 127).clamp(min=1e-8)
+        table = (table / scales[:, None]).round().clamp(-127, 127).to(torch.int8)
+    scores, ids, unsure = fused_top_k(query, table, history, 30, scales, Config(**config))
+    scores, ids = kernels.fix_unsure(query, table, history, 30, scales, scores, ids, unsure)
+    _check_top_k(query, table, history, 30, scales, scores, ids, 1e-3)
+
+
 def test_fused_retrieval_ties_and_crowded_block():
     """Many equal rows, and the whole top-k inside one block (more than a block keeps): still exact."""
     query, table, history = _case(2, 90, 16, hist_len=5, dtype=torch.float32)

@@ -106,12 +106,12 @@ def variants_for(device: torch.device) -> list[BenchVariant]:
         BenchVariant("eager-fp32", "fp32", "reference", baseline=True),
         BenchVariant("eager-bf16", "bf16", "reference", baseline=True),
         BenchVariant("part-retrieval-triton-bf16", "bf16", "triton", part="retrieval"),
-        BenchVariant("part-retrieval-triton-int8table", "bf16", "triton", int8_table=True, part="retrieval"),
         BenchVariant("triton-compile-max-autotune-bf16", "bf16", "triton", "max-autotune"),
-        BenchVariant("triton-compile-max-autotune-int8table", "bf16", "triton", "max-autotune", int8_table=True),
-        BenchVariant("compile-bf16", "bf16", "reference", "default", baseline=True),
-        BenchVariant("compile-max-autotune-bf16", "bf16", "reference", "max-autotune", baseline=True),
         BenchVariant("part-encoder-compile-max-autotune-bf16", "bf16", "triton", "max-autotune", part="encoder"),
+        BenchVariant("compile-max-autotune-bf16", "bf16", "reference", "max-autotune", baseline=True),
+        BenchVariant("compile-bf16", "bf16", "reference", "default", baseline=True),
+        BenchVariant("part-retrieval-triton-int8table", "bf16", "triton", int8_table=True, part="retrieval"),
+        BenchVariant("triton-compile-max-autotune-int8table", "bf16", "triton", "max-autotune", int8_table=True),
         BenchVariant("triton-eager-bf16", "bf16", "triton"),
         BenchVariant("triton-compile-bf16", "bf16", "triton", "default"),
     ]
@@ -214,11 +214,35 @@ def main(argv: list[str] | None = None) -> int:
              "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
              "command": " ".join([Path(sys.executable).name, "-m", "pipeline.bench.run", *(argv or sys.argv[1:])])}
     table = _table(rows, batch_sizes, variants_for(device), facts, failures)
-    (out / "bench.md").write_text(table)
+    tuning = _tuning_table(out / "kernel_tuning.csv")
+    (out / "bench.md").write_text(table + tuning)
     print("\n" + table, flush=True)
     if not args.no_mlflow:
         _log_mlflow(args.tracking_uri, rows, facts, failures, [csv_path, out / "bench.md", *([plot] if plot else [])], device)
     return 0 if rows else 1
+
+
+def _tuning_table(path: Path) -> str:
+    """What the fused top-K's tuner timed on this device (if it ran): per shape, every candidate's ms."""
+    module = sys.modules.get("pipeline.kernels.triton_retrieval")
+    log = getattr(module, "TUNING_LOG", [])
+    if not log:
+        return ""
+    with open(path, "w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(["batch_bucket", "items", "dim", "table_dtype", "k", "block_b", "block_n", "tiles_per_chunk",
+                         "num_warps", "num_stages", "block_d", "ms"])
+        for key, cfg, ms in log:
+            writer.writerow([key[0], key[1], key[2], str(key[4]).replace("torch.", ""), key[5], cfg.block_b,
+                             cfg.block_n, cfg.tiles_per_chunk, cfg.num_warps, cfg.num_stages, cfg.block_d, f"{ms:.4f}"])
+    lines = ["", "Fused top-K tuning (ms per call of the candidates step, best first per shape):"]
+    shapes = dict.fromkeys((key[0], str(key[4])) for key, _, _ in log)
+    for bucket, table_dtype in shapes:
+        entries = sorted((ms, cfg) for key, cfg, ms in log if (key[0], str(key[4])) == (bucket, table_dtype))
+        lines.append(f"- b<={bucket} {table_dtype}: " + ", ".join(
+            f"{ms:.3f} (B{c.block_b} N{c.block_n} T{c.tiles_per_chunk} w{c.num_warps} s{c.num_stages} D{c.block_d})"
+            for ms, c in entries))
+    return "\n".join(lines) + "\n"
 
 
 def _write_csv(path: Path, rows: list[dict]) -> Path:

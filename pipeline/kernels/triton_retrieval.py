@@ -43,10 +43,6 @@ def _chunk_top_k(
     local = tl.arange(0, BLOCK_N)
     slot = tl.arange(0, KEEP)
     dd = tl.arange(0, BLOCK_D)
-    d_ok = dd < D
-    q = tl.load(Q + rows[:, None] * stride_qb + dd[None, :], mask=row_ok[:, None] & d_ok[None, :], other=0.0)
-    if UPCAST:
-        q = q.to(tl.float32)
 
     # History items of this chunk: HIST is sorted per row and BOUNDS[row, chunk] indexes its first item in
     # the chunk, so a tile checks only the few history items that fall into its chunk.
@@ -60,11 +56,16 @@ def _chunk_top_k(
         tile = pid_c * TILES_PER_CHUNK + t
         cols = tile * BLOCK_N + local
         col_ok = cols < N1
-        tab = tl.load(T + cols[None, :] * stride_tn + dd[:, None], mask=col_ok[None, :] & d_ok[:, None], other=0)
-        if UPCAST:
-            acc = tl.dot(q, tab.to(tl.float32), input_precision="ieee")
-        else:
-            acc = tl.dot(q, tab.to(q.dtype), input_precision=DOT_PRECISION)
+        acc = tl.zeros((BLOCK_B, BLOCK_N), dtype=tl.float32)
+        # BLOCK_D >= D: one step, the query block loaded once per tile from L2; smaller: a pipelined K loop.
+        for d0 in range(0, D, BLOCK_D):
+            d_ok = (d0 + dd) < D
+            q = tl.load(Q + rows[:, None] * stride_qb + d0 + dd[None, :], mask=row_ok[:, None] & d_ok[None, :], other=0.0)
+            tab = tl.load(T + cols[None, :] * stride_tn + d0 + dd[:, None], mask=col_ok[None, :] & d_ok[:, None], other=0)
+            if UPCAST:
+                acc = tl.dot(q.to(tl.float32), tab.to(tl.float32), acc, input_precision="ieee")
+            else:
+                acc = tl.dot(q, tab.to(q.dtype), acc, input_precision=DOT_PRECISION)
         if HAS_SCALES:
             acc = acc * tl.load(S + cols, mask=col_ok, other=0.0)[None, :]
         acc = tl.where((col_ok & (cols > 0))[None, :], acc, float("-inf"))
@@ -92,34 +93,89 @@ def _chunk_top_k(
     tl.store(OUT_IDS + out, best_ids, mask=row_ok[:, None])
 
 
+@triton.jit
+def _chunk_top_k_gemv(
+    Q, T, S, HIST, BOUNDS, OUT_SCORES, OUT_IDS,
+    B, N1, D,
+    stride_qb, stride_tn, stride_hb, stride_bb, stride_ob,
+    HAS_SCALES: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+    TILES_PER_CHUNK: tl.constexpr, KEEP: tl.constexpr,
+):
+    """One query row per program, scored on the CUDA cores: for a handful of rows the table read is the
+    whole cost, and a [16, D] tensor-core tile would waste 15 of its rows."""
+    row = tl.program_id(0)
+    pid_c = tl.program_id(1)
+    local = tl.arange(0, BLOCK_N)
+    slot = tl.arange(0, KEEP)
+    dd = tl.arange(0, BLOCK_D)
+    d_ok = dd < D
+    q = tl.load(Q + row * stride_qb + dd, mask=d_ok, other=0.0).to(tl.float32)
+    h_start = tl.load(BOUNDS + row * stride_bb + pid_c)
+    h_count = tl.load(BOUNDS + row * stride_bb + pid_c + 1) - h_start
+    best = tl.full((KEEP,), float("-inf"), dtype=tl.float32)
+    best_ids = tl.zeros((KEEP,), dtype=tl.int32)
+    for t in range(TILES_PER_CHUNK):
+        tile = pid_c * TILES_PER_CHUNK + t
+        cols = tile * BLOCK_N + local
+        col_ok = cols < N1
+        tab = tl.load(T + cols[:, None] * stride_tn + dd[None, :], mask=col_ok[:, None] & d_ok[None, :], other=0)
+        acc = tl.sum(tab.to(tl.float32) * q[None, :], axis=1)
+        if HAS_SCALES:
+            acc = acc * tl.load(S + cols, mask=col_ok, other=0.0)
+        acc = tl.where(col_ok & (cols > 0), acc, float("-inf"))
+        for j in range(0, h_count):
+            item = tl.load(HIST + row * stride_hb + h_start + j)
+            acc = tl.where(cols == item, float("-inf"), acc)
+        floor = tl.min(best, axis=0)
+        passes = tl.minimum(tl.sum((acc > floor).to(tl.int32), axis=0), KEEP)
+        for _ in range(0, passes):
+            top = tl.max(acc, axis=0)
+            arg = tl.argmax(acc, axis=0)
+            low_at = tl.argmin(best, axis=0)
+            hit = slot == low_at
+            best = tl.where(hit, top, best)
+            best_ids = tl.where(hit, tile * BLOCK_N + arg, best_ids)
+            acc = tl.where(local == arg, float("-inf"), acc)
+    out = row * stride_ob + pid_c * KEEP + slot
+    tl.store(OUT_SCORES + out, best)
+    tl.store(OUT_IDS + out, best_ids)
+
+
 @dataclass(frozen=True)
 class Config:
-    block_b: int
+    block_b: int              # query rows per program; 1: the CUDA-core kernel (_chunk_top_k_gemv)
     block_n: int
     tiles_per_chunk: int
     num_warps: int
     num_stages: int
+    block_d: int = 0          # width step of the tensor-core kernel; 0: the whole width at once
 
 
 # Candidates per batch regime, the heuristic default first. Small batches must stream the table at full
 # bandwidth (many programs, short chunks); large ones are matmul-bound (big tiles, long chunks so that the
 # running threshold prunes most extraction passes).
 _CANDIDATES = {
+    "tiny": [Config(1, 64, 16, 4, 3), Config(1, 32, 32, 4, 3), Config(1, 128, 8, 8, 3), Config(1, 64, 4, 4, 2),
+             Config(1, 16, 64, 2, 3), Config(16, 128, 8, 4, 3), Config(16, 64, 16, 4, 3, 64)],
     "small": [Config(16, 128, 8, 4, 3), Config(16, 128, 1, 4, 2), Config(16, 256, 4, 8, 3),
-              Config(16, 64, 16, 4, 3), Config(16, 128, 32, 4, 3), Config(16, 256, 1, 8, 2),
-              Config(16, 64, 4, 2, 4)],
+              Config(16, 64, 16, 4, 3), Config(16, 128, 32, 4, 3), Config(16, 128, 8, 4, 3, 64),
+              Config(16, 64, 16, 4, 4, 64), Config(1, 64, 16, 4, 3)],
     "medium": [Config(64, 128, 16, 4, 3), Config(64, 128, 64, 8, 3), Config(128, 128, 16, 8, 3),
-               Config(32, 128, 16, 4, 3), Config(64, 256, 8, 8, 2), Config(128, 64, 32, 4, 3)],
-    "large": [Config(128, 128, 32, 8, 3), Config(128, 128, 128, 8, 3), Config(128, 256, 16, 8, 2),
-              Config(64, 128, 64, 4, 3), Config(128, 64, 64, 4, 3), Config(64, 256, 32, 8, 2)],
+               Config(32, 128, 16, 4, 3), Config(64, 128, 16, 4, 3, 64), Config(128, 128, 16, 8, 3, 64),
+               Config(64, 256, 8, 8, 3, 64)],
+    "large": [Config(128, 128, 32, 8, 3), Config(128, 128, 32, 8, 3, 64), Config(128, 128, 128, 8, 3, 64),
+              Config(128, 256, 16, 8, 3, 64), Config(64, 128, 64, 4, 3, 64), Config(128, 64, 64, 4, 3, 64),
+              Config(128, 128, 64, 4, 4, 32), Config(64, 256, 32, 8, 3, 64)],
 }
 # The interpreter (tests on the CPU): small tiles keep it quick, and chunks of two tiles exercise the merge.
 _INTERPRETED = Config(16, 32, 2, 1, 1)
 _tuned: dict[tuple, Config] = {}
+# Every timing the tuner took, for the bench's record: (key, config, ms per call of candidates()).
+TUNING_LOG: list[tuple[tuple, Config, float]] = []
 
 
 def _regime(batch: int) -> str:
-    return "small" if batch <= 16 else "medium" if batch <= 128 else "large"
+    return "tiny" if batch <= 4 else "small" if batch <= 16 else "medium" if batch <= 128 else "large"
 
 
 def _shape(cfg: Config, n1: int, k: int) -> tuple[int, int, int]:
@@ -151,16 +207,23 @@ def candidates(query: Tensor, item_table: Tensor, history: Tensor, k: int, scale
     cand_scores = torch.empty(B, num_chunks * keep, device=query.device, dtype=torch.float32)
     cand_ids = torch.empty(B, num_chunks * keep, device=query.device, dtype=torch.int32)
     grid = (triton.cdiv(B, cfg.block_b), num_chunks)
-    _chunk_top_k[grid](
-        query, item_table, scales if scales is not None else query, hist, bounds, cand_scores, cand_ids,
-        B, n1, D, triton.cdiv(n1, cfg.block_n),
-        query.stride(0), item_table.stride(0), hist.stride(0), bounds.stride(0), cand_scores.stride(0),
-        HAS_SCALES=scales is not None, DOT_PRECISION="ieee" if query.dtype == torch.float32 else None,
-        # The interpreter's 16-bit dots are wrong (triton 3.9): tiles go through fp32 there.
-        UPCAST=interpreted,
-        BLOCK_B=cfg.block_b, BLOCK_N=cfg.block_n, BLOCK_D=max(16, triton.next_power_of_2(D)),
-        TILES_PER_CHUNK=tpc, KEEP=keep, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
-    )
+    args = (query, item_table, scales if scales is not None else query, hist, bounds, cand_scores, cand_ids, B, n1, D)
+    strides = (query.stride(0), item_table.stride(0), hist.stride(0), bounds.stride(0), cand_scores.stride(0))
+    full_width = max(16, triton.next_power_of_2(D))
+    if cfg.block_b == 1:
+        _chunk_top_k_gemv[grid](
+            *args, *strides, HAS_SCALES=scales is not None, BLOCK_N=cfg.block_n, BLOCK_D=full_width,
+            TILES_PER_CHUNK=tpc, KEEP=keep, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+        )
+    else:
+        _chunk_top_k[grid](
+            *args, triton.cdiv(n1, cfg.block_n), *strides,
+            HAS_SCALES=scales is not None, DOT_PRECISION="ieee" if query.dtype == torch.float32 else None,
+            # The interpreter's 16-bit dots are wrong (triton 3.9): tiles go through fp32 there.
+            UPCAST=interpreted,
+            BLOCK_B=cfg.block_b, BLOCK_N=cfg.block_n, BLOCK_D=min(cfg.block_d or full_width, full_width),
+            TILES_PER_CHUNK=tpc, KEEP=keep, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+        )
     scores, pos = torch.topk(cand_scores, k, dim=1)
     ids = cand_ids.gather(1, pos).long()
     if keep >= chunk:  # every item of every chunk was kept
@@ -191,6 +254,7 @@ def config_for(query: Tensor, item_table: Tensor, history: Tensor, k: int, scale
             timings[cfg] = _time(lambda: candidates(query, item_table, history, k, scales, cfg))
         except Exception:  # e.g. out of shared memory for this GPU: not a candidate here
             continue
+        TUNING_LOG.append((key, cfg, timings[cfg]))
     _tuned[key] = min(timings, key=timings.get) if timings else options[0]
     return _tuned[key]
 
