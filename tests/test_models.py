@@ -303,3 +303,18 @@ def test_frozen_retriever_answers_like_the_unfrozen_one():
     assert retriever.frozen_table is not None and "frozen_table" not in retriever.state_dict()
     torch.testing.assert_close(frozen_scores, scores)
     assert torch.equal(frozen_ids, ids)
+
+
+def test_int8_table_keeps_the_ranking_close():
+    """An int8 table with per-row scales scores within int8 rounding of the float one."""
+    torch.manual_seed(0)
+    retriever = Retriever(HSTU(num_items=500, max_len=8, dim=32, num_layers=1, num_heads=2), k=20).eval()
+    history = torch.randint(1, 501, (16, 8))
+    lengths = torch.full((16,), 8)
+    with torch.no_grad():
+        ids, scores = retriever(history, lengths)
+        retriever.freeze(int8_table=True)
+        q_ids, q_scores = retriever(history, lengths)
+    assert retriever.frozen_table.dtype == torch.int8 and retriever.table_scales.shape == (501,)
+    torch.testing.assert_close(q_scores, scores, atol=0.02, rtol=0)
+    assert (q_ids[:, :, None] == ids[:, None, :]).any(-1).float().mean() > 0.9

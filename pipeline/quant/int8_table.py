@@ -1,8 +1,9 @@
 """GPU: the retriever in bf16 on CUDA with its L2-normalized item table stored in int8 with one fp32 scale
-per row (symmetric, scale = max |row| / 127), scored by the fused retrieval kernel
-(pipeline.kernels.retrieval_top_k with scales). CUDA only: the int8 stage skips it elsewhere.
+per row (Retriever.freeze(int8_table=True): symmetric, scale = max |row| / 127), scored by the fused
+retrieval kernel (pipeline.kernels, int8 tables with scales). CUDA only: the int8 stage skips it elsewhere.
 
-This is the hook for the GPU part of the int8 issue; it has not run on a GPU yet.
+Measured on the H100 by `make bench` (variants *-int8table, docs/BENCHMARKS.md); the stage path (build,
+parity, validate) has not run on a GPU.
 """
 from __future__ import annotations
 
@@ -19,29 +20,18 @@ def unavailable_reason(device: torch.device) -> str | None:
     return None
 
 
-def quantize_rows(table: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """[N, D] float -> (int8 [N, D], fp32 scales [N]) with table ~= int8 * scales[:, None]."""
-    table = table.float()
-    scales = table.abs().amax(dim=1).clamp(min=1e-12) / 127.0
-    return torch.round(table / scales[:, None]).clamp(-127, 127).to(torch.int8), scales
-
-
 class Int8TableRetriever:
     def __init__(self, checkpoint: str, top_k: int, device: torch.device) -> None:
         from pipeline.variants import build_retriever
 
-        self.retriever, self.k = build_retriever(checkpoint, top_k, "bf16", device), top_k
-        with torch.no_grad():
-            self.table, self.scales = quantize_rows(self.retriever.table(torch.float32))
+        self.retriever = build_retriever(checkpoint, top_k, "bf16", device).freeze(int8_table=True)
 
     @torch.no_grad()
     def __call__(self, history, lengths, timestamps=None):
         from pipeline import kernels
 
-        query = self.retriever.query(history, lengths, timestamps)
         with kernels.use("triton", "retrieval"):
-            scores, ids = kernels.retrieval_top_k(query, self.table, history, self.k, scales=self.scales)
-        return torch.where(torch.isneginf(scores), torch.zeros_like(ids), ids), scores
+            return self.retriever(history, lengths, timestamps)
 
 
 def load_int8_table_variant(variant: Variant, device: torch.device, top_k: int) -> Int8TableRetriever:
