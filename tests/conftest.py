@@ -7,6 +7,14 @@ import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
 
+# Without a GPU the Triton kernels run in Triton's interpreter, which triton reads when its jit functions are
+# defined: so before anything imports triton (torchao does, in the int8 tests, before test_kernels.py runs).
+if os.environ.get("CUDA_VISIBLE_DEVICES", None) != "" and "TRITON_INTERPRET" not in os.environ:
+    import torch
+
+    if not torch.cuda.is_available():
+        os.environ["TRITON_INTERPRET"] = "1"
+
 # A run small enough for CI's two cores; every stage still does its real work.
 TINY = [
     "data.synthetic.num_users=120",

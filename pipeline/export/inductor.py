@@ -32,6 +32,8 @@ class CompiledRetriever:
             raise PipelineError(f"unknown torch.compile mode '{mode}'; valid choices: {', '.join(MODES)}")
         if kernel_backend not in kernels.BACKENDS:
             raise PipelineError(f"unknown kernels '{kernel_backend}'; valid choices: {', '.join(kernels.BACKENDS)}")
+        if getattr(retriever, "frozen_table", None) is None and hasattr(retriever, "freeze"):
+            retriever.freeze()  # the normalized table once, not per call (the same numbers)
         self.kernels, self.retriever = kernel_backend, retriever
         if kernel_backend == "triton":
             self.compiled = torch.compile(retriever.candidates, mode=mode)
