@@ -35,6 +35,9 @@ class CompiledRetriever:
         if getattr(retriever, "frozen_table", None) is None and hasattr(retriever, "freeze"):
             retriever.freeze()  # the normalized table once, not per call (the same numbers)
         self.kernels, self.retriever = kernel_backend, retriever
+        # CUDA-graph modes replay into the same output buffers: each call is a new step, and what it returns
+        # is copied out (B x k, small), so a caller may keep the answers of several calls.
+        self.cudagraphs = mode in ("max-autotune", "reduce-overhead")
         if kernel_backend == "triton":
             self.compiled = torch.compile(retriever.candidates, mode=mode)
         else:
@@ -48,11 +51,17 @@ class CompiledRetriever:
             for tensor in (history, lengths, timestamps):
                 if tensor is not None:
                     torch._dynamo.mark_dynamic(tensor, 0)
+        if self.cudagraphs and history.is_cuda:
+            torch.compiler.cudagraph_mark_step_begin()
         with kernels.use(self.kernels):
             if self.kernels != "triton":
-                return self.compiled(history, lengths, timestamps)
-            ids, scores, unsure, query = self.compiled(history, lengths, timestamps)
-            return self.retriever.finish(history, ids, scores, unsure, query)
+                ids, scores = self.compiled(history, lengths, timestamps)
+            else:
+                ids, scores, unsure, query = self.compiled(history, lengths, timestamps)
+                ids, scores = self.retriever.finish(history, ids, scores, unsure, query)
+        if self.cudagraphs and history.is_cuda:
+            ids, scores = ids.clone(), scores.clone()
+        return ids, scores
 
 
 def package_aoti(retriever: nn.Module, path: Path, batch: ShapeRange, history: ShapeRange,
