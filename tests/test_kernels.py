@@ -192,8 +192,23 @@ def test_fused_hstu_attention_matches_reference(batch, length, heads, dqk, dv, m
     torch.testing.assert_close(out.float(), expected, atol=atol, rtol=1e-2)
 
 
+@pytest.mark.parametrize("rows,width,dtype", [(7, 24, torch.float32), (5, 64, torch.bfloat16), (1, 10, torch.float32)])
+def test_layer_norm_gate_matches_reference(rows, width, dtype):
+    """layer_norm(x) * u in one pass, also with u a row-strided slice of a wider projection (as in HSTU)."""
+    gen = torch.Generator().manual_seed(0)
+    x = (3 * torch.randn(2, rows, width, generator=gen) + 1).to(dtype).to(DEVICE)
+    wide = torch.randn(2, rows, 3 * width, generator=gen).to(dtype).to(DEVICE)
+    u = wide[..., width: 2 * width]
+    expected = kernels.layer_norm_gate_reference(x.float(), u.float(), 1e-6)
+    with kernels.use("triton", op="ln_gate"):
+        out = kernels.layer_norm_gate(x, u, 1e-6)
+    assert out.shape == x.shape and out.dtype == dtype
+    atol = 1e-5 if dtype == torch.float32 else 3e-2
+    torch.testing.assert_close(out.float(), expected, atol=atol, rtol=1e-2)
+
+
 def test_switch_defaults_to_reference_and_checks_names():
-    assert kernels.backend("retrieval") == "reference" and kernels.backend("hstu_attention") == "reference"
+    assert all(kernels.backend(op) == "reference" for op in kernels.OPS)
     with kernels.use("triton"):
         assert kernels.backend("retrieval") == "triton"
     assert kernels.backend("retrieval") == "reference"

@@ -6,8 +6,9 @@ import subprocess
 import sys
 import textwrap
 import time
+from contextlib import ExitStack, contextmanager
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Iterator
 
 import torch
 from torch import nn
@@ -27,14 +28,15 @@ class CompiledRetriever:
     host (so CUDA-graph modes capture all of it); the exactness check of the fused top-K (Retriever.finish,
     one host sync that rarely recomputes a row) runs after it, outside the graph."""
 
-    def __init__(self, retriever: nn.Module, mode: str, kernel_backend: str) -> None:
+    def __init__(self, retriever: nn.Module, mode: str, kernel_backend: str, reference_ops: tuple[str, ...] = ()) -> None:
+        """reference_ops: ops kept on their PyTorch reference although kernel_backend is triton."""
         if mode not in MODES:
             raise PipelineError(f"unknown torch.compile mode '{mode}'; valid choices: {', '.join(MODES)}")
         if kernel_backend not in kernels.BACKENDS:
             raise PipelineError(f"unknown kernels '{kernel_backend}'; valid choices: {', '.join(kernels.BACKENDS)}")
         if getattr(retriever, "frozen_table", None) is None and hasattr(retriever, "freeze"):
             retriever.freeze()  # the normalized table once, not per call (the same numbers)
-        self.kernels, self.retriever = kernel_backend, retriever
+        self.kernels, self.retriever, self.reference_ops = kernel_backend, retriever, tuple(reference_ops)
         # CUDA-graph modes replay into the same output buffers: each call is a new step, and what it returns
         # is copied out (B x k, small), so a caller may keep the answers of several calls.
         self.cudagraphs = mode in ("max-autotune", "reduce-overhead")
@@ -53,7 +55,7 @@ class CompiledRetriever:
                     torch._dynamo.mark_dynamic(tensor, 0)
         if self.cudagraphs and history.is_cuda:
             torch.compiler.cudagraph_mark_step_begin()
-        with kernels.use(self.kernels):
+        with self._kernels():
             if self.kernels != "triton":
                 ids, scores = self.compiled(history, lengths, timestamps)
             else:
@@ -62,6 +64,15 @@ class CompiledRetriever:
         if self.cudagraphs and history.is_cuda:
             ids, scores = ids.clone(), scores.clone()
         return ids, scores
+
+
+    @contextmanager
+    def _kernels(self) -> Iterator[None]:
+        with ExitStack() as stack:
+            stack.enter_context(kernels.use(self.kernels))
+            for op in self.reference_ops:
+                stack.enter_context(kernels.use("reference", op=op))
+            yield
 
 
 def package_aoti(retriever: nn.Module, path: Path, batch: ShapeRange, history: ShapeRange,

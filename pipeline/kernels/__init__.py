@@ -18,7 +18,7 @@ from typing import Iterator
 import torch
 
 BACKENDS = ("reference", "triton")
-OPS = ("retrieval", "hstu_attention")
+OPS = ("retrieval", "hstu_attention", "ln_gate")
 _selected: dict[str, str] = {op: "reference" for op in OPS}
 
 
@@ -67,6 +67,7 @@ def wants_triton(op: str, device: torch.device) -> bool:
 
 
 from pipeline.kernels.hstu_attention import hstu_attention, hstu_attention_reference  # noqa: E402
+from pipeline.kernels.ln_gate import layer_norm_gate, layer_norm_gate_reference  # noqa: E402
 from pipeline.kernels.retrieval import (  # noqa: E402
     fix_unsure,
     retrieval_top_k,
@@ -81,6 +82,8 @@ __all__ = [
     "fix_unsure",
     "hstu_attention",
     "hstu_attention_reference",
+    "layer_norm_gate",
+    "layer_norm_gate_reference",
     "retrieval_top_k",
     "retrieval_top_k_candidates",
     "retrieval_top_k_reference",

@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from pipeline.kernels import hstu_attention
+from pipeline.kernels import hstu_attention, layer_norm_gate
 from pipeline.models.sequence import attention_mask, embed_history, input_tables
 
 
@@ -76,7 +76,7 @@ class HSTULayer(nn.Module):
             bias=lambda: self.relative_bias(L, timestamps, x.device),
             position_weight=self.relative_bias.position_weight if self.relative_bias.time_weight is None else None,
         ).reshape(B, L, H * dv)
-        gated = F.layer_norm(out, (H * dv,), eps=self.eps) * u
+        gated = layer_norm_gate(out, u, self.eps)
         return x + self.out(F.dropout(gated, p=self.linear_dropout, training=self.training))
 
     def forward_last(self, x: Tensor, timestamps: Tensor | None, lengths: Tensor) -> Tensor:
@@ -104,7 +104,7 @@ class HSTULayer(nn.Module):
         mask = positions.unsqueeze(0) <= last.unsqueeze(1)  # causal and padding at once for the last query
         attn = F.silu(scores + bias.unsqueeze(1).to(scores.dtype)) / self.max_len * mask.unsqueeze(1).to(scores.dtype)
         out = torch.einsum("bhj,bjhd->bhd", attn, v).reshape(B, H * dv)
-        gated = F.layer_norm(out, (H * dv,), eps=self.eps) * u
+        gated = layer_norm_gate(out, u, self.eps)
         return x_last + self.out(F.dropout(gated, p=self.linear_dropout, training=self.training))
 
 
