@@ -1,7 +1,9 @@
 """What stages share: the context they run in, what they return, and the variants they produce."""
 from __future__ import annotations
 
+import hashlib
 import json
+from collections.abc import Iterable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
@@ -104,3 +106,13 @@ class Context:
         if not Path(path).exists():
             raise PipelineError(f"'{name}' recorded at {path} but the file is gone; run stage=train again")
         return Path(path)
+
+
+def file_digest(paths: Iterable[Path], algorithm: str = "sha256") -> str:
+    """Hex digest over the bytes of the given files, in the order given (downloads, model files)."""
+    hasher = hashlib.new(algorithm)
+    for path in paths:
+        with open(path, "rb") as f:
+            while block := f.read(1 << 20):
+                hasher.update(block)
+    return hasher.hexdigest()

@@ -15,7 +15,8 @@ from pipeline.evaluation import parity, predict_top_k, top_k_metrics
 from pipeline.export.onnx import CPU, OnnxRetriever, export_onnx
 from pipeline.models import HSTU
 from pipeline.quant import onnx_qdq, torchao_pt2e
-from pipeline.quant.calibration import CalibrationCache, file_digest, sample_calibration
+from pipeline.core import file_digest
+from pipeline.quant.calibration import CalibrationCache, sample_calibration
 from pipeline.stages.validate import _gates, gates_for
 from pipeline.variants import build_retriever
 

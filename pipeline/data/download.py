@@ -30,6 +30,7 @@ from urllib.parse import urlparse
 
 from tqdm import tqdm
 
+from pipeline.core import file_digest
 from pipeline.data.readers import (
     DataError,
     Interactions,
@@ -208,7 +209,7 @@ def fetch(source: DatasetSource, root: Path) -> None:
     archive = root / Path(urlparse(source.url).path).name
     if archive.is_file():
         _check_digest(
-            archive, source.algorithm, source.digest, _file_digest(archive, source.algorithm)
+            archive, source.algorithm, source.digest, file_digest([archive], source.algorithm)
         )
     else:
         download_file(source.url, archive, source.algorithm, source.digest)
@@ -250,14 +251,6 @@ def _atomic_write(destination: Path) -> Iterator[BinaryIO]:
     except BaseException:
         Path(temporary).unlink(missing_ok=True)
         raise
-
-
-def _file_digest(path: Path, algorithm: str) -> str:
-    hasher = hashlib.new(algorithm)
-    with open(path, "rb") as file:
-        while chunk := file.read(_CHUNK_BYTES):
-            hasher.update(chunk)
-    return hasher.hexdigest()
 
 
 def _check_digest(

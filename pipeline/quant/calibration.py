@@ -11,7 +11,7 @@ import hashlib
 import json
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Iterable, Iterator
+from typing import Any, Iterator
 
 import numpy as np
 import torch
@@ -80,16 +80,6 @@ def sample_calibration(train: TrainSequences, num_users: int, seed: int, max_len
         if timestamps is not None:
             timestamps[row, : n - first] = train.timestamps[users[row], first:n]
     return CalibrationSet(history, lengths.clamp(max=width), timestamps, users, int(seed))
-
-
-def file_digest(paths: Iterable[Path]) -> str:
-    """sha256 over the bytes of the given files, in the order given."""
-    h = hashlib.sha256()
-    for path in paths:
-        with open(path, "rb") as f:
-            for block in iter(lambda: f.read(1 << 20), b""):
-                h.update(block)
-    return h.hexdigest()
 
 
 @dataclass

@@ -16,9 +16,9 @@ from pathlib import Path
 
 import torch
 
-from pipeline.core import PipelineError, Variant
+from pipeline.core import PipelineError, Variant, file_digest
 from pipeline.export import ShapeRange, example_inputs, export_program, input_names, max_history
-from pipeline.quant.calibration import CalibrationCache, CalibrationSet, file_digest
+from pipeline.quant.calibration import CalibrationCache, CalibrationSet
 
 log = logging.getLogger(__name__)
 

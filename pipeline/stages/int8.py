@@ -28,12 +28,12 @@ from pathlib import Path
 import torch
 
 from pipeline.bench.parity import check_parity, head, reference_answer
-from pipeline.core import Context, PipelineError, StageResult, Variant
+from pipeline.core import Context, PipelineError, StageResult, Variant, file_digest
 from pipeline.data import load_splits
 from pipeline.evaluation import parity, predict_top_k, top_k_metrics
 from pipeline.export.onnx import CPU, OnnxRetriever
 from pipeline.quant import int8_table, onnx_qdq, torchao_pt2e
-from pipeline.quant.calibration import METHODS, CalibrationCache, CalibrationSet, file_digest, sample_calibration
+from pipeline.quant.calibration import METHODS, CalibrationCache, CalibrationSet, sample_calibration
 from pipeline.variants import build_retriever, load_variant
 
 log = logging.getLogger(__name__)
