@@ -48,8 +48,9 @@ class BenchVariant:
     def build(self, workload: Workload, device: torch.device) -> Callable:
         retriever = workload.retriever(device, DTYPES[self.precision])
         if not self.baseline:
-            # Ours: the normalized table computed once (plain PyTorch normalizes it on every call; with
-            # Inductor freezing the compiled baselines fold it to a constant all the same).
+            # Ours: the normalized (or int8) table computed once. The eager baselines normalize it on every
+            # call, as plain PyTorch does; CompiledRetriever freezes the compiled ones, as Inductor's
+            # freezing would fold it to a constant anyway.
             retriever.freeze(int8_table=self.int8_table)
         if self.part == "encoder":
             return _compiled(retriever.query, self.mode, self.kernels)

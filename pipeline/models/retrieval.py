@@ -29,6 +29,11 @@ def top_k(scores: Tensor, k: int) -> tuple[Tensor, Tensor]:
     return torch.topk(scores, k, dim=-1)
 
 
+def padded_ids(ids: Tensor, scores: Tensor) -> Tensor:
+    """Slots at -inf (fewer than k unseen items) answer id 0, padding, rather than whatever was masked."""
+    return torch.where(torch.isneginf(scores), torch.zeros_like(ids), ids)
+
+
 class Retriever(nn.Module):
     """The call every variant answers: padded histories (+lengths) -> top-K item ids and scores,
     already-seen items filtered.
@@ -103,15 +108,15 @@ class Retriever(nn.Module):
         else:
             scores, ids = kernels.retrieval_top_k_reference(query, table, history, self.k, scales)
             unsure = torch.zeros(ids.shape[0], dtype=torch.bool, device=ids.device)
-        return torch.where(torch.isneginf(scores), torch.zeros_like(ids), ids), scores, unsure, query
+        return padded_ids(ids, scores), scores, unsure, query
 
     def finish(self, history: Tensor, ids: Tensor, scores: Tensor, unsure: Tensor, query: Tensor) -> tuple[Tensor, Tensor]:
         """candidates() -> the exact (ids, scores): unsure rows recomputed (one host sync)."""
-        if not bool(unsure.any()):
+        if not bool(unsure.any()):  # the common case: no table (re)built, nothing recomputed
             return ids, scores
         scores, ids = kernels.fix_unsure(query, self.table(query.dtype), history, self.k, self.table_scales,
                                          scores, ids, unsure)
-        return torch.where(torch.isneginf(scores), torch.zeros_like(ids), ids), scores
+        return padded_ids(ids, scores), scores
 
     def forward(self, history: Tensor, lengths: Tensor, timestamps: Tensor | None = None) -> tuple[Tensor, Tensor]:
         """history, lengths[, timestamps] -> (item ids [B, k] int64, scores [B, k])."""
@@ -119,4 +124,4 @@ class Retriever(nn.Module):
             ids, scores, unsure, query = self.candidates(history, lengths, timestamps)
             return self.finish(history, ids, scores, unsure, query)
         scores, ids = top_k(self.score_all(history, lengths, timestamps), self.k)
-        return torch.where(torch.isneginf(scores), torch.zeros_like(ids), ids), scores
+        return padded_ids(ids, scores), scores
