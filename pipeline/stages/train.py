@@ -19,12 +19,21 @@ from pipeline.models import Retriever, build_model, sampled_softmax_loss
 
 log = logging.getLogger(__name__)
 
+# holdout: early stopping on the validation item, which training never sees.
+# all_but_test: the published ML-1M protocol; train on every item but the test one for train.epochs epochs,
+# nothing chosen on held-out data (the validation item is a training target, so no validation metrics).
+FITS = ("holdout", "all_but_test")
+
 
 def run(ctx: Context) -> StageResult:
     cfg, device = ctx.cfg, ctx.device
     tcfg = cfg.train
     if tcfg.negatives not in ("shared", "per_position"):
         raise PipelineError(f"unknown train.negatives '{tcfg.negatives}'; valid choices: shared, per_position")
+    if tcfg.fit not in FITS:
+        raise PipelineError(f"unknown train.fit '{tcfg.fit}'; valid choices: {', '.join(FITS)}")
+    if tcfg.fit == "all_but_test" and tcfg.refit:
+        raise PipelineError("train.refit=true needs train.fit=holdout: with all_but_test there is no epoch count to choose")
     if device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True  # as the reference trains; evaluation is unaffected in effect
     splits = load_splits(cfg)
@@ -37,6 +46,8 @@ def run(ctx: Context) -> StageResult:
         model.parameters(), lr=tcfg.lr, weight_decay=tcfg.weight_decay, betas=tuple(tcfg.betas)
     )
     gen = torch.Generator().manual_seed(cfg.seed)
+    holdout = tcfg.fit == "holdout"
+    train_sequences = splits.train if holdout else train_with_validation(splits)
     best = {"hr10": -1.0, "epoch": 0, "state": None}
     passes_without_gain = 0
     start = time.perf_counter()
@@ -44,9 +55,9 @@ def run(ctx: Context) -> StageResult:
     with cpu_threads(tcfg.num_threads if device.type == "cpu" else None):
         epochs = tqdm(range(1, tcfg.epochs + 1), desc="train", unit="epoch")
         for epoch in epochs:
-            loss = _train_epoch(model, optimizer, splits.train, cfg, device, gen)
+            loss = _train_epoch(model, optimizer, train_sequences, cfg, device, gen)
             metrics = {"train_loss": loss}
-            if epoch % tcfg.eval_every == 0 or epoch == tcfg.epochs:
+            if holdout and (epoch % tcfg.eval_every == 0 or epoch == tcfg.epochs):
                 model.eval()
                 valid = evaluate_full_ranking(retriever.score_all, splits.valid, [10], tcfg.eval_batch_size, device)
                 metrics["valid_hr10"], metrics["valid_ndcg10"] = valid["hr10"], valid["ndcg10"]
@@ -60,15 +71,20 @@ def run(ctx: Context) -> StageResult:
             if passes_without_gain >= tcfg.patience:
                 log.info("early stop at epoch %d: no validation HR@10 gain in %d passes", epoch, tcfg.patience)
                 break
-            if tcfg.max_minutes and time.perf_counter() - start > 60 * tcfg.max_minutes and best["state"] is not None:
+            if tcfg.max_minutes and time.perf_counter() - start > 60 * tcfg.max_minutes and (best["state"] is not None or not holdout):
                 log.info("stop at epoch %d: train.max_minutes=%s reached", epoch, tcfg.max_minutes)
                 break
         train_seconds = time.perf_counter() - start
 
-        model.load_state_dict(best["state"])
+        if not holdout:
+            best["epoch"] = epoch
+        else:
+            model.load_state_dict(best["state"])
         model.eval()
         ks = list(tcfg.ks)
-        valid = evaluate_full_ranking(retriever.score_all, splits.valid, ks, tcfg.eval_batch_size, device, "valid")
+        valid = {}
+        if holdout:
+            valid = evaluate_full_ranking(retriever.score_all, splits.valid, ks, tcfg.eval_batch_size, device, "valid")
         if tcfg.refit:
             model = _refit(ctx, splits, best["epoch"], gen)
             retriever = Retriever(model, k=10, l2_norm=cfg.model.l2_norm)
