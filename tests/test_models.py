@@ -218,6 +218,25 @@ def test_sampled_softmax_loss_leaves_out_negatives_equal_to_the_positive(per_pos
     torch.testing.assert_close(loss, torch.log1p(m / torch.e).float())
 
 
+@pytest.mark.parametrize("per_position", [False, True])
+@pytest.mark.parametrize("l2_norm", [False, True])
+def test_sampled_softmax_dense_logits_equal_gathered_negatives(per_position, l2_norm):
+    """Scoring every item and picking the sampled columns is the same loss, with the same gradients, as
+    scoring the gathered negatives: only the cost differs."""
+    g = torch.Generator().manual_seed(0)
+    seq_emb, table = torch.randn(3, 5, 8, generator=g), torch.randn(NUM_ITEMS + 1, 8, generator=g)
+    labels = torch.randint(0, NUM_ITEMS + 1, (3, 5), generator=g)
+    results = []
+    for dense in (False, True):
+        emb, tab = seq_emb.clone().requires_grad_(), table.clone().requires_grad_()
+        loss = sampled_softmax_loss(emb, labels, tab, 7, 0.1, l2_norm, torch.Generator().manual_seed(3), per_position, dense)
+        loss.backward()
+        results.append((loss.detach(), emb.grad, tab.grad))
+    for gathered, dense in zip(*results):
+        torch.testing.assert_close(dense, gathered)
+    assert results[0][0] > 0 and results[0][2].abs().sum() > 0
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("name,backend", [("hstu_time", "inductor"), ("sasrec", "aot_eager")])
 def test_compiled_retriever_matches_eager(name, backend):
