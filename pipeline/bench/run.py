@@ -141,6 +141,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--no-freezing", action="store_true",
                         help="compile without Inductor freezing (weights as constants, the normalized table folded)")
     parser.add_argument("--gpu-tests", action="store_true", help="run the gpu-marked kernel tests first")
+    parser.add_argument("--profile", action="store_true",
+                        help="also write profile.txt: the top kernels by GPU time per variant at the smallest and largest batch")
     parser.add_argument("--no-mlflow", action="store_true")
     parser.add_argument("--tracking-uri", default=None, help="default: sqlite:///<project>/artifacts/mlflow.db")
     args = parser.parse_args(argv)
@@ -200,6 +202,8 @@ def main(argv: list[str] | None = None) -> int:
                     reference.setdefault("ids", ids.cpu())
                     row["topk_overlap"] = _overlap(ids.cpu(), reference["ids"])
                 rows.append(row)
+                if args.profile and b in (min(batch_sizes), max(batch_sizes)):
+                    _profile(lambda: predict(history, lengths), device, f"{variant.name} b={b}", out / "profile.txt")
                 print(f"{variant.name:34s} b={b:<5d} p50 {row['p50_ms']:8.3f} ms  p99 {row['p99_ms']:8.3f} ms  "
                       f"{row['users_per_s']:10.0f} users/s  roofline {row['roofline_fraction']:.2f}  "
                       f"first call {first_call:.1f} s", flush=True)
@@ -214,6 +218,7 @@ def main(argv: list[str] | None = None) -> int:
                 torch.cuda.empty_cache()
             # After every variant, so that a run killed from outside still leaves its numbers.
             _write_csv(out / "bench.csv", rows)
+            _tuning_table(out / "kernel_tuning.csv")
 
     csv_path = _write_csv(out / "bench.csv", rows)
     plot = _plot(rows, out / "latency_vs_batch.png", f"{workload.name} on {name}")
@@ -252,6 +257,26 @@ def _tuning_table(path: Path) -> str:
             f"{ms:.3f} ({c.algo} B{c.block_b} N{c.block_n} T{c.tiles_per_chunk} w{c.num_warps} s{c.num_stages} D{c.block_d})"
             for ms, c in entries))
     return "\n".join(lines) + "\n"
+
+
+def _profile(call: Callable, device: torch.device, title: str, path: Path, calls: int = 5) -> None:
+    """Append the kernels that take the most time over `calls` calls (torch.profiler) to path."""
+    from torch.profiler import ProfilerActivity, profile
+
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    with profile(activities=activities) as prof:
+        for _ in range(calls):
+            if hasattr(torch.compiler, "cudagraph_mark_step_begin"):
+                torch.compiler.cudagraph_mark_step_begin()
+            call()
+        _sync(device)
+    key = "self_cuda_time_total" if device.type == "cuda" else "self_cpu_time_total"
+    try:
+        table = prof.key_averages().table(sort_by=key, row_limit=25, max_name_column_width=90)
+    except Exception:  # newer torch names the column after the device
+        table = prof.key_averages().table(sort_by=key.replace("cuda", "device"), row_limit=25, max_name_column_width=90)
+    with open(path, "a") as f:
+        f.write(f"\n## {title} ({calls} calls)\n{table}\n")
 
 
 def _write_csv(path: Path, rows: list[dict]) -> Path:
