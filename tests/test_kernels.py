@@ -173,6 +173,16 @@ def _reference_attention(q, k, v, weight, lengths, max_len):
     return hstu_attention_reference(q, k, v, bias, mask, max_len), mask
 
 
+def _raw_projection_views(q, k, v):
+    """q, k, v as HSTU passes them with silu_inputs: head views of slices of one wide [B, L, W] tensor."""
+    B, L, H, dqk = q.shape
+    dv = v.shape[-1]
+    wide = torch.cat([t.reshape(B, L, -1) for t in (v, q, k)], dim=-1)
+    v2, q2, k2 = wide.split([H * dv, H * dqk, H * dqk], dim=-1)
+    return q2.view(B, L, H, dqk), k2.view(B, L, H, dqk), v2.view(B, L, H, dv)
+
+
+@pytest.mark.parametrize("silu_inputs", [False, True])
 @pytest.mark.parametrize(
     "batch,length,heads,dqk,dv,max_len,dtype",
     [
@@ -181,27 +191,46 @@ def _reference_attention(q, k, v, weight, lengths, max_len):
         (2, 17, 2, 16, 16, 17, torch.bfloat16),
     ],
 )
-def test_fused_hstu_attention_matches_reference(batch, length, heads, dqk, dv, max_len, dtype):
+def test_fused_hstu_attention_matches_reference(batch, length, heads, dqk, dv, max_len, dtype, silu_inputs):
+    """Also with silu_inputs: q, k, v pre-activation, strided views of one projection, SiLU applied on load."""
     q, k, v, weight, lengths = _attention_case(batch, length, heads, dqk, dv, max_len, dtype)
-    expected, mask = _reference_attention(q.float(), k.float(), v.float(), weight.float(), lengths, max_len)
+    if silu_inputs:
+        q, k, v = _raw_projection_views(q, k, v)
+        assert not q.is_contiguous()
+    act = torch.nn.functional.silu if silu_inputs else (lambda t: t)
+    expected, mask = _reference_attention(act(q.float()), act(k.float()), act(v.float()), weight.float(), lengths, max_len)
     with kernels.use("triton", op="hstu_attention"):
         out = kernels.hstu_attention(q, k, v, mask=mask, lengths=lengths, max_len=max_len,
                                      bias=lambda: pytest.fail("the kernel computes its own bias"),
-                                     position_weight=weight)
+                                     position_weight=weight, silu_inputs=silu_inputs)
     atol = 1e-5 if dtype == torch.float32 else 2e-2
     torch.testing.assert_close(out.float(), expected, atol=atol, rtol=1e-2)
+    # The reference op applies the same activation: the switch changes the kernel, not the function.
+    reference = kernels.hstu_attention(q.float(), k.float(), v.float(), mask=mask, lengths=lengths, max_len=max_len,
+                                       bias=lambda: _reference_bias(weight.float(), q.shape[1], max_len),
+                                       position_weight=weight.float(), silu_inputs=silu_inputs)
+    torch.testing.assert_close(reference, expected, atol=1e-5, rtol=1e-5)
 
 
+def _reference_bias(weight, length, max_len):
+    positions = torch.arange(length, device=weight.device)
+    return weight[positions[None, :] - positions[:, None] + max_len - 1].unsqueeze(0)
+
+
+@pytest.mark.parametrize("silu_u", [False, True])
 @pytest.mark.parametrize("rows,width,dtype", [(7, 24, torch.float32), (5, 64, torch.bfloat16), (1, 10, torch.float32)])
-def test_layer_norm_gate_matches_reference(rows, width, dtype):
-    """layer_norm(x) * u in one pass, also with u a row-strided slice of a wider projection (as in HSTU)."""
+def test_layer_norm_gate_matches_reference(rows, width, dtype, silu_u):
+    """layer_norm(x) * u in one pass, also with u a row-strided slice of a wider projection (as in HSTU),
+    and with silu_u (u pre-activation)."""
     gen = torch.Generator().manual_seed(0)
     x = (3 * torch.randn(2, rows, width, generator=gen) + 1).to(dtype).to(DEVICE)
     wide = torch.randn(2, rows, 3 * width, generator=gen).to(dtype).to(DEVICE)
     u = wide[..., width: 2 * width]
-    expected = kernels.layer_norm_gate_reference(x.float(), u.float(), 1e-6)
+    gate = torch.nn.functional.silu(u.float()) if silu_u else u.float()
+    expected = torch.nn.functional.layer_norm(x.float(), (width,), eps=1e-6) * gate
+    torch.testing.assert_close(kernels.layer_norm_gate_reference(x.float(), u.float(), 1e-6, silu_u), expected)
     with kernels.use("triton", op="ln_gate"):
-        out = kernels.layer_norm_gate(x, u, 1e-6)
+        out = kernels.layer_norm_gate(x, u, 1e-6, silu_u)
     assert out.shape == x.shape and out.dtype == dtype
     atol = 1e-5 if dtype == torch.float32 else 3e-2
     torch.testing.assert_close(out.float(), expected, atol=atol, rtol=1e-2)

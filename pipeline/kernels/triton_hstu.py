@@ -18,13 +18,20 @@ def _configs() -> list[triton.Config]:
                                (16, 32, 2, 3), (64, 64, 4, 3)]]
 
 
+@triton.jit
+def _silu(x):
+    """SiLU in fp32, rounded back to x's dtype as the eager op rounds its output."""
+    xf = x.to(tl.float32)
+    return (xf * tl.sigmoid(xf)).to(x.dtype)
+
+
 @triton.autotune(configs=_configs(), key=["L", "DQK", "DV"])
 @triton.jit
 def _hstu_attention_fwd(
     Q, K, V, PW, LENGTHS, O,
     L, H, DQK, DV, MAX_LEN, inv_max_len,
     sqb, sql, sqh, skb, skl, skh, svb, svl, svh, sob, sol, soh,
-    DOT_PRECISION: tl.constexpr, UPCAST: tl.constexpr,
+    DOT_PRECISION: tl.constexpr, UPCAST: tl.constexpr, SILU_INPUTS: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_DQK: tl.constexpr, BLOCK_DV: tl.constexpr,
 ):
     pid_m = tl.program_id(0)
@@ -38,6 +45,8 @@ def _hstu_attention_fwd(
     m_ok = offs_m < L
     q = tl.load(Q + b * sqb + h * sqh + offs_m[:, None] * sql + dq[None, :],
                 mask=m_ok[:, None] & (dq < DQK)[None, :], other=0.0)
+    if SILU_INPUTS:
+        q = _silu(q)
     acc = tl.zeros((BLOCK_M, BLOCK_DV), dtype=tl.float32)
     # Keys j <= i and j < length only: the causal and padding masks bound the loop, not just the tile.
     hi = tl.minimum((pid_m + 1) * BLOCK_M, length)
@@ -46,6 +55,8 @@ def _hstu_attention_fwd(
         n_ok = offs_n < length
         kt = tl.load(K + b * skb + h * skh + offs_n[None, :] * skl + dq[:, None],
                      mask=n_ok[None, :] & (dq < DQK)[:, None], other=0.0)
+        if SILU_INPUTS:
+            kt = _silu(kt)
         if UPCAST:
             s = tl.dot(q.to(tl.float32), kt.to(tl.float32), input_precision="ieee")
         else:
@@ -56,6 +67,8 @@ def _hstu_attention_fwd(
         a = tl.where(valid, s * tl.sigmoid(s) * inv_max_len, 0.0)
         vt = tl.load(V + b * svb + h * svh + offs_n[:, None] * svl + dv[None, :],
                      mask=n_ok[:, None] & (dv < DV)[None, :], other=0.0)
+        if SILU_INPUTS:
+            vt = _silu(vt)
         if UPCAST:
             acc = tl.dot(a.to(vt.dtype).to(tl.float32), vt.to(tl.float32), acc, input_precision="ieee")
         else:
@@ -68,8 +81,10 @@ def _pow2(n: int) -> int:
     return max(16, triton.next_power_of_2(n))
 
 
-def fused_attention(q: Tensor, k: Tensor, v: Tensor, position_weight: Tensor, lengths: Tensor, max_len: int) -> Tensor:
-    """q, k [B, L, H, dqk], v [B, L, H, dv] (any strides with a unit last one) -> [B, L, H, dv]."""
+def fused_attention(q: Tensor, k: Tensor, v: Tensor, position_weight: Tensor, lengths: Tensor, max_len: int,
+                    silu_inputs: bool = False) -> Tensor:
+    """q, k [B, L, H, dqk], v [B, L, H, dv] (any strides with a unit last one) -> [B, L, H, dv].
+    silu_inputs: SiLU is applied to q, k, v as they are loaded."""
     B, L, H, dqk = q.shape
     dv = v.shape[-1]
     q, k, v = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, k, v))
@@ -82,7 +97,7 @@ def fused_attention(q: Tensor, k: Tensor, v: Tensor, position_weight: Tensor, le
         v.stride(0), v.stride(1), v.stride(2), out.stride(0), out.stride(1), out.stride(2),
         DOT_PRECISION="ieee" if q.dtype == torch.float32 else None,
         # The interpreter's 16-bit dots are wrong (triton 3.9): tiles go through fp32 there.
-        UPCAST=q.device.type != "cuda",
+        UPCAST=q.device.type != "cuda", SILU_INPUTS=silu_inputs,
         BLOCK_DQK=_pow2(dqk), BLOCK_DV=_pow2(dv),
     )
     return out

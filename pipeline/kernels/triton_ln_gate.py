@@ -8,7 +8,7 @@ from torch import Tensor
 
 
 @triton.jit
-def _ln_gate(X, U, Y, R, D, stride_x, stride_u, eps, BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr):
+def _ln_gate(X, U, Y, R, D, stride_x, stride_u, eps, SILU_U: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr):
     rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
     cols = tl.arange(0, BLOCK_D)
     ok = (rows < R)[:, None] & (cols < D)[None, :]
@@ -18,10 +18,12 @@ def _ln_gate(X, U, Y, R, D, stride_x, stride_u, eps, BLOCK_R: tl.constexpr, BLOC
     centered = tl.where(ok, x - mean[:, None], 0.0)
     rstd = 1.0 / tl.sqrt(tl.sum(centered * centered, axis=1) / D + eps)
     u = tl.load(U + rows[:, None] * stride_u + cols[None, :], mask=ok, other=0.0).to(tl.float32)
+    if SILU_U:
+        u = u * tl.sigmoid(u)
     tl.store(Y + offsets, (centered * rstd[:, None] * u).to(Y.dtype.element_ty), mask=ok)
 
 
-def layer_norm_gate(x: Tensor, u: Tensor, eps: float) -> Tensor:
+def layer_norm_gate(x: Tensor, u: Tensor, eps: float, silu_u: bool = False) -> Tensor:
     if x.shape != u.shape:
         raise ValueError(f"layer_norm_gate: x {tuple(x.shape)} and u {tuple(u.shape)} differ")
     D = x.shape[-1]
@@ -34,7 +36,7 @@ def layer_norm_gate(x: Tensor, u: Tensor, eps: float) -> Tensor:
     # Rows per program: about 4K elements a program on a GPU; a few under the interpreter.
     block_r = max(1, min(64, 4096 // block_d)) if x.device.type == "cuda" else 4
     _ln_gate[(triton.cdiv(rows, block_r),)](
-        x2, u2, y, rows, D, x2.stride(0), u2.stride(0), eps, BLOCK_R=block_r, BLOCK_D=block_d,
+        x2, u2, y, rows, D, x2.stride(0), u2.stride(0), eps, SILU_U=silu_u, BLOCK_R=block_r, BLOCK_D=block_d,
         num_warps=4 if x.device.type == "cuda" else 1,
     )
     return y.view(x.shape)

@@ -68,15 +68,17 @@ class HSTULayer(nn.Module):
         B, L, D = x.shape
         H, dv, dqk = self.num_heads, self.hidden_dim, self.attn_dim
         normed = F.layer_norm(x, (D,), eps=self.eps)
-        u, v, q, k = F.silu(self.uvqk(normed)).split([H * dv, H * dv, H * dqk, H * dqk], dim=-1)
-        # pipeline.kernels picks the reference (default) or the fused Triton kernel.
+        # The raw projection, split into views: the kernels apply SiLU as they read u, v, q and k, so no
+        # activated copy of them goes through memory (pipeline.kernels picks the reference or Triton).
+        u, v, q, k = self.uvqk(normed).split([H * dv, H * dv, H * dqk, H * dqk], dim=-1)
         out = hstu_attention(
             q.view(B, L, H, dqk), k.view(B, L, H, dqk), v.view(B, L, H, dv),
             mask=mask, lengths=lengths, max_len=self.max_len,
             bias=lambda: self.relative_bias(L, timestamps, x.device),
             position_weight=self.relative_bias.position_weight if self.relative_bias.time_weight is None else None,
+            silu_inputs=True,
         ).reshape(B, L, H * dv)
-        gated = layer_norm_gate(out, u, self.eps)
+        gated = layer_norm_gate(out, u, self.eps, silu_u=True)
         return x + self.out(F.dropout(gated, p=self.linear_dropout, training=self.training))
 
     def forward_last(self, x: Tensor, timestamps: Tensor | None, lengths: Tensor) -> Tensor:
