@@ -102,6 +102,20 @@ def test_every_kernel_shape_the_tuner_may_pick(config, scaled):
     _check_top_k(query, table, history, 30, scales, scores, ids, 1e-3)
 
 
+@pytest.mark.parametrize("batch,length,chunks,chunk", [(3, 19, 5, 16), (1, 200, 70, 32), (2, 1, 1, 8)])
+def test_history_sort_and_chunk_bounds_match_torch(batch, length, chunks, chunk):
+    from pipeline.kernels.triton_retrieval import _history_bounds
+
+    gen = torch.Generator().manual_seed(length)
+    history = torch.randint(0, chunks * chunk + 3, (batch, length), generator=gen)
+    history[0, : length // 2] = 0  # padding sorts first, like any item
+    hist, bounds = _history_bounds(history.to(DEVICE), chunks, chunk)
+    expected = history.sort(dim=1).values
+    edges = (torch.arange(chunks + 1) * chunk).expand(batch, -1).contiguous()
+    assert hist.dtype == torch.int32 and torch.equal(hist.cpu().long(), expected)
+    assert torch.equal(bounds.cpu().long(), torch.searchsorted(expected, edges))
+
+
 def test_threshold_buffer_overflow_marks_the_row_and_the_check_fixes_it():
     """A lower bound from a small prefix lets many items through: past the buffer's capacity the row is
     unsure (never silently short), and the exact check returns the true top-k."""

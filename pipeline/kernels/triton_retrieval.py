@@ -252,11 +252,39 @@ def _shape(cfg: Config, n1: int, k: int) -> tuple[int, int, int]:
     return tpc, triton.cdiv(num_tiles, tpc), keep
 
 
+@triton.jit
+def _sort_history(H, HIST, BOUNDS, L, NUM_EDGES, CHUNK, stride_h, stride_s, stride_b,
+                  BLOCK_L: tl.constexpr, BLOCK_E: tl.constexpr):
+    """One row per program: its history sorted (int32), and for each chunk edge e * CHUNK the number of
+    history items below it, i.e. the index of the chunk's first item in the sorted row."""
+    row = tl.program_id(0)
+    offs = tl.arange(0, BLOCK_L)
+    items = tl.load(H + row * stride_h + offs, mask=offs < L, other=2147483647).to(tl.int32)
+    items = tl.sort(items)
+    tl.store(HIST + row * stride_s + offs, items, mask=offs < L)
+    for e0 in range(0, NUM_EDGES, BLOCK_E):
+        edges = e0 + tl.arange(0, BLOCK_E)
+        below = tl.sum((items[None, :] < (edges * CHUNK)[:, None]).to(tl.int32), axis=1)
+        tl.store(BOUNDS + row * stride_b + edges, below, mask=edges < NUM_EDGES)
+
+
 def _history_bounds(history: Tensor, num_chunks: int, chunk: int) -> tuple[Tensor, Tensor]:
-    """-> (each row's history sorted, [B, chunks + 1] index of its first item in each chunk)."""
-    hist = history.sort(dim=1).values.contiguous()
-    edges = (torch.arange(num_chunks + 1, device=history.device) * chunk).expand(hist.shape[0], -1).contiguous()
-    return hist, torch.searchsorted(hist, edges).to(torch.int32)
+    """-> (each row's history sorted, int32, [B, chunks + 1] index of its first item in each chunk).
+
+    One small kernel in place of torch's sort + searchsorted: the segmented radix sort of int64 rows took
+    27 us at batch 1 on the H100, a tenth of the whole top-K."""
+    B, L = history.shape
+    history = history if history.stride(-1) == 1 else history.contiguous()
+    hist = torch.empty(B, L, device=history.device, dtype=torch.int32)
+    bounds = torch.empty(B, num_chunks + 1, device=history.device, dtype=torch.int32)
+    if B and L:
+        _sort_history[(B,)](history, hist, bounds, L, num_chunks + 1, chunk,
+                            history.stride(0), hist.stride(0), bounds.stride(0),
+                            BLOCK_L=max(16, triton.next_power_of_2(L)), BLOCK_E=64,
+                            num_warps=4 if history.device.type == "cuda" else 1)
+    else:
+        bounds.zero_()
+    return hist, bounds
 
 
 def candidates(query: Tensor, item_table: Tensor, history: Tensor, k: int, scales: Tensor | None,
