@@ -52,7 +52,8 @@ def _load_inductor(variant: Variant, device: torch.device, top_k: int) -> Callab
     from pipeline.export.inductor import CompiledRetriever
 
     retriever = build_retriever(variant.artifact, top_k, variant.precision, device)
-    return CompiledRetriever(retriever, variant.options.get("mode", "default"), variant.options.get("kernels", "reference"))
+    return CompiledRetriever(retriever, variant.options.get("mode", "default"), variant.options.get("kernels", "reference"),
+                             cuda_graph=variant.options.get("cuda_graph", False))
 
 
 @register("aoti")

@@ -54,3 +54,32 @@ def test_triton_entries_are_skipped_on_cpu(tiny_args, tmp_path, monkeypatch):
     assert manifest.stages["compile"]["variants"] == []
     report = json.loads(Path(manifest.stages["compile"]["artifacts"]["compile_report"]).read_text())
     assert "CUDA" in report["skipped"]["inductor-triton-fp32"]
+
+
+def test_cuda_graph_refuses_modes_that_capture_themselves():
+    from pipeline.core import PipelineError
+    from pipeline.export.inductor import CompiledRetriever
+    from pipeline.models import HSTU, Retriever
+
+    retriever = Retriever(HSTU(num_items=30, max_len=8, dim=16, num_layers=1, num_heads=2), k=5).eval()
+    with pytest.raises(PipelineError, match="max-autotune-no-cudagraphs"):
+        CompiledRetriever(retriever, "max-autotune", "reference", cuda_graph=True)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the CPU path: no capture")
+def test_cuda_graph_variant_runs_uncaptured_on_the_cpu():
+    """A cuda_graph variant loaded on a machine without CUDA answers like the plain retriever."""
+    from pipeline.export.inductor import CompiledRetriever
+    from pipeline.models import HSTU, Retriever
+
+    torch.manual_seed(0)
+    retriever = Retriever(HSTU(num_items=30, max_len=8, dim=16, num_layers=1, num_heads=2), k=5).eval()
+    history = torch.randint(1, 31, (3, 8))
+    lengths = torch.tensor([8, 3, 5])
+    with torch.no_grad():
+        expected_ids, expected_scores = retriever(history, lengths)
+    compiled = CompiledRetriever(retriever, "default", "reference", cuda_graph=True)
+    ids, scores = compiled(history, lengths)
+    assert compiled.captured is not None and not compiled.captured.graphs
+    assert torch.equal(ids, expected_ids)
+    torch.testing.assert_close(scores, expected_scores)

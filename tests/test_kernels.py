@@ -334,8 +334,9 @@ def test_fused_hstu_attention_full_shape(dtype):
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
-@pytest.mark.parametrize("mode", ["reduce-overhead", "max-autotune-no-cudagraphs"])
-def test_compiled_triton_retriever_matches_eager_reference(mode):
+@pytest.mark.parametrize("mode,cuda_graph", [("reduce-overhead", False), ("max-autotune-no-cudagraphs", False),
+                                             ("max-autotune-no-cudagraphs", True)])
+def test_compiled_triton_retriever_matches_eager_reference(mode, cuda_graph):
     """The CUDA-graph-captured candidates plus the exactness check after them answer like eager PyTorch,
     also when a row's winners crowd one chunk (the check recomputes it)."""
     from pipeline.export.inductor import CompiledRetriever
@@ -351,8 +352,12 @@ def test_compiled_triton_retriever_matches_eager_reference(mode):
         query = retriever.query(history[:1], lengths[:1])
         model.item_embedding.weight[1000:1100] = query[0] * model.item_embedding.weight[1000:1100].norm(dim=-1, keepdim=True)
         ref_ids, ref_scores = retriever(history, lengths)
-    compiled = CompiledRetriever(retriever.freeze(), mode, "triton")
+    compiled = CompiledRetriever(retriever.freeze(), mode, "triton", cuda_graph=cuda_graph)
     for _ in range(3):  # warm-up, record, replay
         ids, scores = compiled(history, lengths)
     torch.testing.assert_close(scores.float(), ref_scores.float(), atol=1e-3, rtol=0)
     assert (ids[:, :, None] == ref_ids[:, None, :]).any(-1).float().mean() > 0.999
+    if cuda_graph:  # a replay answers for its own inputs, and the answer kept from before is not overwritten
+        kept = ids
+        other_ids, _ = compiled(history.flip(0), lengths.flip(0))
+        assert torch.equal(other_ids, ids.flip(0)) and torch.equal(kept, ids)

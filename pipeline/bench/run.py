@@ -44,6 +44,7 @@ class BenchVariant:
     int8_table: bool = False   # item table in int8 with per-row scales (frozen)
     part: str | None = None    # "encoder" | "retrieval": one half of the call alone, to see where time goes
     reference_ops: tuple[str, ...] = ()  # ops kept on the PyTorch reference although kernels is triton
+    cuda_graph: bool = False   # the whole call captured by CompiledRetriever (CapturedCalls), not by Inductor
 
     def build(self, workload: Workload, device: torch.device) -> Callable:
         retriever = workload.retriever(device, DTYPES[self.precision])
@@ -64,7 +65,7 @@ class BenchVariant:
             return predict
         from pipeline.export.inductor import CompiledRetriever
 
-        return CompiledRetriever(retriever, self.mode, self.kernels, self.reference_ops)
+        return CompiledRetriever(retriever, self.mode, self.kernels, self.reference_ops, self.cuda_graph)
 
 
 def _compiled(fn: Callable, mode: str | None, kernel_backend: str) -> Callable:
@@ -109,6 +110,10 @@ def variants_for(device: torch.device) -> list[BenchVariant]:
         BenchVariant("eager-bf16", "bf16", "reference", baseline=True),
         BenchVariant("part-retrieval-triton-bf16", "bf16", "triton", part="retrieval"),
         BenchVariant("triton-compile-max-autotune-bf16", "bf16", "triton", "max-autotune"),
+        # The same kernels, the call captured in one CUDA graph per shape by us rather than by Inductor's
+        # CUDA-graph trees, whose host-side work per call was not hidden behind the exactness check's sync.
+        BenchVariant("triton-compile-max-autotune-graph-bf16", "bf16", "triton", "max-autotune-no-cudagraphs",
+                     cuda_graph=True),
         # The same with Inductor's own fusion of layer norm + U-gating instead of our kernel (measured on
         # 2026-11-28 as triton-compile-max-autotune-bf16, before the ln_gate kernel existed).
         BenchVariant("triton-compile-max-autotune-bf16-inductor-ln", "bf16", "triton", "max-autotune",

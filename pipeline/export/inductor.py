@@ -28,10 +28,16 @@ class CompiledRetriever:
     host (so CUDA-graph modes capture all of it); the exactness check of the fused top-K (Retriever.finish,
     one host sync that rarely recomputes a row) runs after it, outside the graph."""
 
-    def __init__(self, retriever: nn.Module, mode: str, kernel_backend: str, reference_ops: tuple[str, ...] = ()) -> None:
-        """reference_ops: ops kept on their PyTorch reference although kernel_backend is triton."""
+    def __init__(self, retriever: nn.Module, mode: str, kernel_backend: str, reference_ops: tuple[str, ...] = (),
+                 cuda_graph: bool = False) -> None:
+        """reference_ops: ops kept on their PyTorch reference although kernel_backend is triton.
+        cuda_graph: on CUDA, capture the whole compiled call in one torch.cuda.CUDAGraph per input shape
+        (CapturedCalls), for modes that do not capture themselves."""
         if mode not in MODES:
             raise PipelineError(f"unknown torch.compile mode '{mode}'; valid choices: {', '.join(MODES)}")
+        if cuda_graph and mode in ("max-autotune", "reduce-overhead"):
+            raise PipelineError(f"cuda_graph=true captures the call itself; mode '{mode}' already uses Inductor's "
+                                "CUDA graphs: pick max-autotune-no-cudagraphs or default")
         if kernel_backend not in kernels.BACKENDS:
             raise PipelineError(f"unknown kernels '{kernel_backend}'; valid choices: {', '.join(kernels.BACKENDS)}")
         if getattr(retriever, "frozen_table", None) is None and hasattr(retriever, "freeze"):
@@ -44,6 +50,11 @@ class CompiledRetriever:
             self.compiled = torch.compile(retriever.candidates, mode=mode)
         else:
             self.compiled = torch.compile(retriever, mode=mode)
+        self.captured = CapturedCalls(self._compiled_call) if cuda_graph else None
+
+    def _compiled_call(self, history, lengths, timestamps):
+        with self._kernels():
+            return self.compiled(history, lengths, timestamps)
 
     @torch.no_grad()
     def __call__(self, history, lengths, timestamps=None):
@@ -55,13 +66,16 @@ class CompiledRetriever:
                     torch._dynamo.mark_dynamic(tensor, 0)
         if self.cudagraphs and history.is_cuda:
             torch.compiler.cudagraph_mark_step_begin()
-        with self._kernels():
-            if self.kernels != "triton":
-                ids, scores = self.compiled(history, lengths, timestamps)
-            else:
-                ids, scores, unsure, query = self.compiled(history, lengths, timestamps)
+        captured = self.captured is not None and history.is_cuda
+        call = self.captured if captured else self._compiled_call
+        outputs = call(history, lengths, timestamps)
+        if self.kernels != "triton":
+            ids, scores = outputs
+        else:
+            ids, scores, unsure, query = outputs
+            with self._kernels():
                 ids, scores = self.retriever.finish(history, ids, scores, unsure, query)
-        if self.cudagraphs and history.is_cuda:
+        if (self.cudagraphs or captured) and history.is_cuda:
             ids, scores = ids.clone(), scores.clone()
         return ids, scores
 
@@ -73,6 +87,42 @@ class CompiledRetriever:
             for op in self.reference_ops:
                 stack.enter_context(kernels.use("reference", op=op))
             yield
+
+
+class CapturedCalls:
+    """fn behind one torch.cuda.CUDAGraph per input shape: the inputs are copied into the graph's own
+    buffers and the graph replays, so a call costs the host one launch however many kernels fn runs.
+    fn must not synchronize with the host (Retriever.candidates does not). The outputs are the graph's own
+    buffers, overwritten by the next call of the same shape: copy what you keep."""
+
+    def __init__(self, fn: Callable, warmup: int = 2) -> None:
+        self.fn, self.warmup = fn, warmup
+        self.graphs: dict[tuple, tuple[torch.cuda.CUDAGraph, list, object]] = {}
+
+    def __call__(self, *args):
+        key = tuple(None if a is None else (tuple(a.shape), a.dtype, a.device) for a in args)
+        if key not in self.graphs:
+            self.graphs[key] = self._capture(args)
+        graph, inputs, outputs = self.graphs[key]
+        for dst, src in zip(inputs, args):
+            if dst is not None:
+                dst.copy_(src)
+        graph.replay()
+        return outputs
+
+    def _capture(self, args: tuple):
+        inputs = [None if a is None else a.clone() for a in args]
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            # Outside the capture: Dynamo traces, Inductor compiles and autotunes, the top-K tunes its tiles.
+            for _ in range(self.warmup):
+                self.fn(*inputs)
+        torch.cuda.current_stream().wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            outputs = self.fn(*inputs)
+        return graph, inputs, outputs
 
 
 def package_aoti(retriever: nn.Module, path: Path, batch: ShapeRange, history: ShapeRange,

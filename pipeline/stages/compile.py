@@ -42,19 +42,22 @@ def run(ctx: Context) -> StageResult:
         entry_precision = entry.get("precision", precision)
         if entry_precision not in ("fp32", "fp16", "bf16"):
             raise PipelineError(f"compile.inductor entry {dict(entry)}: precision must be fp32, fp16 or bf16")
-        name = "-".join(["inductor", *([mode] if mode != "default" else []),
+        cuda_graph = bool(entry.get("cuda_graph", False))
+        name = "-".join(["inductor", *([mode] if mode != "default" else []), *(["graph"] if cuda_graph else []),
                          *(["triton"] if kernel_backend == "triton" else []), entry_precision])
         if kernel_backend == "triton" and not kernels.triton_runs_on(device):
             skipped[name] = "Triton kernels need a CUDA device"
             log.warning("%s skipped: %s", name, skipped[name])
             continue
-        predict = CompiledRetriever(build_retriever(checkpoint, ccfg.top_k, entry_precision, device), mode, kernel_backend)
+        predict = CompiledRetriever(build_retriever(checkpoint, ccfg.top_k, entry_precision, device), mode,
+                                    kernel_backend, cuda_graph=cuda_graph)
         seconds = timed_first_call(predict, first_batch)
         gate = {"min_topk_overlap": ccfg.parity.min_topk_overlap[entry_precision]}
         agreement = check_parity(name, predict, reference, sample, gate, ccfg.parity.batch_size, device)
         facts[name] = _record(metrics, name, seconds, agreement)
         variants.append(Variant(name, "inductor", entry_precision, checkpoint, "compile",
-                                options={"mode": mode, "kernels": kernel_backend, "top_k": ccfg.top_k}))
+                                options={"mode": mode, "kernels": kernel_backend, "top_k": ccfg.top_k,
+                                         "cuda_graph": cuda_graph}))
 
     if device.type in ccfg.aoti.devices:
         name = f"aoti-{precision}"
