@@ -83,9 +83,6 @@ def test_fused_retrieval_matches_reference(batch, num_items, dim, k, dtype):
     dict(block_b=16, block_n=32, tiles_per_chunk=2, num_warps=1, num_stages=1),               # whole width at once
     dict(block_b=16, block_n=32, tiles_per_chunk=3, num_warps=1, num_stages=1, block_d=16),  # width in steps
     dict(block_b=1, block_n=32, tiles_per_chunk=2, num_warps=1, num_stages=1),                # CUDA-core kernel
-    dict(block_b=16, block_n=32, tiles_per_chunk=2, num_warps=1, num_stages=1, algo="threshold"),
-    dict(block_b=16, block_n=32, tiles_per_chunk=3, num_warps=1, num_stages=1, block_d=16, algo="threshold",
-         capacity=16),                                               # k > capacity: every row to the exact check
 ])
 @pytest.mark.parametrize("scaled", [False, True])
 def test_every_kernel_shape_the_tuner_may_pick(config, scaled):
@@ -114,23 +111,6 @@ def test_history_sort_and_chunk_bounds_match_torch(batch, length, chunks, chunk)
     edges = (torch.arange(chunks + 1) * chunk).expand(batch, -1).contiguous()
     assert hist.dtype == torch.int32 and torch.equal(hist.cpu().long(), expected)
     assert torch.equal(bounds.cpu().long(), torch.searchsorted(expected, edges))
-
-
-def test_threshold_buffer_overflow_marks_the_row_and_the_check_fixes_it():
-    """A lower bound from a small prefix lets many items through: past the buffer's capacity the row is
-    unsure (never silently short), and the exact check returns the true top-k."""
-    from pipeline.kernels.triton_retrieval import Config, fused_top_k
-
-    query, table, history = _case(3, 2000, 16, hist_len=5, dtype=torch.float32, seed=2)
-    cfg = Config(16, 32, 4, 1, 1, algo="threshold", sample_div=16, capacity=24)
-    scores, ids, unsure = fused_top_k(query, table, history, 5, None, cfg)
-    assert unsure.all()
-    scores, ids = kernels.fix_unsure(query, table, history, 5, None, scores, ids, unsure)
-    _check_top_k(query, table, history, 5, None, scores, ids, 1e-4)
-    roomy = Config(16, 32, 4, 1, 1, algo="threshold", sample_div=16, capacity=1024)
-    scores, ids, unsure = fused_top_k(query, table, history, 5, None, roomy)
-    assert not unsure.any()
-    _check_top_k(query, table, history, 5, None, scores, ids, 1e-4)
 
 
 def test_fused_retrieval_ties_and_crowded_block():
@@ -304,14 +284,13 @@ def test_fused_retrieval_full_shape(batch, dtype):
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 @pytest.mark.parametrize("batch", [1, 1024])
-@pytest.mark.parametrize("algo", ["keep", "threshold"])
-def test_every_algorithm_full_shape(batch, algo):
-    """Both candidate algorithms the tuner chooses from, forced, at the standard workload's shape."""
+def test_fused_top_k_full_shape(batch):
+    """A fixed tile config, untuned, at the standard workload's shape."""
     from pipeline.kernels.triton_retrieval import Config, fused_top_k
 
     query, table, history = _case(batch, 1_000_000, 256, hist_len=200, dtype=torch.bfloat16)
     query = torch.nn.functional.normalize(query.float(), dim=-1).to(torch.bfloat16)
-    cfg = Config(64 if batch > 16 else 16, 128, 16, 4, 3, 64, algo)
+    cfg = Config(64 if batch > 16 else 16, 128, 16, 4, 3, 64)
     scores, ids, unsure = fused_top_k(query, table, history, 100, None, cfg)
     scores, ids = kernels.fix_unsure(query, table, history, 100, None, scores, ids, unsure)
     ref_scores, ref_ids = retrieval_top_k_reference(query, table, history, 100)

@@ -53,43 +53,6 @@ def _score_tile(Q, T, S, HIST, rows, row_ok, cols, col_ok, h_start, h_count, h_m
 
 
 @triton.jit
-def _threshold_compact(
-    Q, T, S, HIST, BOUNDS, THRESHOLD, COUNTS, OUT_SCORES, OUT_IDS,
-    B, N1, D, CAPACITY,
-    stride_qb, stride_tn, stride_hb, stride_bb,
-    HAS_SCALES: tl.constexpr, DOT_PRECISION: tl.constexpr, UPCAST: tl.constexpr,
-    BLOCK_B: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, TILES_PER_CHUNK: tl.constexpr,
-):
-    """Every item scoring at least its row's THRESHOLD is appended to the row's buffer (CAPACITY slots, an
-    atomic counter per row; COUNTS past CAPACITY means items were lost). No extraction passes: one compare,
-    one prefix sum and a few scattered stores per tile."""
-    pid_b = tl.program_id(0)
-    pid_c = tl.program_id(1)
-    rows = pid_b * BLOCK_B + tl.arange(0, BLOCK_B)
-    row_ok = rows < B
-    local = tl.arange(0, BLOCK_N)
-    threshold = tl.load(THRESHOLD + rows, mask=row_ok, other=float("inf"))
-    h_start = tl.load(BOUNDS + rows * stride_bb + pid_c, mask=row_ok, other=0)
-    h_count = tl.load(BOUNDS + rows * stride_bb + pid_c + 1, mask=row_ok, other=0) - h_start
-    h_max = tl.max(h_count, axis=0)
-    for t in range(TILES_PER_CHUNK):
-        tile = pid_c * TILES_PER_CHUNK + t
-        cols = tile * BLOCK_N + local
-        col_ok = cols < N1
-        acc = _score_tile(Q, T, S, HIST, rows, row_ok, cols, col_ok, h_start, h_count, h_max, D,
-                          stride_qb, stride_tn, stride_hb, HAS_SCALES, DOT_PRECISION, UPCAST,
-                          BLOCK_B, BLOCK_N, BLOCK_D)
-        hit = (acc >= threshold[:, None]) & (acc > float("-inf")) & row_ok[:, None]
-        hits = tl.sum(hit.to(tl.int32), axis=1)
-        if tl.max(hits, axis=0) > 0:
-            base = tl.atomic_add(COUNTS + rows, hits, mask=hits > 0)
-            slot = base[:, None] + tl.cumsum(hit.to(tl.int32), axis=1) - 1
-            ok = hit & (slot < CAPACITY)
-            tl.store(OUT_SCORES + rows[:, None] * CAPACITY + slot, acc, mask=ok)
-            tl.store(OUT_IDS + rows[:, None] * CAPACITY + slot, cols[None, :], mask=ok)
-
-
-@triton.jit
 def _chunk_top_k(
     Q, T, S, HIST, BOUNDS, OUT_SCORES, OUT_IDS,
     B, N1, D, NUM_TILES,
@@ -198,36 +161,25 @@ class Config:
     num_warps: int
     num_stages: int
     block_d: int = 0          # width step of the tensor-core kernel; 0: the whole width at once
-    # keep: a running top-KEEP per chunk (_chunk_top_k / _chunk_top_k_gemv). threshold: a first pass over
-    # the first 1/sample_div of the table gives each row a lower bound on its k-th score, and the main pass
-    # appends every item at or above it to the row's buffer (_threshold_compact), no extraction passes.
-    algo: str = "keep"
-    sample_div: int = 16
-    capacity: int = 4096      # threshold: buffer slots per row; a row that overflows is marked unsure
 
 
 # Candidates per batch regime, the heuristic default first. Small batches must stream the table at full
 # bandwidth (many programs, short chunks); large ones are matmul-bound (big tiles, long chunks so that the
-# running threshold prunes most extraction passes). The "threshold" candidates (added after the H100 run of
-# 2026-11-28 showed the extraction passes dominate at large batches) have not been timed on a GPU yet: the
-# tuner picks them only where they win.
+# running threshold prunes most extraction passes). A "threshold" algorithm (a lower bound from a prefix of
+# the table, then an atomic append of every item above it) lost to these by 1.6x to 2.2x at every batch
+# size on the H100 (docs/BENCHMARKS.md, 2026-11-28) and was removed.
 _CANDIDATES = {
     "tiny": [Config(1, 64, 16, 4, 3), Config(1, 32, 32, 4, 3), Config(1, 128, 8, 8, 3), Config(1, 64, 4, 4, 2),
-             Config(1, 16, 64, 2, 3), Config(16, 128, 8, 4, 3), Config(16, 64, 16, 4, 3, 64),
-             Config(16, 128, 8, 4, 3, 64, "threshold"), Config(16, 64, 16, 4, 3, 0, "threshold")],
+             Config(1, 16, 64, 2, 3), Config(16, 128, 8, 4, 3), Config(16, 64, 16, 4, 3, 64)],
     "small": [Config(16, 128, 8, 4, 3), Config(16, 128, 1, 4, 2), Config(16, 256, 4, 8, 3),
               Config(16, 64, 16, 4, 3), Config(16, 128, 32, 4, 3), Config(16, 128, 8, 4, 3, 64),
-              Config(16, 64, 16, 4, 4, 64), Config(1, 64, 16, 4, 3),
-              Config(16, 128, 8, 4, 3, 64, "threshold"), Config(16, 64, 16, 4, 4, 64, "threshold")],
+              Config(16, 64, 16, 4, 4, 64), Config(1, 64, 16, 4, 3)],
     "medium": [Config(64, 128, 16, 4, 3), Config(64, 128, 64, 8, 3), Config(128, 128, 16, 8, 3),
                Config(32, 128, 16, 4, 3), Config(64, 128, 16, 4, 3, 64), Config(128, 128, 16, 8, 3, 64),
-               Config(64, 256, 8, 8, 3, 64), Config(64, 128, 16, 4, 3, 64, "threshold"),
-               Config(128, 128, 16, 8, 3, 64, "threshold")],
+               Config(64, 256, 8, 8, 3, 64)],
     "large": [Config(128, 128, 32, 8, 3), Config(128, 128, 32, 8, 3, 64), Config(128, 128, 128, 8, 3, 64),
               Config(128, 256, 16, 8, 3, 64), Config(64, 128, 64, 4, 3, 64), Config(128, 64, 64, 4, 3, 64),
-              Config(128, 128, 64, 4, 4, 32), Config(64, 256, 32, 8, 3, 64),
-              Config(64, 128, 64, 4, 3, 64, "threshold"), Config(128, 128, 32, 8, 3, 64, "threshold"),
-              Config(128, 256, 16, 8, 3, 64, "threshold")],
+              Config(128, 128, 64, 4, 4, 32), Config(64, 256, 32, 8, 3, 64)],
 }
 # The interpreter (tests on the CPU): small tiles keep it quick, and chunks of two tiles exercise the merge.
 _INTERPRETED = Config(16, 32, 2, 1, 1)
@@ -290,8 +242,6 @@ def _history_bounds(history: Tensor, num_chunks: int, chunk: int) -> tuple[Tenso
 def candidates(query: Tensor, item_table: Tensor, history: Tensor, k: int, scales: Tensor | None,
                cfg: Config) -> tuple[Tensor, Tensor, Tensor]:
     """-> (scores fp32 [B, k] descending, ids int64 [B, k], unsure bool [B]). No host synchronization."""
-    if cfg.algo == "threshold":
-        return _threshold_candidates(query, item_table, history, k, scales, cfg)
     B, D = query.shape
     n1 = item_table.shape[0]
     interpreted = query.device.type != "cuda"
@@ -330,50 +280,6 @@ def candidates(query: Tensor, item_table: Tensor, history: Tensor, k: int, scale
         # k-th. (Dropped items tie at most with a kept one, and ties may go either way.)
         smallest_kept = cand_scores.view(B, num_chunks, keep).amin(dim=2)
         unsure = (smallest_kept > scores[:, -1:]).any(dim=1)
-    return scores, ids, unsure
-
-
-def _threshold_candidates(query: Tensor, item_table: Tensor, history: Tensor, k: int, scales: Tensor | None,
-                          cfg: Config) -> tuple[Tensor, Tensor, Tensor]:
-    B, D = query.shape
-    n1 = item_table.shape[0]
-    query, item_table = query.contiguous(), item_table.contiguous()
-    # 1. A lower bound on each row's k-th score: the k-th of the first rows of the table (a prefix, so that
-    # item ids and the history filter stay the same). Any subset's k-th is at most the whole table's.
-    n_sample = min(n1, max(n1 // cfg.sample_div, 8 * k + history.shape[1] + 1))
-    first = Config(cfg.block_b if cfg.block_b > 1 else 16, cfg.block_n, cfg.tiles_per_chunk, cfg.num_warps,
-                   cfg.num_stages, cfg.block_d)
-    sample, _, _ = candidates(query, item_table[:n_sample], history, min(k, n_sample - 1),
-                              None if scales is None else scales[:n_sample], first)
-    threshold = sample[:, -1].contiguous()
-    # 2. Every item at or above it, into the row's buffer.
-    num_tiles = triton.cdiv(n1, cfg.block_n)
-    tpc = min(cfg.tiles_per_chunk, num_tiles)
-    num_chunks = triton.cdiv(num_tiles, tpc)
-    hist, bounds = _history_bounds(history, num_chunks, tpc * cfg.block_n)
-    counts = torch.zeros(B, device=query.device, dtype=torch.int32)
-    buf_scores = torch.full((B, cfg.capacity), float("-inf"), device=query.device, dtype=torch.float32)
-    buf_ids = torch.zeros(B, cfg.capacity, device=query.device, dtype=torch.int32)
-    block_b = max(cfg.block_b, 16)
-    full_width = max(16, triton.next_power_of_2(D))
-    _threshold_compact[(triton.cdiv(B, block_b), num_chunks)](
-        query, item_table, scales if scales is not None else query, hist, bounds, threshold, counts,
-        buf_scores, buf_ids, B, n1, D, cfg.capacity,
-        query.stride(0), item_table.stride(0), hist.stride(0), bounds.stride(0),
-        HAS_SCALES=scales is not None, DOT_PRECISION="ieee" if query.dtype == torch.float32 else None,
-        UPCAST=query.device.type != "cuda", BLOCK_B=block_b, BLOCK_N=cfg.block_n,
-        BLOCK_D=min(cfg.block_d or full_width, full_width), TILES_PER_CHUNK=tpc,
-        num_warps=cfg.num_warps, num_stages=cfg.num_stages,
-    )
-    # 3. The top-k of the buffer. Exact unless the buffer overflowed, or fewer than k items reached the
-    # threshold (a row with fewer than k unseen items, or ties at the threshold): those rows are unsure.
-    scores, pos = torch.topk(buf_scores, min(k, cfg.capacity), dim=1)
-    ids = buf_ids.gather(1, pos).long()
-    if k > cfg.capacity:  # cannot hold the answer: every row goes to the exact check
-        pad = k - cfg.capacity
-        scores = torch.cat([scores, scores.new_full((B, pad), float("-inf"))], dim=1)
-        ids = torch.cat([ids, ids.new_zeros(B, pad)], dim=1)
-    unsure = (counts > cfg.capacity) | torch.isneginf(scores[:, -1])
     return scores, ids, unsure
 
 
