@@ -91,10 +91,9 @@ def _chunk_top_k(
         above = tl.sum((acc > floor[:, None]).to(tl.int32), axis=1)
         passes = tl.minimum(tl.max(above, axis=0), KEEP)
         for _ in range(0, passes):
-            top = tl.max(acc, axis=1)
-            arg = tl.argmax(acc, axis=1)
-            low = tl.min(best, axis=1)
-            low_at = tl.argmin(best, axis=1)
+            # One reduction each for the value and its index (the separate max + argmax was two).
+            top, arg = tl.max(acc, axis=1, return_indices=True)
+            low, low_at = tl.min(best, axis=1, return_indices=True)
             hit = (slot[None, :] == low_at[:, None]) & (top > low)[:, None]
             best = tl.where(hit, top[:, None], best)
             best_ids = tl.where(hit, (tile * BLOCK_N + arg)[:, None], best_ids)
@@ -141,8 +140,7 @@ def _chunk_top_k_gemv(
         floor = tl.min(best, axis=0)
         passes = tl.minimum(tl.sum((acc > floor).to(tl.int32), axis=0), KEEP)
         for _ in range(0, passes):
-            top = tl.max(acc, axis=0)
-            arg = tl.argmax(acc, axis=0)
+            top, arg = tl.max(acc, axis=0, return_indices=True)
             low_at = tl.argmin(best, axis=0)
             hit = slot == low_at
             best = tl.where(hit, top, best)
