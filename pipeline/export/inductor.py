@@ -79,7 +79,6 @@ class CompiledRetriever:
             ids, scores = ids.clone(), scores.clone()
         return ids, scores
 
-
     @contextmanager
     def _kernels(self) -> Iterator[None]:
         with ExitStack() as stack:
