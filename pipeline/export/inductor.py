@@ -50,11 +50,17 @@ class CompiledRetriever:
             self.compiled = torch.compile(retriever.candidates, mode=mode)
         else:
             self.compiled = torch.compile(retriever, mode=mode)
-        self.captured = CapturedCalls(self._compiled_call) if cuda_graph else None
+        self.captured = CapturedCalls(self._captured_call) if cuda_graph else None
 
     def _compiled_call(self, history, lengths, timestamps):
         with self._kernels():
             return self.compiled(history, lengths, timestamps)
+
+    def _captured_call(self, history, lengths, timestamps):
+        outputs = self._compiled_call(history, lengths, timestamps)
+        if self.kernels == "triton":  # the check's reduction too, so that the host launches one graph
+            outputs = (*outputs, outputs[2].any())
+        return outputs
 
     @torch.no_grad()
     def __call__(self, history, lengths, timestamps=None):
@@ -69,15 +75,16 @@ class CompiledRetriever:
         captured = self.captured is not None and history.is_cuda
         call = self.captured if captured else self._compiled_call
         outputs = call(history, lengths, timestamps)
+        copy_out = (self.cudagraphs or captured) and history.is_cuda
         if self.kernels != "triton":
             ids, scores = outputs
-        else:
-            ids, scores, unsure, query = outputs
-            with self._kernels():
-                ids, scores = self.retriever.finish(history, ids, scores, unsure, query)
-        if (self.cudagraphs or captured) and history.is_cuda:
+            return (ids.clone(), scores.clone()) if copy_out else (ids, scores)
+        ids, scores, unsure, query = outputs[:4]
+        if copy_out:  # queued before the check's host sync, so the GPU does not wait for the host after it
             ids, scores = ids.clone(), scores.clone()
-        return ids, scores
+        with self._kernels():
+            return self.retriever.finish(history, ids, scores, unsure, query,
+                                         any_unsure=outputs[4] if captured else None)
 
     @contextmanager
     def _kernels(self) -> Iterator[None]:

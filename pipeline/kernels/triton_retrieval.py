@@ -171,21 +171,34 @@ def _bound_pass(
     row_ok = rows < B
     local = tl.arange(0, BLOCK_N)
     dd = tl.arange(0, BLOCK_D)
-    d_ok = dd < D
-    q = tl.load(Q + rows[:, None] * stride_qb + dd[None, :], mask=row_ok[:, None] & d_ok[None, :], other=0.0)
-    if UPCAST:
-        q = q.to(tl.float32)
+    if BLOCK_D >= D:  # the query block once, for every tile
+        q = tl.load(Q + rows[:, None] * stride_qb + dd[None, :], mask=row_ok[:, None] & (dd < D)[None, :], other=0.0)
+        if UPCAST:
+            q = q.to(tl.float32)
     if COLLECT:
         bound = tl.load(BOUND + rows, mask=row_ok, other=float("inf"))
     for t in range(TILES_PER_CHUNK):
         tile = pid_c * TILES_PER_CHUNK + t
         cols = tile * BLOCK_N + local
         col_ok = cols < N1
-        tab = tl.load(T + cols[None, :] * stride_tn + dd[:, None], mask=col_ok[None, :] & d_ok[:, None], other=0)
-        if UPCAST:
-            acc = tl.dot(q, tab.to(tl.float32), input_precision="ieee")
-        else:
-            acc = tl.dot(q, tab.to(q.dtype), input_precision=DOT_PRECISION)
+        if BLOCK_D >= D:
+            tab = tl.load(T + cols[None, :] * stride_tn + dd[:, None], mask=col_ok[None, :] & (dd < D)[:, None], other=0)
+            if UPCAST:
+                acc = tl.dot(q, tab.to(tl.float32), input_precision="ieee")
+            else:
+                acc = tl.dot(q, tab.to(q.dtype), input_precision=DOT_PRECISION)
+        else:  # a pipelined width loop, as in a plain matmul (with one tile per program, exactly one)
+            acc = tl.zeros((BLOCK_B, BLOCK_N), dtype=tl.float32)
+            for d0 in range(0, D, BLOCK_D):
+                d_ok = (d0 + dd) < D
+                qd = tl.load(Q + rows[:, None] * stride_qb + d0 + dd[None, :], mask=row_ok[:, None] & d_ok[None, :],
+                             other=0.0)
+                tab = tl.load(T + cols[None, :] * stride_tn + d0 + dd[:, None], mask=col_ok[None, :] & d_ok[:, None],
+                              other=0)
+                if UPCAST:
+                    acc = tl.dot(qd.to(tl.float32), tab.to(tl.float32), acc, input_precision="ieee")
+                else:
+                    acc = tl.dot(qd, tab.to(qd.dtype), acc, input_precision=DOT_PRECISION)
         if HAS_SCALES:
             acc = acc * tl.load(S + cols, mask=col_ok, other=0.0)[None, :]
         acc = tl.where((col_ok & (cols > 0))[None, :], acc, float("-inf"))
@@ -252,17 +265,18 @@ _CANDIDATES = {
     "small": [Config(16, 128, 8, 4, 3), Config(16, 128, 1, 4, 2), Config(16, 256, 4, 8, 3),
               Config(16, 64, 16, 4, 3), Config(16, 128, 32, 4, 3), Config(16, 128, 8, 4, 3, 64),
               Config(16, 64, 16, 4, 4, 64), Config(1, 64, 16, 4, 3),
-              Config(16, 128, 16, 4, 3, 0, "bound"), Config(16, 64, 32, 4, 3, 0, "bound")],
+              Config(16, 128, 16, 4, 3, 0, "bound"), Config(16, 128, 1, 4, 4, 64, "bound")],
     "medium": [Config(64, 128, 16, 4, 3), Config(64, 128, 64, 8, 3), Config(128, 128, 16, 8, 3),
                Config(32, 128, 16, 4, 3), Config(64, 128, 16, 4, 3, 64), Config(128, 128, 16, 8, 3, 64),
-               Config(64, 256, 8, 8, 3, 64), Config(64, 128, 16, 4, 3, 0, "bound"),
-               Config(128, 128, 16, 8, 3, 0, "bound"), Config(64, 128, 32, 8, 2, 0, "bound")],
+               Config(64, 256, 8, 8, 3, 64), Config(64, 128, 32, 8, 2, 0, "bound"),
+               Config(64, 128, 1, 4, 4, 64, "bound"), Config(128, 128, 1, 8, 4, 64, "bound")],
     "large": [Config(128, 128, 32, 8, 3), Config(128, 128, 32, 8, 3, 64), Config(128, 128, 128, 8, 3, 64),
               Config(128, 256, 16, 8, 3, 64), Config(64, 128, 64, 4, 3, 64), Config(128, 64, 64, 4, 3, 64),
               Config(128, 128, 64, 4, 4, 32), Config(64, 256, 32, 8, 3, 64),
-              Config(128, 128, 32, 8, 3, 0, "bound"), Config(128, 128, 32, 8, 2, 0, "bound"),
-              Config(64, 128, 32, 4, 3, 0, "bound"), Config(128, 64, 64, 4, 3, 0, "bound"),
-              Config(128, 256, 16, 8, 2, 0, "bound")],
+              Config(128, 128, 32, 8, 2, 0, "bound"), Config(128, 128, 1, 8, 4, 64, "bound"),
+              Config(128, 128, 1, 4, 4, 64, "bound"), Config(128, 256, 1, 8, 3, 64, "bound"),
+              Config(128, 128, 8, 8, 4, 64, "bound"), Config(64, 128, 1, 4, 4, 64, "bound"),
+              Config(128, 128, 1, 8, 3, 128, "bound")],
 }
 # The interpreter (tests on the CPU): small tiles keep it quick, and chunks of two tiles exercise the merge.
 _INTERPRETED = Config(16, 32, 2, 1, 1)
@@ -290,17 +304,19 @@ def _shape(cfg: Config, n1: int, k: int) -> tuple[int, int, int]:
 @triton.jit
 def _sort_history(H, HIST, BOUNDS, L, NUM_EDGES, CHUNK, stride_h, stride_s, stride_b,
                   BLOCK_L: tl.constexpr, BLOCK_E: tl.constexpr):
-    """One row per program: its history sorted (int32), and for each chunk edge e * CHUNK the number of
-    history items below it, i.e. the index of the chunk's first item in the sorted row."""
+    """Program (row, e): for chunk edges e * BLOCK_E ... of the row, the number of history items below each
+    edge (edge * CHUNK), i.e. the index of the chunk's first item in the sorted row; program (row, 0) also
+    writes the row sorted (int32). The edges are split over programs because one row has about a thousand
+    of them at batch 1, which one program took 18 us to count."""
     row = tl.program_id(0)
+    e0 = tl.program_id(1) * BLOCK_E
     offs = tl.arange(0, BLOCK_L)
     items = tl.load(H + row * stride_h + offs, mask=offs < L, other=2147483647).to(tl.int32)
-    items = tl.sort(items)
-    tl.store(HIST + row * stride_s + offs, items, mask=offs < L)
-    for e0 in range(0, NUM_EDGES, BLOCK_E):
-        edges = e0 + tl.arange(0, BLOCK_E)
-        below = tl.sum((items[None, :] < (edges * CHUNK)[:, None]).to(tl.int32), axis=1)
-        tl.store(BOUNDS + row * stride_b + edges, below, mask=edges < NUM_EDGES)
+    if e0 == 0:
+        tl.store(HIST + row * stride_s + offs, tl.sort(items), mask=offs < L)
+    edges = e0 + tl.arange(0, BLOCK_E)
+    below = tl.sum((items[None, :] < (edges * CHUNK)[:, None]).to(tl.int32), axis=1)
+    tl.store(BOUNDS + row * stride_b + edges, below, mask=edges < NUM_EDGES)
 
 
 def _history_bounds(history: Tensor, num_chunks: int, chunk: int) -> tuple[Tensor, Tensor]:
@@ -313,7 +329,8 @@ def _history_bounds(history: Tensor, num_chunks: int, chunk: int) -> tuple[Tenso
     hist = torch.empty(B, L, device=history.device, dtype=torch.int32)
     bounds = torch.empty(B, num_chunks + 1, device=history.device, dtype=torch.int32)
     if B and L:
-        _sort_history[(B,)](history, hist, bounds, L, num_chunks + 1, chunk,
+        grid = (B, triton.cdiv(num_chunks + 1, 64))
+        _sort_history[grid](history, hist, bounds, L, num_chunks + 1, chunk,
                             history.stride(0), hist.stride(0), bounds.stride(0),
                             BLOCK_L=max(16, triton.next_power_of_2(L)), BLOCK_E=64,
                             num_warps=4 if history.device.type == "cuda" else 1)
@@ -394,7 +411,7 @@ def _bound_candidates(query: Tensor, item_table: Tensor, history: Tensor, k: int
     scales_arg = scales if scales is not None else query
     meta = dict(D=D, HAS_SCALES=scales is not None, DOT_PRECISION="ieee" if query.dtype == torch.float32 else None,
                 UPCAST=device.type != "cuda", BLOCK_B=cfg.block_b, BLOCK_N=cfg.block_n,
-                BLOCK_D=max(16, triton.next_power_of_2(D)), TILES_PER_CHUNK=tpc,
+                BLOCK_D=min(cfg.block_d or 1 << 30, max(16, triton.next_power_of_2(D))), TILES_PER_CHUNK=tpc,
                 num_warps=cfg.num_warps, num_stages=cfg.num_stages)
     strides = (query.stride(0), item_table.stride(0), tile_max.stride(0), buf_scores.stride(0))
     _bound_pass[grid](query, item_table, scales_arg, tile_max, tile_max, counts, buf_scores, buf_ids,
@@ -431,6 +448,7 @@ def config_for(query: Tensor, item_table: Tensor, history: Tensor, k: int, scale
         try:
             timings[cfg] = _time(lambda: candidates(query, item_table, history, k, scales, cfg))
         except Exception:  # e.g. out of shared memory for this GPU: not a candidate here
+            TUNING_LOG.append((key, cfg, float("nan")))
             continue
         TUNING_LOG.append((key, cfg, timings[cfg]))
     _tuned[key] = min(timings, key=timings.get) if timings else options[0]

@@ -110,9 +110,11 @@ class Retriever(nn.Module):
             unsure = torch.zeros(ids.shape[0], dtype=torch.bool, device=ids.device)
         return padded_ids(ids, scores), scores, unsure, query
 
-    def finish(self, history: Tensor, ids: Tensor, scores: Tensor, unsure: Tensor, query: Tensor) -> tuple[Tensor, Tensor]:
-        """candidates() -> the exact (ids, scores): unsure rows recomputed (one host sync)."""
-        if not bool(unsure.any()):  # the common case: no table (re)built, nothing recomputed
+    def finish(self, history: Tensor, ids: Tensor, scores: Tensor, unsure: Tensor, query: Tensor,
+               any_unsure: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        """candidates() -> the exact (ids, scores): unsure rows recomputed (one host sync). any_unsure:
+        unsure.any(), if the caller already queued it."""
+        if not bool(unsure.any() if any_unsure is None else any_unsure):  # the common case: nothing recomputed
             return ids, scores
         scores, ids = kernels.fix_unsure(query, self.table(query.dtype), history, self.k, self.table_scales,
                                          scores, ids, unsure)
