@@ -14,14 +14,14 @@ remembered for the process (GENREC_AUTOTUNE=0: the first candidate, untimed).
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 
 import torch
 import triton
 import triton.language as tl
 from torch import Tensor
 
-# Candidates kept per (row, chunk). With random-looking scores a chunk of a few thousand items out of a
+# Candidates kept per (row, chunk) by default. With random-looking scores a chunk of a few thousand items out of a
 # million rarely holds more than two or three of any row's top 100; rows where one might are recomputed.
 KEEP = 8
 
@@ -151,94 +151,6 @@ def _chunk_top_k_gemv(
     tl.store(OUT_IDS + out, best_ids)
 
 
-@triton.jit
-def _bound_pass(
-    Q, T, S, TILE_MAX, BOUND, COUNTS, OUT_SCORES, OUT_IDS,
-    B, N1, NUM_TILES, CAPACITY,
-    stride_qb, stride_tn, stride_mb, stride_ob,
-    D: tl.constexpr, COLLECT: tl.constexpr, HAS_SCALES: tl.constexpr, DOT_PRECISION: tl.constexpr,
-    UPCAST: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-    TILES_PER_CHUNK: tl.constexpr,
-):
-    """One pass of the "bound" top-K over a chunk of tiles, the query block loaded once and the table tiles
-    streamed through a software pipeline (the tile loop is the innermost loop and holds no reduction the
-    next tile waits on). COLLECT=False writes each tile's best score per row to TILE_MAX; COLLECT=True
-    appends every item scoring at least its row's BOUND to the row's buffer (atomic counter per row,
-    CAPACITY slots; COUNTS past CAPACITY means items were lost). The history is not filtered here."""
-    pid_b = tl.program_id(0)
-    pid_c = tl.program_id(1)
-    rows = pid_b * BLOCK_B + tl.arange(0, BLOCK_B)
-    row_ok = rows < B
-    local = tl.arange(0, BLOCK_N)
-    dd = tl.arange(0, BLOCK_D)
-    if BLOCK_D >= D:  # the query block once, for every tile
-        q = tl.load(Q + rows[:, None] * stride_qb + dd[None, :], mask=row_ok[:, None] & (dd < D)[None, :], other=0.0)
-        if UPCAST:
-            q = q.to(tl.float32)
-    if COLLECT:
-        bound = tl.load(BOUND + rows, mask=row_ok, other=float("inf"))
-    for t in range(TILES_PER_CHUNK):
-        tile = pid_c * TILES_PER_CHUNK + t
-        cols = tile * BLOCK_N + local
-        col_ok = cols < N1
-        if BLOCK_D >= D:
-            tab = tl.load(T + cols[None, :] * stride_tn + dd[:, None], mask=col_ok[None, :] & (dd < D)[:, None], other=0)
-            if UPCAST:
-                acc = tl.dot(q, tab.to(tl.float32), input_precision="ieee")
-            else:
-                acc = tl.dot(q, tab.to(q.dtype), input_precision=DOT_PRECISION)
-        else:  # a pipelined width loop, as in a plain matmul (with one tile per program, exactly one)
-            acc = tl.zeros((BLOCK_B, BLOCK_N), dtype=tl.float32)
-            for d0 in range(0, D, BLOCK_D):
-                d_ok = (d0 + dd) < D
-                qd = tl.load(Q + rows[:, None] * stride_qb + d0 + dd[None, :], mask=row_ok[:, None] & d_ok[None, :],
-                             other=0.0)
-                tab = tl.load(T + cols[None, :] * stride_tn + d0 + dd[:, None], mask=col_ok[None, :] & d_ok[:, None],
-                              other=0)
-                if UPCAST:
-                    acc = tl.dot(qd.to(tl.float32), tab.to(tl.float32), acc, input_precision="ieee")
-                else:
-                    acc = tl.dot(qd, tab.to(qd.dtype), acc, input_precision=DOT_PRECISION)
-        if HAS_SCALES:
-            acc = acc * tl.load(S + cols, mask=col_ok, other=0.0)[None, :]
-        acc = tl.where((col_ok & (cols > 0))[None, :], acc, float("-inf"))
-        if COLLECT:
-            hit = (acc >= bound[:, None]) & (acc > float("-inf")) & row_ok[:, None]
-            # One relaxed atomic per hit (a few per row in a million): its old value is the hit's slot.
-            slot = tl.atomic_add(COUNTS + rows[:, None] + 0 * local[None, :], 1, mask=hit, sem="relaxed")
-            ok = hit & (slot < CAPACITY)
-            tl.store(OUT_SCORES + rows[:, None] * stride_ob + slot, acc, mask=ok)
-            tl.store(OUT_IDS + rows[:, None] * stride_ob + slot, cols[None, :] + 0 * rows[:, None], mask=ok)
-        else:
-            tile_ok = row_ok & (tile + 0 * rows < NUM_TILES)
-            tl.store(TILE_MAX + rows * stride_mb + tile, tl.max(acc, axis=1), mask=tile_ok)
-
-
-@triton.jit
-def _drop_seen(SCORES, IDS, COUNTS, HIST, L, CAPACITY, stride_ob, stride_hb,
-               BLOCK_C: tl.constexpr, SEARCH_STEPS: tl.constexpr):
-    """One row per program: slots past the row's count, and items of its (sorted) history, to -inf. A
-    binary search per slot in the sorted history: SEARCH_STEPS gathers instead of a slots x history compare."""
-    row = tl.program_id(0)
-    slot = tl.arange(0, BLOCK_C)
-    count = tl.load(COUNTS + row)
-    used = (slot < count) & (slot < CAPACITY)
-    ids = tl.load(IDS + row * stride_ob + slot, mask=used, other=-1)
-    lo = tl.zeros((BLOCK_C,), dtype=tl.int32)
-    hi = tl.zeros((BLOCK_C,), dtype=tl.int32) + L
-    for _ in range(SEARCH_STEPS):
-        active = lo < hi
-        mid = (lo + hi) // 2
-        seen = tl.load(HIST + row * stride_hb + mid, mask=active, other=0)
-        right = active & (seen < ids)
-        lo = tl.where(right, mid + 1, lo)
-        hi = tl.where(active & ~right, mid, hi)
-    found = tl.load(HIST + row * stride_hb + lo, mask=lo < L, other=-2) == ids
-    scores = tl.load(SCORES + row * stride_ob + slot, mask=slot < CAPACITY, other=float("-inf"))
-    tl.store(SCORES + row * stride_ob + slot, tl.where(used & ~found, scores, float("-inf")), mask=slot < CAPACITY)
-    tl.store(IDS + row * stride_ob + slot, tl.where(used, ids, 0), mask=slot < CAPACITY)  # never garbage ids
-
-
 @dataclass(frozen=True)
 class Config:
     block_b: int              # query rows per program; 1: the CUDA-core kernel (_chunk_top_k_gemv)
@@ -247,11 +159,7 @@ class Config:
     num_warps: int
     num_stages: int
     block_d: int = 0          # width step of the tensor-core kernel; 0: the whole width at once
-    # keep: a running top-KEEP per chunk (_chunk_top_k, _chunk_top_k_gemv), one pass. bound: two passes
-    # (_bound_pass): each tile's best score per row, whose (k + history)-th largest bounds the row's k-th
-    # score from below; then every item at or above the bound into a per-row buffer (capacity slots).
-    algo: str = "keep"
-    capacity: int = 2048
+    keep: int = KEEP          # candidates kept per (row, chunk): fewer make the merge cheaper
 
 
 # Candidates per batch regime, the heuristic default first. Small batches must stream the table at full
@@ -261,22 +169,18 @@ class Config:
 # size on the H100 (docs/BENCHMARKS.md, 2026-11-28) and was removed.
 _CANDIDATES = {
     "tiny": [Config(1, 64, 16, 4, 3), Config(1, 32, 32, 4, 3), Config(1, 128, 8, 8, 3), Config(1, 64, 4, 4, 2),
-             Config(1, 16, 64, 2, 3), Config(16, 128, 8, 4, 3), Config(16, 64, 16, 4, 3, 64)],
+             Config(1, 16, 64, 2, 3), Config(16, 128, 8, 4, 3), Config(16, 64, 16, 4, 3, 64),
+             # Half the candidates: the merge (torch.topk over them) took 43 us of 0.31 ms at b=1 on the H200.
+             Config(1, 32, 32, 4, 3, 0, 4), Config(1, 64, 16, 4, 3, 0, 4), Config(1, 32, 64, 4, 3, 0, 4)],
     "small": [Config(16, 128, 8, 4, 3), Config(16, 128, 1, 4, 2), Config(16, 256, 4, 8, 3),
               Config(16, 64, 16, 4, 3), Config(16, 128, 32, 4, 3), Config(16, 128, 8, 4, 3, 64),
-              Config(16, 64, 16, 4, 4, 64), Config(1, 64, 16, 4, 3),
-              Config(16, 128, 16, 4, 3, 0, "bound"), Config(16, 128, 1, 4, 4, 64, "bound")],
+              Config(16, 64, 16, 4, 4, 64), Config(1, 64, 16, 4, 3)],
     "medium": [Config(64, 128, 16, 4, 3), Config(64, 128, 64, 8, 3), Config(128, 128, 16, 8, 3),
                Config(32, 128, 16, 4, 3), Config(64, 128, 16, 4, 3, 64), Config(128, 128, 16, 8, 3, 64),
-               Config(64, 256, 8, 8, 3, 64), Config(64, 128, 32, 8, 2, 0, "bound"),
-               Config(64, 128, 1, 4, 4, 64, "bound"), Config(128, 128, 1, 8, 4, 64, "bound")],
+               Config(64, 256, 8, 8, 3, 64)],
     "large": [Config(128, 128, 32, 8, 3), Config(128, 128, 32, 8, 3, 64), Config(128, 128, 128, 8, 3, 64),
               Config(128, 256, 16, 8, 3, 64), Config(64, 128, 64, 4, 3, 64), Config(128, 64, 64, 4, 3, 64),
-              Config(128, 128, 64, 4, 4, 32), Config(64, 256, 32, 8, 3, 64),
-              Config(128, 128, 32, 8, 2, 0, "bound"), Config(128, 128, 1, 8, 4, 64, "bound"),
-              Config(128, 128, 1, 4, 4, 64, "bound"), Config(128, 256, 1, 8, 3, 64, "bound"),
-              Config(128, 128, 8, 8, 4, 64, "bound"), Config(64, 128, 1, 4, 4, 64, "bound"),
-              Config(128, 128, 1, 8, 3, 128, "bound")],
+              Config(128, 128, 64, 4, 4, 32), Config(64, 256, 32, 8, 3, 64)],
 }
 # The interpreter (tests on the CPU): small tiles keep it quick, and chunks of two tiles exercise the merge.
 _INTERPRETED = Config(16, 32, 2, 1, 1)
@@ -293,7 +197,7 @@ def _shape(cfg: Config, n1: int, k: int) -> tuple[int, int, int]:
     """-> (tiles per chunk, chunks, keep): chunks shrink, then keep grows, until chunks x keep >= k."""
     num_tiles = triton.cdiv(n1, cfg.block_n)
     tpc = min(cfg.tiles_per_chunk, num_tiles)
-    keep = KEEP
+    keep = cfg.keep
     while triton.cdiv(num_tiles, tpc) * keep < k and tpc > 1:
         tpc //= 2
     while triton.cdiv(num_tiles, tpc) * keep < k:
@@ -344,11 +248,6 @@ def candidates(query: Tensor, item_table: Tensor, history: Tensor, k: int, scale
     """-> (scores fp32 [B, k] descending, ids int64 [B, k], unsure bool [B]). No host synchronization."""
     B, D = query.shape
     n1 = item_table.shape[0]
-    if cfg.algo == "bound":
-        if triton.cdiv(n1, cfg.block_n) >= k + history.shape[1] and cfg.capacity >= k:
-            return _bound_candidates(query, item_table, history, k, scales, cfg)
-        # Too few tiles to bound the k-th score: the one-pass kernel with the same tiles.
-        cfg = replace(cfg, algo="keep", block_b=max(cfg.block_b, 16))
     interpreted = query.device.type != "cuda"
     tpc, num_chunks, keep = _shape(cfg, n1, k)
     chunk = tpc * cfg.block_n
@@ -386,49 +285,6 @@ def candidates(query: Tensor, item_table: Tensor, history: Tensor, k: int, scale
         smallest_kept = cand_scores.view(B, num_chunks, keep).amin(dim=2)
         unsure = (smallest_kept > scores[:, -1:]).any(dim=1)
     return scores, ids, unsure
-
-
-def _bound_candidates(query: Tensor, item_table: Tensor, history: Tensor, k: int, scales: Tensor | None,
-                      cfg: Config) -> tuple[Tensor, Tensor, Tensor]:
-    """The "bound" algorithm; needs at least k + L tiles (L: the history's width).
-
-    Exact: the (k + L)-th largest of a row's tile maxima is reached by k + L distinct items, of which at
-    most L are in its history, so at least k unseen items score at or above it, and every item of the true
-    top-k is at or above it too. The second pass keeps all of those (and the seen ones, dropped after).
-    A row is unsure only if its buffer overflowed."""
-    B, D = query.shape
-    n1 = item_table.shape[0]
-    device = query.device
-    query, item_table = query.contiguous(), item_table.contiguous()
-    num_tiles = triton.cdiv(n1, cfg.block_n)
-    tpc = min(cfg.tiles_per_chunk, num_tiles)
-    grid = (triton.cdiv(B, cfg.block_b), triton.cdiv(num_tiles, tpc))
-    capacity = cfg.capacity
-    tile_max = torch.empty(B, num_tiles, device=device, dtype=torch.float32)
-    counts = torch.zeros(B, device=device, dtype=torch.int32)
-    buf_scores = torch.empty(B, capacity, device=device, dtype=torch.float32)
-    buf_ids = torch.empty(B, capacity, device=device, dtype=torch.int32)
-    scales_arg = scales if scales is not None else query
-    meta = dict(D=D, HAS_SCALES=scales is not None, DOT_PRECISION="ieee" if query.dtype == torch.float32 else None,
-                UPCAST=device.type != "cuda", BLOCK_B=cfg.block_b, BLOCK_N=cfg.block_n,
-                BLOCK_D=min(cfg.block_d or 1 << 30, max(16, triton.next_power_of_2(D))), TILES_PER_CHUNK=tpc,
-                num_warps=cfg.num_warps, num_stages=cfg.num_stages)
-    strides = (query.stride(0), item_table.stride(0), tile_max.stride(0), buf_scores.stride(0))
-    _bound_pass[grid](query, item_table, scales_arg, tile_max, tile_max, counts, buf_scores, buf_ids,
-                      B, n1, num_tiles, capacity, *strides, COLLECT=False, **meta)
-    bound = torch.topk(tile_max, k + history.shape[1], dim=1, sorted=False).values.amin(dim=1)
-    _bound_pass[grid](query, item_table, scales_arg, tile_max, bound, counts, buf_scores, buf_ids,
-                      B, n1, num_tiles, capacity, *strides, COLLECT=True, **meta)
-    hist, _ = _history_bounds(history, 0, 1)
-    L = hist.shape[1]
-    _drop_seen[(B,)](buf_scores, buf_ids, counts, hist, L, capacity, buf_scores.stride(0), hist.stride(0),
-                     BLOCK_C=triton.next_power_of_2(capacity), SEARCH_STEPS=max(1, L.bit_length()),
-                     num_warps=4 if device.type == "cuda" else 1)
-    scores, pos = torch.topk(buf_scores, k, dim=1)
-    ids = buf_ids.gather(1, pos).long()
-    # Overflowed buffers lost items; fewer than k finite scores cannot happen by the argument above, but
-    # a row with NaN scores could get there, and the reference then decides.
-    return scores, ids, (counts > capacity) | torch.isneginf(scores[:, -1])
 
 
 def config_for(query: Tensor, item_table: Tensor, history: Tensor, k: int, scales: Tensor | None) -> Config:
