@@ -21,8 +21,9 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-# Candidates kept per (row, chunk) by default. With random-looking scores a chunk of a few thousand items out of a
-# million rarely holds more than two or three of any row's top 100; rows where one might are recomputed.
+# Candidates kept per (row, chunk) by default (Config.keep). With random-looking scores a chunk of a few
+# thousand items out of a million rarely holds more than two or three of any row's top 100; rows where one
+# might are recomputed.
 KEEP = 8
 
 
@@ -166,7 +167,8 @@ class Config:
 # bandwidth (many programs, short chunks); large ones are matmul-bound (big tiles, long chunks so that the
 # running threshold prunes most extraction passes). A "threshold" algorithm (a lower bound from a prefix of
 # the table, then an atomic append of every item above it) lost to these by 1.6x to 2.2x at every batch
-# size on the H100 (docs/BENCHMARKS.md, 2026-11-28) and was removed.
+# size on the H100 (docs/BENCHMARKS.md, 2026-11-28) and was removed; so was a two-pass "bound" algorithm
+# (tile maxima bound each row's k-th score, then the same append), which lost at every size on the H200.
 _CANDIDATES = {
     "tiny": [Config(1, 64, 16, 4, 3), Config(1, 32, 32, 4, 3), Config(1, 128, 8, 8, 3), Config(1, 64, 4, 4, 2),
              Config(1, 16, 64, 2, 3), Config(16, 128, 8, 4, 3), Config(16, 64, 16, 4, 3, 64),
