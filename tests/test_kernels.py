@@ -84,6 +84,8 @@ def test_fused_retrieval_matches_reference(batch, num_items, dim, k, dtype):
     dict(block_b=16, block_n=32, tiles_per_chunk=3, num_warps=1, num_stages=1, block_d=16),  # width in steps
     dict(block_b=1, block_n=32, tiles_per_chunk=2, num_warps=1, num_stages=1),                # CUDA-core kernel
     dict(block_b=1, block_n=32, tiles_per_chunk=2, num_warps=1, num_stages=1, keep=4),        # fewer kept
+    dict(block_b=16, block_n=32, tiles_per_chunk=2, num_warps=1, num_stages=1, merge="triton"),  # our merge
+    dict(block_b=1, block_n=16, tiles_per_chunk=2, num_warps=1, num_stages=1, keep=4, merge="triton"),
 ])
 @pytest.mark.parametrize("scaled", [False, True])
 def test_every_kernel_shape_the_tuner_may_pick(config, scaled):
@@ -98,6 +100,26 @@ def test_every_kernel_shape_the_tuner_may_pick(config, scaled):
     scores, ids, unsure = fused_top_k(query, table, history, 30, scales, Config(**config))
     scores, ids = kernels.fix_unsure(query, table, history, 30, scales, scores, ids, unsure)
     _check_top_k(query, table, history, 30, scales, scores, ids, 1e-3)
+
+
+@pytest.mark.parametrize("num_items,k", [(300, 25), (70, 70)])  # many chunks; k = items (-inf slots)
+def test_merge_kernel_answers_as_torch_topk(num_items, k):
+    """The Triton merge against the torch.topk merge on the same candidates: the same scores in the same
+    order (negative ones, ties and -inf slots included), ids with those scores, and the same unsure rows."""
+    from pipeline.kernels.triton_retrieval import Config, candidates
+
+    query, table, history = _case(6, num_items, 16, hist_len=8, dtype=torch.float32, seed=5)
+    table[10:30] = table[10]                     # ties
+    query[5] = -query[5].abs()                   # a row of mostly negative scores
+    table[1:] = table[1:] * torch.sign(table[1:].sum(dim=1, keepdim=True))  # ... and positive ones
+    outputs = {}
+    for merge in ("torch", "triton"):
+        outputs[merge] = candidates(query, table, history, k, None, Config(1, 16, 2, 1, 1, 0, 4, merge))
+    (s_ref, i_ref, u_ref), (s, i, u) = outputs["torch"], outputs["triton"]
+    assert torch.equal(s, s_ref) and torch.equal(u, u_ref) and i.dtype == i_ref.dtype
+    full = query @ table.T
+    finite = torch.isfinite(s)
+    torch.testing.assert_close(full.gather(1, i)[finite], s[finite], atol=1e-5, rtol=0)
 
 
 @pytest.mark.parametrize("batch,length,chunks,chunk", [(3, 19, 5, 16), (1, 200, 70, 32), (2, 1, 1, 8)])

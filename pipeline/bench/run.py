@@ -252,18 +252,19 @@ def _tuning_table(path: Path) -> str:
     with open(path, "w", newline="") as f:
         writer = csv.writer(f)
         writer.writerow(["batch_bucket", "items", "dim", "table_dtype", "k", "block_b", "block_n", "tiles_per_chunk",
-                         "num_warps", "num_stages", "block_d", "keep", "ms"])
+                         "num_warps", "num_stages", "block_d", "keep", "merge", "ms"])
         for key, cfg, ms in log:
             writer.writerow([key[0], key[1], key[2], str(key[4]).replace("torch.", ""), key[5], cfg.block_b,
                              cfg.block_n, cfg.tiles_per_chunk, cfg.num_warps, cfg.num_stages, cfg.block_d, cfg.keep,
-                             f"{ms:.4f}"])
+                             cfg.merge, f"{ms:.4f}"])
     lines = ["", "Fused top-K tuning (ms per call of the candidates step, best first per shape):"]
     shapes = dict.fromkeys((key[0], str(key[4])) for key, _, _ in log)
     for bucket, table_dtype in shapes:
         entries = sorted(((ms, cfg) for key, cfg, ms in log if (key[0], str(key[4])) == (bucket, table_dtype)),
                          key=lambda entry: (entry[0] != entry[0], entry[0]))  # failed (nan) last
         lines.append(f"- b<={bucket} {table_dtype}: " + ", ".join(
-            f"{ms:.3f} (B{c.block_b} N{c.block_n} T{c.tiles_per_chunk} w{c.num_warps} s{c.num_stages} D{c.block_d} K{c.keep})"
+            f"{ms:.3f} (B{c.block_b} N{c.block_n} T{c.tiles_per_chunk} w{c.num_warps} s{c.num_stages} "
+            f"D{c.block_d} K{c.keep} {c.merge})"
             for ms, c in entries))
     return "\n".join(lines) + "\n"
 

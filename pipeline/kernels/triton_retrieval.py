@@ -152,6 +152,37 @@ def _chunk_top_k_gemv(
     tl.store(OUT_IDS + out, best_ids)
 
 
+@triton.jit
+def _merge(CAND_SCORES, CAND_IDS, OUT_SCORES, OUT_IDS, UNSURE, C, K, stride_c, stride_o,
+           KEEP: tl.constexpr, BLOCK_C: tl.constexpr, CHECK: tl.constexpr):
+    """One row per program, in place of torch.topk over the candidates plus the unsure check (a few kernels,
+    43 us at b=1 on the H200): each score becomes an order-preserving int32 key, packed with its slot into
+    an int64, and one in-register sort (descending) puts the row's top K first."""
+    row = tl.program_id(0)
+    slot = tl.arange(0, BLOCK_C)
+    scores = tl.load(CAND_SCORES + row * stride_c + slot, mask=slot < C, other=float("-inf"))
+    bits = scores.to(tl.int32, bitcast=True)
+    key = bits ^ ((bits >> 31) & 0x7FFFFFFF)  # negative floats: reverse the order of their magnitudes
+    packed = tl.sort((key.to(tl.int64) << 32) | slot.to(tl.int64), descending=True)
+    top_key = (packed >> 32).to(tl.int32)
+    top_slot = (packed & 0xFFFFFFFF).to(tl.int32)
+    top_bits = top_key ^ ((top_key >> 31) & 0x7FFFFFFF)  # the same map is its own inverse
+    first = slot < K
+    tl.store(OUT_SCORES + row * stride_o + slot, top_bits.to(tl.float32, bitcast=True), mask=first)
+    ids = tl.load(CAND_IDS + row * stride_c + top_slot, mask=first & (top_slot < C), other=0)
+    tl.store(OUT_IDS + row * stride_o + slot, ids.to(tl.int64), mask=first)
+    if CHECK:
+        # The chunks' smallest kept keys against the k-th: as the torch path's check, in key space.
+        kth = tl.max(tl.where(slot == K - 1, top_key, -2147483647 - 1), axis=0)
+        lowest = tl.min(tl.reshape(key, (BLOCK_C // KEEP, KEEP)), axis=1)
+        chunk_ok = tl.arange(0, BLOCK_C // KEEP) * KEEP < C
+        tl.store(UNSURE + row, tl.max((chunk_ok & (lowest > kth)).to(tl.int32), axis=0) > 0)
+
+
+# The merge kernel holds a row's candidates in registers: rows with more take torch.topk.
+MAX_MERGE = 8192
+
+
 @dataclass(frozen=True)
 class Config:
     block_b: int              # query rows per program; 1: the CUDA-core kernel (_chunk_top_k_gemv)
@@ -161,6 +192,7 @@ class Config:
     num_stages: int
     block_d: int = 0          # width step of the tensor-core kernel; 0: the whole width at once
     keep: int = KEEP          # candidates kept per (row, chunk): fewer make the merge cheaper
+    merge: str = "torch"      # torch: torch.topk over the candidates; triton: _merge (up to MAX_MERGE per row)
 
 
 # Candidates per batch regime, the heuristic default first. Small batches must stream the table at full
@@ -173,16 +205,21 @@ _CANDIDATES = {
     "tiny": [Config(1, 64, 16, 4, 3), Config(1, 32, 32, 4, 3), Config(1, 128, 8, 8, 3), Config(1, 64, 4, 4, 2),
              Config(1, 16, 64, 2, 3), Config(16, 128, 8, 4, 3), Config(16, 64, 16, 4, 3, 64),
              # Half the candidates: the merge (torch.topk over them) took 43 us of 0.31 ms at b=1 on the H200.
-             Config(1, 32, 32, 4, 3, 0, 4), Config(1, 64, 16, 4, 3, 0, 4), Config(1, 32, 64, 4, 3, 0, 4)],
+             Config(1, 32, 32, 4, 3, 0, 4), Config(1, 64, 16, 4, 3, 0, 4), Config(1, 32, 64, 4, 3, 0, 4),
+             # Our merge kernel in place of torch.topk (not yet timed on a GPU: the tuner decides).
+             Config(1, 64, 16, 4, 3, 0, 4, "triton"), Config(1, 32, 32, 4, 3, 0, 4, "triton"),
+             Config(1, 32, 32, 4, 3, 0, 8, "triton")],
     "small": [Config(16, 128, 8, 4, 3), Config(16, 128, 1, 4, 2), Config(16, 256, 4, 8, 3),
               Config(16, 64, 16, 4, 3), Config(16, 128, 32, 4, 3), Config(16, 128, 8, 4, 3, 64),
-              Config(16, 64, 16, 4, 4, 64), Config(1, 64, 16, 4, 3)],
+              Config(16, 64, 16, 4, 4, 64), Config(1, 64, 16, 4, 3), Config(16, 64, 16, 4, 3, 0, 8, "triton"),
+              Config(16, 128, 8, 4, 3, 64, 8, "triton")],
     "medium": [Config(64, 128, 16, 4, 3), Config(64, 128, 64, 8, 3), Config(128, 128, 16, 8, 3),
                Config(32, 128, 16, 4, 3), Config(64, 128, 16, 4, 3, 64), Config(128, 128, 16, 8, 3, 64),
-               Config(64, 256, 8, 8, 3, 64)],
+               Config(64, 256, 8, 8, 3, 64), Config(64, 128, 16, 4, 3, 64, 8, "triton")],
     "large": [Config(128, 128, 32, 8, 3), Config(128, 128, 32, 8, 3, 64), Config(128, 128, 128, 8, 3, 64),
               Config(128, 256, 16, 8, 3, 64), Config(64, 128, 64, 4, 3, 64), Config(128, 64, 64, 4, 3, 64),
-              Config(128, 128, 64, 4, 4, 32), Config(64, 256, 32, 8, 3, 64)],
+              Config(128, 128, 64, 4, 4, 32), Config(64, 256, 32, 8, 3, 64),
+              Config(64, 128, 64, 4, 3, 64, 8, "triton")],
 }
 # The interpreter (tests on the CPU): small tiles keep it quick, and chunks of two tiles exercise the merge.
 _INTERPRETED = Config(16, 32, 2, 1, 1)
@@ -277,6 +314,14 @@ def candidates(query: Tensor, item_table: Tensor, history: Tensor, k: int, scale
             BLOCK_B=cfg.block_b, BLOCK_N=cfg.block_n, BLOCK_D=min(cfg.block_d or full_width, full_width),
             TILES_PER_CHUNK=tpc, KEEP=keep, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
         )
+    if cfg.merge == "triton" and num_chunks * keep <= MAX_MERGE:
+        scores = torch.empty(B, k, device=query.device, dtype=torch.float32)
+        ids = torch.empty(B, k, device=query.device, dtype=torch.int64)
+        unsure = torch.zeros(B, device=query.device, dtype=torch.bool)
+        _merge[(B,)](cand_scores, cand_ids, scores, ids, unsure, num_chunks * keep, k, cand_scores.stride(0),
+                     scores.stride(0), KEEP=keep, BLOCK_C=triton.next_power_of_2(num_chunks * keep),
+                     CHECK=keep < chunk, num_warps=8 if not interpreted else 1)
+        return scores, ids, unsure
     scores, pos = torch.topk(cand_scores, k, dim=1)
     ids = cand_ids.gather(1, pos).long()
     if keep >= chunk:  # every item of every chunk was kept
