@@ -157,6 +157,10 @@ def main(argv: list[str] | None = None) -> int:
 
     start = time.perf_counter()
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    known = [v.name for v in variants_for(device)]
+    unknown = [name for name in args.variants or [] if name not in known]
+    if unknown:
+        parser.error(f"unknown variant(s) {', '.join(unknown)} on {device.type}; valid choices: {', '.join(known)}")
     if args.gpu_tests:
         _gpu_tests()
     workload = WORKLOADS[args.workload or ("retrieval-1m" if device.type == "cuda" else "retrieval-cpu")]
