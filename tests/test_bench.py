@@ -13,13 +13,14 @@ TINY = Workload("tiny", num_items=400, max_len=12, dim=16, num_layers=1, num_hea
 
 
 @pytest.fixture
-def bench_globals(monkeypatch):
-    """The bench sets Inductor's freezing and the thread count for its process: put them back after."""
+def bench_globals():
+    """The bench sets Inductor's freezing and the thread count for its process: put them back after.
+    (Not monkeypatch: undoing a setattr on torch's config module deletes the option.)"""
     import torch._inductor.config as inductor_config
 
-    monkeypatch.setattr(inductor_config, "freezing", inductor_config.freezing)
-    threads = torch.get_num_threads()
+    freezing, threads = inductor_config.freezing, torch.get_num_threads()
     yield
+    inductor_config.freezing = freezing
     torch.set_num_threads(threads)
 
 
