@@ -86,6 +86,8 @@ def test_fused_retrieval_matches_reference(batch, num_items, dim, k, dtype):
     dict(block_b=1, block_n=32, tiles_per_chunk=2, num_warps=1, num_stages=1, keep=4),        # fewer kept
     dict(block_b=16, block_n=32, tiles_per_chunk=2, num_warps=1, num_stages=1, merge="triton"),  # our merge
     dict(block_b=1, block_n=16, tiles_per_chunk=2, num_warps=1, num_stages=1, keep=4, merge="triton"),
+    dict(block_b=16, block_n=32, tiles_per_chunk=3, num_warps=1, num_stages=1, buckets=True),  # per-bucket top-2
+    dict(block_b=16, block_n=16, tiles_per_chunk=4, num_warps=1, num_stages=1, keep=4, buckets=True, merge="triton"),
 ])
 @pytest.mark.parametrize("scaled", [False, True])
 def test_every_kernel_shape_the_tuner_may_pick(config, scaled):
@@ -100,6 +102,25 @@ def test_every_kernel_shape_the_tuner_may_pick(config, scaled):
     scores, ids, unsure = fused_top_k(query, table, history, 30, scales, Config(**config))
     scores, ids = kernels.fix_unsure(query, table, history, 30, scales, scores, ids, unsure)
     _check_top_k(query, table, history, 30, scales, scores, ids, 1e-3)
+
+
+@pytest.mark.parametrize("merge", ["torch", "triton"])
+def test_bucket_kernel_flags_a_crowded_bucket(merge):
+    """Bucket (row, column j) of the bucket kernel keeps two items: a row whose three best items share one
+    bucket is marked unsure (and fixed exactly); rows without such crowding are not."""
+    from pipeline.kernels.triton_retrieval import Config, candidates
+
+    query, table, history = _case(4, 255, 16, hist_len=3, dtype=torch.float32, seed=3)
+    history[:] = 0
+    cfg = Config(16, 16, 4, 1, 1, 0, 4, merge, buckets=True)  # chunks of 4 tiles of 16 items
+    for n, item in enumerate((5, 21, 37, 53)):  # column 5 of the first chunk's four tiles
+        table[item] = query[0] * (2.0 - 0.1 * n)
+    scores, ids, unsure = candidates(query, table, history, 8, None, cfg)
+    assert unsure.tolist() == [True, False, False, False]
+    assert not torch.isin(torch.tensor([37, 53], device=DEVICE), ids[0]).all()  # the bucket held only two
+    scores, ids = kernels.fix_unsure(query, table, history, 8, None, scores, ids, unsure)
+    _check_top_k(query, table, history, 8, None, scores, ids, 1e-3)
+    assert ids[0, :4].tolist() == [5, 21, 37, 53]
 
 
 @pytest.mark.parametrize("num_items,k", [(300, 25), (70, 70)])  # many chunks; k = items (-inf slots)
@@ -306,14 +327,14 @@ def test_fused_retrieval_full_shape(batch, dtype):
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
-@pytest.mark.parametrize("batch", [1, 1024])
-def test_fused_top_k_full_shape(batch):
+@pytest.mark.parametrize("batch,buckets", [(1, False), (1024, False), (16, True), (1024, True)])
+def test_fused_top_k_full_shape(batch, buckets):
     """A fixed tile config, untuned, at the standard workload's shape."""
     from pipeline.kernels.triton_retrieval import Config, fused_top_k
 
     query, table, history = _case(batch, 1_000_000, 256, hist_len=200, dtype=torch.bfloat16)
     query = torch.nn.functional.normalize(query.float(), dim=-1).to(torch.bfloat16)
-    cfg = Config(64 if batch > 16 else 16, 128, 16, 4, 3, 64)
+    cfg = Config(64 if batch > 16 else 16, 128, 16, 8 if buckets else 4, 3, 64, buckets=buckets)
     scores, ids, unsure = fused_top_k(query, table, history, 100, None, cfg)
     scores, ids = kernels.fix_unsure(query, table, history, 100, None, scores, ids, unsure)
     ref_scores, ref_ids = retrieval_top_k_reference(query, table, history, 100)
@@ -358,7 +379,12 @@ def test_compiled_triton_retriever_matches_eager_reference(mode, cuda_graph):
     for _ in range(3):  # warm-up, record, replay
         ids, scores = compiled(history, lengths)
     torch.testing.assert_close(scores.float(), ref_scores.float(), atol=1e-3, rtol=0)
-    assert (ids[:, :, None] == ref_ids[:, None, :]).any(-1).float().mean() > 0.999
+    # A valid top-k up to ties: the 100 planted items have one direction, so each row scores them alike to
+    # the last bit, and which of them fill a row's last places is rounding (0.6% of ids on the H200).
+    with torch.no_grad():
+        full = retriever.score_all(history, lengths)
+    torch.testing.assert_close(full.gather(1, ids), ref_scores, atol=1e-5, rtol=0)
+    assert (ids[:, :, None] == ref_ids[:, None, :]).any(-1).float().mean() > 0.99
     if cuda_graph:  # a replay answers for its own inputs, and the answer kept from before is not overwritten
         kept = ids
         other_ids, _ = compiled(history.flip(0), lengths.flip(0))

@@ -106,6 +106,81 @@ def _chunk_top_k(
 
 
 @triton.jit
+def _chunk_top_k_buckets(
+    Q, T, S, HIST, BOUNDS, OUT_SCORES, OUT_IDS, OUT_BOUND,
+    B, N1, D,
+    stride_qb, stride_tn, stride_hb, stride_bb, stride_ob, stride_xb,
+    HAS_SCALES: tl.constexpr, DOT_PRECISION: tl.constexpr, UPCAST: tl.constexpr,
+    BLOCK_B: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+    TILES_PER_CHUNK: tl.constexpr, TILE_BITS: tl.constexpr, KEEP: tl.constexpr,
+):
+    """The running top-K without a reduction per tile. Bucket (row, j) is column j of every tile of the
+    chunk; each keeps its best two items elementwise (three max/min per score, no cross-thread work), and
+    the tile an item came from rides in its score's low TILE_BITS mantissa bits (a relative change of at
+    most 2^(TILE_BITS - 23); all comparisons, the merge's included, see the same packed scores). The query
+    block is loaded once (BLOCK_D >= D), so the tile loop is the one Triton pipelines, and a tile costs one
+    tensor-core dot and a handful of elementwise operations: column 0 and the table's end are masked only in
+    the tiles that hold them, and the history is checked only at the chunk's end, on the KEEP items popped
+    from the bucket heads (a seen item popped is dropped; one that crowded a bucket is covered by the bound).
+    OUT_BOUND gets, per (row, chunk), an upper bound on every item not kept: the best head left and the
+    best third item any bucket saw."""
+    pid_b = tl.program_id(0)
+    pid_c = tl.program_id(1)
+    rows = pid_b * BLOCK_B + tl.arange(0, BLOCK_B)
+    row_ok = rows < B
+    local = tl.arange(0, BLOCK_N)
+    slot = tl.arange(0, KEEP)
+    dd = tl.arange(0, BLOCK_D)
+    d_ok = dd < D
+    q = tl.load(Q + rows[:, None] * stride_qb + dd[None, :], mask=row_ok[:, None] & d_ok[None, :], other=0.0)
+    if UPCAST:
+        q = q.to(tl.float32)
+
+    first = tl.full((BLOCK_B, BLOCK_N), float("-inf"), dtype=tl.float32)
+    second = tl.full((BLOCK_B, BLOCK_N), float("-inf"), dtype=tl.float32)
+    third = tl.full((BLOCK_B, BLOCK_N), float("-inf"), dtype=tl.float32)
+    for t in range(TILES_PER_CHUNK):
+        cols = (pid_c * TILES_PER_CHUNK + t) * BLOCK_N + local
+        col_ok = cols < N1
+        tab = tl.load(T + cols[None, :] * stride_tn + dd[:, None], mask=col_ok[None, :] & d_ok[:, None], other=0)
+        if UPCAST:
+            acc = tl.dot(q, tab.to(tl.float32), input_precision="ieee")
+        else:
+            acc = tl.dot(q, tab.to(q.dtype), input_precision=DOT_PRECISION)
+        if HAS_SCALES:
+            acc = acc * tl.load(S + cols, mask=col_ok, other=0.0)[None, :]
+        acc = (acc.to(tl.int32, bitcast=True) & ~((1 << TILE_BITS) - 1) | t).to(tl.float32, bitcast=True)
+        if (pid_c * TILES_PER_CHUNK + t == 0) | ((pid_c * TILES_PER_CHUNK + t + 1) * BLOCK_N > N1):
+            acc = tl.where((col_ok & (cols > 0))[None, :], acc, float("-inf"))  # after packing: -inf stays
+        third = tl.maximum(third, tl.minimum(acc, second))
+        second = tl.maximum(second, tl.minimum(acc, first))
+        first = tl.maximum(first, acc)
+
+    h_start = tl.load(BOUNDS + rows * stride_bb + pid_c, mask=row_ok, other=0)
+    h_count = tl.load(BOUNDS + rows * stride_bb + pid_c + 1, mask=row_ok, other=0) - h_start
+    h_max = tl.max(h_count, axis=0)
+    best = tl.full((BLOCK_B, KEEP), float("-inf"), dtype=tl.float32)
+    best_ids = tl.zeros((BLOCK_B, KEEP), dtype=tl.int32)
+    for s in tl.static_range(KEEP):
+        top, arg = tl.max(first, axis=1, return_indices=True)
+        item = (pid_c * TILES_PER_CHUNK + (top.to(tl.int32, bitcast=True) & ((1 << TILE_BITS) - 1))) * BLOCK_N + arg
+        for j in range(0, h_max):
+            seen = tl.load(HIST + rows * stride_hb + h_start + j, mask=row_ok & (j < h_count), other=-1)
+            top = tl.where(item == seen, float("-inf"), top)
+        best = tl.where(slot[None, :] == s, top[:, None], best)
+        best_ids = tl.where(slot[None, :] == s, item[:, None], best_ids)
+        popped = local[None, :] == arg[:, None]
+        first = tl.where(popped, second, first)
+        second = tl.where(popped, float("-inf"), second)
+    bound = tl.maximum(tl.max(first, axis=1), tl.max(third, axis=1))
+
+    out = rows[:, None] * stride_ob + pid_c * KEEP + slot[None, :]
+    tl.store(OUT_SCORES + out, best, mask=row_ok[:, None])
+    tl.store(OUT_IDS + out, best_ids, mask=row_ok[:, None])
+    tl.store(OUT_BOUND + rows * stride_xb + pid_c, bound, mask=row_ok)
+
+
+@triton.jit
 def _chunk_top_k_gemv(
     Q, T, S, HIST, BOUNDS, OUT_SCORES, OUT_IDS,
     B, N1, D,
@@ -153,8 +228,8 @@ def _chunk_top_k_gemv(
 
 
 @triton.jit
-def _merge(CAND_SCORES, CAND_IDS, OUT_SCORES, OUT_IDS, UNSURE, C, K, stride_c, stride_o,
-           KEEP: tl.constexpr, BLOCK_C: tl.constexpr, CHECK: tl.constexpr):
+def _merge(CAND_SCORES, CAND_IDS, OUT_SCORES, OUT_IDS, UNSURE, BOUND, C, K, NUM_CHUNKS, stride_c, stride_o,
+           stride_x, KEEP: tl.constexpr, BLOCK_C: tl.constexpr, CHECK: tl.constexpr, BLOCK_X: tl.constexpr):
     """One row per program, in place of torch.topk over the candidates plus the unsure check (a few kernels,
     43 us at b=1 on the H200): each score becomes an order-preserving int32 key, packed with its slot into
     an int64, and one in-register sort (descending) puts the row's top K first."""
@@ -171,9 +246,16 @@ def _merge(CAND_SCORES, CAND_IDS, OUT_SCORES, OUT_IDS, UNSURE, C, K, stride_c, s
     tl.store(OUT_SCORES + row * stride_o + slot, top_bits.to(tl.float32, bitcast=True), mask=first)
     ids = tl.load(CAND_IDS + row * stride_c + top_slot, mask=first & (top_slot < C), other=0)
     tl.store(OUT_IDS + row * stride_o + slot, ids.to(tl.int64), mask=first)
-    if CHECK:
+    kth = tl.max(tl.where(slot == K - 1, top_key, -2147483647 - 1), axis=0)
+    if BLOCK_X > 0:
+        # The chunks' bounds on what they dropped (the bucket kernel) against the k-th, in key space.
+        chunk = tl.arange(0, BLOCK_X)
+        bits_x = tl.load(BOUND + row * stride_x + chunk, mask=chunk < NUM_CHUNKS, other=float("-inf"))
+        bits_x = bits_x.to(tl.int32, bitcast=True)
+        bound_key = bits_x ^ ((bits_x >> 31) & 0x7FFFFFFF)
+        tl.store(UNSURE + row, tl.max((bound_key > kth).to(tl.int32), axis=0) > 0)
+    elif CHECK:
         # The chunks' smallest kept keys against the k-th: as the torch path's check, in key space.
-        kth = tl.max(tl.where(slot == K - 1, top_key, -2147483647 - 1), axis=0)
         lowest = tl.min(tl.reshape(key, (BLOCK_C // KEEP, KEEP)), axis=1)
         chunk_ok = tl.arange(0, BLOCK_C // KEEP) * KEEP < C
         tl.store(UNSURE + row, tl.max((chunk_ok & (lowest > kth)).to(tl.int32), axis=0) > 0)
@@ -193,6 +275,7 @@ class Config:
     block_d: int = 0          # width step of the tensor-core kernel; 0: the whole width at once
     keep: int = KEEP          # candidates kept per (row, chunk): fewer make the merge cheaper
     merge: str = "torch"      # torch: torch.topk over the candidates; triton: _merge (up to MAX_MERGE per row)
+    buckets: bool = False     # tensor-core kernel only: _chunk_top_k_buckets in place of extraction passes
 
 
 # Candidates per batch regime, the heuristic default first. Small batches must stream the table at full
@@ -212,14 +295,24 @@ _CANDIDATES = {
     "small": [Config(16, 128, 8, 4, 3), Config(16, 128, 1, 4, 2), Config(16, 256, 4, 8, 3),
               Config(16, 64, 16, 4, 3), Config(16, 128, 32, 4, 3), Config(16, 128, 8, 4, 3, 64),
               Config(16, 64, 16, 4, 4, 64), Config(1, 64, 16, 4, 3), Config(16, 64, 16, 4, 3, 0, 8, "triton"),
-              Config(16, 128, 8, 4, 3, 64, 8, "triton")],
+              Config(16, 128, 8, 4, 3, 64, 8, "triton"),
+              # The bucket kernel (_chunk_top_k_buckets, always the whole width at once).
+              Config(16, 128, 16, 8, 2, 0, 8, "torch", True), Config(16, 128, 16, 4, 2, 0, 8, "triton", True),
+              Config(16, 64, 16, 4, 3, 0, 8, "torch", True), Config(16, 64, 32, 4, 3, 0, 8, "triton", True)],
     "medium": [Config(64, 128, 16, 4, 3), Config(64, 128, 64, 8, 3), Config(128, 128, 16, 8, 3),
                Config(32, 128, 16, 4, 3), Config(64, 128, 16, 4, 3, 64), Config(128, 128, 16, 8, 3, 64),
-               Config(64, 256, 8, 8, 3, 64), Config(64, 128, 16, 4, 3, 64, 8, "triton")],
+               Config(64, 256, 8, 8, 3, 64), Config(64, 128, 16, 4, 3, 64, 8, "triton"),
+               Config(64, 128, 16, 8, 2, 0, 8, "torch", True), Config(64, 128, 16, 8, 2, 0, 8, "triton", True),
+               Config(64, 64, 16, 8, 3, 0, 8, "torch", True), Config(32, 128, 16, 4, 2, 0, 8, "torch", True),
+               Config(64, 64, 16, 4, 3, 0, 8, "torch", True)],
     "large": [Config(128, 128, 32, 8, 3), Config(128, 128, 32, 8, 3, 64), Config(128, 128, 128, 8, 3, 64),
               Config(128, 256, 16, 8, 3, 64), Config(64, 128, 64, 4, 3, 64), Config(128, 64, 64, 4, 3, 64),
               Config(128, 128, 64, 4, 4, 32), Config(64, 256, 32, 8, 3, 64),
-              Config(64, 128, 64, 4, 3, 64, 8, "triton")],
+              Config(64, 128, 64, 4, 3, 64, 8, "triton"),
+              Config(64, 128, 16, 8, 2, 0, 8, "torch", True), Config(64, 128, 32, 8, 2, 0, 8, "torch", True),
+              Config(64, 64, 16, 8, 3, 0, 8, "torch", True), Config(64, 64, 32, 4, 3, 0, 8, "torch", True),
+              Config(128, 64, 16, 8, 3, 0, 8, "torch", True), Config(128, 64, 16, 8, 2, 0, 8, "torch", True),
+              Config(64, 128, 16, 8, 2, 0, 8, "triton", True)],
 }
 # The interpreter (tests on the CPU): small tiles keep it quick, and chunks of two tiles exercise the merge.
 _INTERPRETED = Config(16, 32, 2, 1, 1)
@@ -300,7 +393,18 @@ def candidates(query: Tensor, item_table: Tensor, history: Tensor, k: int, scale
     args = (query, item_table, scales if scales is not None else query, hist, bounds, cand_scores, cand_ids, B, n1, D)
     strides = (query.stride(0), item_table.stride(0), hist.stride(0), bounds.stride(0), cand_scores.stride(0))
     full_width = max(16, triton.next_power_of_2(D))
-    if cfg.block_b == 1:
+    bound = None
+    if cfg.buckets and cfg.block_b > 1:
+        bound = torch.empty(B, num_chunks, device=query.device, dtype=torch.float32)
+        _chunk_top_k_buckets[grid](
+            *args[:7], bound, *args[7:], *strides, bound.stride(0),
+            HAS_SCALES=scales is not None, DOT_PRECISION="ieee" if query.dtype == torch.float32 else None,
+            UPCAST=interpreted,
+            BLOCK_B=cfg.block_b, BLOCK_N=cfg.block_n, BLOCK_D=full_width,
+            TILES_PER_CHUNK=tpc, TILE_BITS=max(1, (tpc - 1).bit_length()), KEEP=keep,
+            num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+        )
+    elif cfg.block_b == 1:
         _chunk_top_k_gemv[grid](
             *args, *strides, HAS_SCALES=scales is not None, BLOCK_N=cfg.block_n, BLOCK_D=full_width,
             TILES_PER_CHUNK=tpc, KEEP=keep, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
@@ -318,13 +422,18 @@ def candidates(query: Tensor, item_table: Tensor, history: Tensor, k: int, scale
         scores = torch.empty(B, k, device=query.device, dtype=torch.float32)
         ids = torch.empty(B, k, device=query.device, dtype=torch.int64)
         unsure = torch.zeros(B, device=query.device, dtype=torch.bool)
-        _merge[(B,)](cand_scores, cand_ids, scores, ids, unsure, num_chunks * keep, k, cand_scores.stride(0),
-                     scores.stride(0), KEEP=keep, BLOCK_C=triton.next_power_of_2(num_chunks * keep),
-                     CHECK=keep < chunk, num_warps=8 if not interpreted else 1)
+        _merge[(B,)](cand_scores, cand_ids, scores, ids, unsure, bound if bound is not None else cand_scores,
+                     num_chunks * keep, k, num_chunks, cand_scores.stride(0), scores.stride(0),
+                     bound.stride(0) if bound is not None else 0, KEEP=keep,
+                     BLOCK_C=triton.next_power_of_2(num_chunks * keep), CHECK=keep < chunk,
+                     BLOCK_X=triton.next_power_of_2(num_chunks) if bound is not None else 0,
+                     num_warps=8 if not interpreted else 1)
         return scores, ids, unsure
     scores, pos = torch.topk(cand_scores, k, dim=1)
     ids = cand_ids.gather(1, pos).long()
-    if keep >= chunk:  # every item of every chunk was kept
+    if bound is not None:  # the bucket kernel's bounds on what each chunk dropped
+        unsure = (bound > scores[:, -1:]).any(dim=1)
+    elif keep >= chunk:  # every item of every chunk was kept
         unsure = torch.zeros(B, dtype=torch.bool, device=query.device)
     else:
         # A chunk whose smallest kept score beats the k-th best may have dropped a better item than the
