@@ -104,6 +104,25 @@ def test_every_kernel_shape_the_tuner_may_pick(config, scaled):
     _check_top_k(query, table, history, 30, scales, scores, ids, 1e-3)
 
 
+def test_every_config_in_the_tuner_lists_is_exact():
+    """Every candidate the GPU tuner may choose, each block shape once, on a table of several chunks: the
+    exact top-k after the fix. (It found the CUDA-core kernel replacing a kept item with a worse one when an
+    earlier pass of the same tile had raised the floor past it.)"""
+    from pipeline.kernels.triton_retrieval import _CANDIDATES, fused_top_k
+
+    query, table, history = _case(5, 300, 24, hist_len=9, dtype=torch.float32, seed=1)
+    shapes = {}
+    for configs in _CANDIDATES.values():
+        for cfg in configs:  # num_warps and num_stages do not change what the interpreter computes
+            shapes.setdefault((cfg.block_b, cfg.block_n, cfg.tiles_per_chunk, cfg.block_d, cfg.keep, cfg.merge,
+                               cfg.buckets), cfg)
+    assert len(shapes) > 20
+    for cfg in shapes.values():
+        scores, ids, unsure = fused_top_k(query, table, history, 30, None, cfg)
+        scores, ids = kernels.fix_unsure(query, table, history, 30, None, scores, ids, unsure)
+        _check_top_k(query, table, history, 30, None, scores, ids, 1e-3)
+
+
 @pytest.mark.parametrize("merge", ["torch", "triton"])
 def test_bucket_kernel_flags_a_crowded_bucket(merge):
     """Bucket (row, column j) of the bucket kernel keeps two items: a row whose three best items share one

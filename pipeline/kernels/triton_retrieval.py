@@ -217,8 +217,9 @@ def _chunk_top_k_gemv(
         passes = tl.minimum(tl.sum((acc > floor).to(tl.int32), axis=0), KEEP)
         for _ in range(0, passes):
             top, arg = tl.max(acc, axis=0, return_indices=True)
-            low_at = tl.argmin(best, axis=0)
-            hit = slot == low_at
+            low, low_at = tl.min(best, axis=0, return_indices=True)
+            # Only above the current floor: an earlier pass of this tile may have raised it past `top`.
+            hit = slot == tl.where(top > low, low_at, -1)
             best = tl.where(hit, top, best)
             best_ids = tl.where(hit, tile * BLOCK_N + arg, best_ids)
             acc = tl.where(local == arg, float("-inf"), acc)
@@ -278,41 +279,49 @@ class Config:
     buckets: bool = False     # tensor-core kernel only: _chunk_top_k_buckets in place of extraction passes
 
 
-# Candidates per batch regime, the heuristic default first. Small batches must stream the table at full
-# bandwidth (many programs, short chunks); large ones are matmul-bound (big tiles, long chunks so that the
-# running threshold prunes most extraction passes). A "threshold" algorithm (a lower bound from a prefix of
+# Candidates per batch regime, the default first (what the H200's tuner chose; used untimed with
+# GENREC_AUTOTUNE=0 or inside a CUDA-graph capture). Small batches must stream the table at full bandwidth
+# (many programs, short chunks); large ones are matmul-bound, where the bucket kernel's elementwise top-2
+# beat the extraction passes 2.2x at b=1024. A "threshold" algorithm (a lower bound from a prefix of
 # the table, then an atomic append of every item above it) lost to these by 1.6x to 2.2x at every batch
 # size on the H100 (docs/BENCHMARKS.md, 2026-11-28) and was removed; so was a two-pass "bound" algorithm
 # (tile maxima bound each row's k-th score, then the same append), which lost at every size on the H200.
 _CANDIDATES = {
-    "tiny": [Config(1, 64, 16, 4, 3), Config(1, 32, 32, 4, 3), Config(1, 128, 8, 8, 3), Config(1, 64, 4, 4, 2),
+    "tiny": [Config(1, 32, 32, 4, 3, 0, 4),  # the H200's choice (2026-11-28)
+             Config(1, 64, 16, 4, 3), Config(1, 32, 32, 4, 3), Config(1, 128, 8, 8, 3), Config(1, 64, 4, 4, 2),
              Config(1, 16, 64, 2, 3), Config(16, 128, 8, 4, 3), Config(16, 64, 16, 4, 3, 64),
              # Half the candidates: the merge (torch.topk over them) took 43 us of 0.31 ms at b=1 on the H200.
-             Config(1, 32, 32, 4, 3, 0, 4), Config(1, 64, 16, 4, 3, 0, 4), Config(1, 32, 64, 4, 3, 0, 4),
+             Config(1, 64, 16, 4, 3, 0, 4), Config(1, 32, 64, 4, 3, 0, 4),
              # Our merge kernel in place of torch.topk (not yet timed on a GPU: the tuner decides).
              Config(1, 64, 16, 4, 3, 0, 4, "triton"), Config(1, 32, 32, 4, 3, 0, 4, "triton"),
              Config(1, 32, 32, 4, 3, 0, 8, "triton")],
-    "small": [Config(16, 128, 8, 4, 3), Config(16, 128, 1, 4, 2), Config(16, 256, 4, 8, 3),
+    "small": [Config(16, 128, 16, 8, 2, 0, 8, "torch", True),  # the H200's choice (2026-11-28)
+              Config(16, 128, 8, 4, 3), Config(16, 128, 1, 4, 2), Config(16, 256, 4, 8, 3),
               Config(16, 64, 16, 4, 3), Config(16, 128, 32, 4, 3), Config(16, 128, 8, 4, 3, 64),
               Config(16, 64, 16, 4, 4, 64), Config(1, 64, 16, 4, 3), Config(16, 64, 16, 4, 3, 0, 8, "triton"),
               Config(16, 128, 8, 4, 3, 64, 8, "triton"),
               # The bucket kernel (_chunk_top_k_buckets, always the whole width at once).
-              Config(16, 128, 16, 8, 2, 0, 8, "torch", True), Config(16, 128, 16, 4, 2, 0, 8, "triton", True),
-              Config(16, 64, 16, 4, 3, 0, 8, "torch", True), Config(16, 64, 32, 4, 3, 0, 8, "triton", True)],
-    "medium": [Config(64, 128, 16, 4, 3), Config(64, 128, 64, 8, 3), Config(128, 128, 16, 8, 3),
+              Config(16, 128, 16, 4, 2, 0, 8, "triton", True), Config(16, 64, 16, 4, 3, 0, 8, "torch", True),
+              Config(16, 64, 32, 4, 3, 0, 8, "triton", True)],
+    "medium": [Config(64, 64, 16, 4, 3, 0, 8, "torch", True),  # the H200's choice (2026-11-28)
+               Config(64, 128, 16, 4, 3), Config(64, 128, 64, 8, 3), Config(128, 128, 16, 8, 3),
                Config(32, 128, 16, 4, 3), Config(64, 128, 16, 4, 3, 64), Config(128, 128, 16, 8, 3, 64),
                Config(64, 256, 8, 8, 3, 64), Config(64, 128, 16, 4, 3, 64, 8, "triton"),
                Config(64, 128, 16, 8, 2, 0, 8, "torch", True), Config(64, 128, 16, 8, 2, 0, 8, "triton", True),
                Config(64, 64, 16, 8, 3, 0, 8, "torch", True), Config(32, 128, 16, 4, 2, 0, 8, "torch", True),
-               Config(64, 64, 16, 4, 3, 0, 8, "torch", True)],
-    "large": [Config(128, 128, 32, 8, 3), Config(128, 128, 32, 8, 3, 64), Config(128, 128, 128, 8, 3, 64),
+               Config(128, 64, 16, 8, 3, 0, 8, "torch", True)],
+    "large": [Config(128, 64, 16, 8, 3, 0, 8, "torch", True),  # the H200's choice (2026-11-28)
+              Config(128, 128, 32, 8, 3), Config(128, 128, 32, 8, 3, 64), Config(128, 128, 128, 8, 3, 64),
               Config(128, 256, 16, 8, 3, 64), Config(64, 128, 64, 4, 3, 64), Config(128, 64, 64, 4, 3, 64),
               Config(128, 128, 64, 4, 4, 32), Config(64, 256, 32, 8, 3, 64),
               Config(64, 128, 64, 4, 3, 64, 8, "triton"),
               Config(64, 128, 16, 8, 2, 0, 8, "torch", True), Config(64, 128, 32, 8, 2, 0, 8, "torch", True),
               Config(64, 64, 16, 8, 3, 0, 8, "torch", True), Config(64, 64, 32, 4, 3, 0, 8, "torch", True),
-              Config(128, 64, 16, 8, 3, 0, 8, "torch", True), Config(128, 64, 16, 8, 2, 0, 8, "torch", True),
-              Config(64, 128, 16, 8, 2, 0, 8, "triton", True)],
+              Config(128, 64, 16, 8, 2, 0, 8, "torch", True),
+              Config(64, 128, 16, 8, 2, 0, 8, "triton", True),
+              # Around the H200's choice, (128, 64, 16, 8 warps, 3 stages); not yet timed.
+              Config(128, 64, 16, 8, 4, 0, 8, "torch", True), Config(128, 64, 16, 4, 3, 0, 8, "torch", True),
+              Config(128, 32, 32, 8, 3, 0, 8, "torch", True), Config(256, 32, 16, 8, 3, 0, 8, "torch", True)],
 }
 # The interpreter (tests on the CPU): small tiles keep it quick, and chunks of two tiles exercise the merge.
 _INTERPRETED = Config(16, 32, 2, 1, 1)
