@@ -265,8 +265,7 @@ def _tuning_table(path: Path) -> str:
         for key, cfg, ms in log:
             writer.writerow([key[0], key[1], key[2], str(key[4]).replace("torch.", ""), key[5], cfg.block_b,
                              cfg.block_n, cfg.tiles_per_chunk, cfg.num_warps, cfg.num_stages, cfg.block_d, cfg.keep,
-                             cfg.merge, "buckets" if cfg.buckets else "passes" if cfg.block_b > 1 else "gemv",
-                             f"{ms:.4f}"])
+                             cfg.merge, cfg.algorithm, f"{ms:.4f}"])
     lines = ["", "Fused top-K tuning (ms per call of the candidates step, best first per shape):"]
     shapes = dict.fromkeys((key[0], str(key[4])) for key, _, _ in log)
     for bucket, table_dtype in shapes:
@@ -274,7 +273,7 @@ def _tuning_table(path: Path) -> str:
                          key=lambda entry: (entry[0] != entry[0], entry[0]))  # failed (nan) last
         lines.append(f"- b<={bucket} {table_dtype}: " + ", ".join(
             f"{ms:.3f} (B{c.block_b} N{c.block_n} T{c.tiles_per_chunk} w{c.num_warps} s{c.num_stages} "
-            f"D{c.block_d} K{c.keep} {c.merge}{' buckets' if c.buckets else ''})"
+            f"D{c.block_d} K{c.keep} {c.merge} {c.algorithm})"
             for ms, c in entries))
     return "\n".join(lines) + "\n"
 

@@ -229,6 +229,14 @@ def _chunk_top_k_gemv(
 
 
 @triton.jit
+def _order_key(x):
+    """fp32 -> int32 whose signed order is the floats' order (negative floats: their magnitudes reversed).
+    The same map on the int32 undoes it."""
+    bits = x.to(tl.int32, bitcast=True)
+    return bits ^ ((bits >> 31) & 0x7FFFFFFF)
+
+
+@triton.jit
 def _merge(CAND_SCORES, CAND_IDS, OUT_SCORES, OUT_IDS, UNSURE, BOUND, C, K, NUM_CHUNKS, stride_c, stride_o,
            stride_x, KEEP: tl.constexpr, BLOCK_C: tl.constexpr, CHECK: tl.constexpr, BLOCK_X: tl.constexpr):
     """One row per program, in place of torch.topk over the candidates plus the unsure check (a few kernels,
@@ -237,8 +245,7 @@ def _merge(CAND_SCORES, CAND_IDS, OUT_SCORES, OUT_IDS, UNSURE, BOUND, C, K, NUM_
     row = tl.program_id(0)
     slot = tl.arange(0, BLOCK_C)
     scores = tl.load(CAND_SCORES + row * stride_c + slot, mask=slot < C, other=float("-inf"))
-    bits = scores.to(tl.int32, bitcast=True)
-    key = bits ^ ((bits >> 31) & 0x7FFFFFFF)  # negative floats: reverse the order of their magnitudes
+    key = _order_key(scores)
     packed = tl.sort((key.to(tl.int64) << 32) | slot.to(tl.int64), descending=True)
     top_key = (packed >> 32).to(tl.int32)
     top_slot = (packed & 0xFFFFFFFF).to(tl.int32)
@@ -251,9 +258,7 @@ def _merge(CAND_SCORES, CAND_IDS, OUT_SCORES, OUT_IDS, UNSURE, BOUND, C, K, NUM_
     if BLOCK_X > 0:
         # The chunks' bounds on what they dropped (the bucket kernel) against the k-th, in key space.
         chunk = tl.arange(0, BLOCK_X)
-        bits_x = tl.load(BOUND + row * stride_x + chunk, mask=chunk < NUM_CHUNKS, other=float("-inf"))
-        bits_x = bits_x.to(tl.int32, bitcast=True)
-        bound_key = bits_x ^ ((bits_x >> 31) & 0x7FFFFFFF)
+        bound_key = _order_key(tl.load(BOUND + row * stride_x + chunk, mask=chunk < NUM_CHUNKS, other=float("-inf")))
         tl.store(UNSURE + row, tl.max((bound_key > kth).to(tl.int32), axis=0) > 0)
     elif CHECK:
         # The chunks' smallest kept keys against the k-th: as the torch path's check, in key space.
@@ -273,10 +278,15 @@ class Config:
     tiles_per_chunk: int
     num_warps: int
     num_stages: int
-    block_d: int = 0          # width step of the tensor-core kernel; 0: the whole width at once
+    block_d: int = 0          # width step of the "passes" kernel; 0: the whole width at once
     keep: int = KEEP          # candidates kept per (row, chunk): fewer make the merge cheaper
     merge: str = "torch"      # torch: torch.topk over the candidates; triton: _merge (up to MAX_MERGE per row)
     buckets: bool = False     # tensor-core kernel only: _chunk_top_k_buckets in place of extraction passes
+
+    @property
+    def algorithm(self) -> str:
+        """The kernel this config runs: gemv (one row per program), buckets or passes (tensor cores)."""
+        return "gemv" if self.block_b == 1 else "buckets" if self.buckets else "passes"
 
 
 # Candidates per batch regime, the default first (what the H200's tuner chose; used untimed with
@@ -403,7 +413,7 @@ def candidates(query: Tensor, item_table: Tensor, history: Tensor, k: int, scale
     strides = (query.stride(0), item_table.stride(0), hist.stride(0), bounds.stride(0), cand_scores.stride(0))
     full_width = max(16, triton.next_power_of_2(D))
     bound = None
-    if cfg.buckets and cfg.block_b > 1:
+    if cfg.algorithm == "buckets":
         bound = torch.empty(B, num_chunks, device=query.device, dtype=torch.float32)
         _chunk_top_k_buckets[grid](
             *args[:7], bound, *args[7:], *strides, bound.stride(0),
@@ -413,7 +423,7 @@ def candidates(query: Tensor, item_table: Tensor, history: Tensor, k: int, scale
             TILES_PER_CHUNK=tpc, TILE_BITS=max(1, (tpc - 1).bit_length()), KEEP=keep,
             num_warps=cfg.num_warps, num_stages=cfg.num_stages,
         )
-    elif cfg.block_b == 1:
+    elif cfg.algorithm == "gemv":
         _chunk_top_k_gemv[grid](
             *args, *strides, HAS_SCALES=scales is not None, BLOCK_N=cfg.block_n, BLOCK_D=full_width,
             TILES_PER_CHUNK=tpc, KEEP=keep, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
