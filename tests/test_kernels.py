@@ -306,7 +306,7 @@ def test_hstu_model_with_triton_kernels_matches_reference():
     from pipeline.models import HSTU, Retriever
 
     torch.manual_seed(0)
-    model = HSTU(num_items=60, max_len=12, dim=16, num_layers=1, num_heads=2, dropout=0.0, linear_dropout=0.0)
+    model = HSTU(num_items=60, max_len=12, dim=16, num_layers=2, num_heads=2, dropout=0.0, linear_dropout=0.0)
     retriever = Retriever(model, k=10).to(DEVICE).eval()
     history = torch.randint(1, 61, (3, 12), device=DEVICE)
     lengths = torch.tensor([12, 5, 1], device=DEVICE)
