@@ -48,20 +48,28 @@ class BenchVariant:
 
     def build(self, workload: Workload, device: torch.device) -> Callable:
         retriever = workload.retriever(device, DTYPES[self.precision])
+        if self.part is None:
+            return self.wrap(retriever)
+        retriever.freeze(int8_table=self.int8_table)  # the parts time our serving form
+        if self.part == "encoder":
+            return _compiled(retriever.query, self.mode, self.kernels)
+        return _retrieval_only(retriever, workload, device, self.kernels)
+
+    def wrap(self, retriever) -> Callable:
+        """The variant's call over an eager retriever already in its precision and on its device (a whole-call
+        variant, not a part): predict(history, lengths, timestamps=None) -> (ids, scores)."""
+        if self.part is not None:
+            raise ValueError(f"{self.name} times a part of the call, not a whole retriever")
         if not self.baseline:
             # Ours: the normalized (or int8) table computed once. The eager baselines normalize it on every
             # call, as plain PyTorch does; CompiledRetriever freezes the compiled ones, as Inductor's
             # freezing would fold it to a constant anyway.
             retriever.freeze(int8_table=self.int8_table)
-        if self.part == "encoder":
-            return _compiled(retriever.query, self.mode, self.kernels)
-        if self.part == "retrieval":
-            return _retrieval_only(retriever, workload, device, self.kernels)
         if self.mode is None:
             @torch.no_grad()
-            def predict(history, lengths):
+            def predict(history, lengths, timestamps=None):
                 with kernels.use(self.kernels):
-                    return retriever(history, lengths)
+                    return retriever(history, lengths, timestamps)
             return predict
         from pipeline.export.inductor import CompiledRetriever
 

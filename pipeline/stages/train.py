@@ -15,7 +15,8 @@ from pipeline.checkpoint import save_checkpoint
 from pipeline.core import Context, PipelineError, StageResult, Variant
 from pipeline.data import TrainSequences, load_splits, train_with_validation
 from pipeline.evaluation import evaluate_full_ranking
-from pipeline.models import Retriever, build_model, sampled_softmax_loss
+from pipeline.models import Retriever, build_model
+from pipeline.training import train_epoch
 
 log = logging.getLogger(__name__)
 
@@ -123,29 +124,9 @@ def _refit(ctx: Context, splits, epochs: int, gen: torch.Generator):
 
 
 def _train_epoch(model, optimizer, train: TrainSequences, cfg, device, gen: torch.Generator) -> float:
-    model.train()
     tcfg = cfg.train
-    order = torch.randperm(train.items.shape[0], generator=gen)
-    total, steps = 0.0, 0
-    for start in range(0, len(order), tcfg.batch_size):
-        idx = order[start : start + tcfg.batch_size]
-        lengths = train.lengths[idx]
-        # Trim the shared right padding: training is eager, so a shorter batch is just faster.
-        width = int(lengths.max())
-        items = train.items[idx, :width].to(device)
-        input_lengths = (lengths - 1).to(device)
-        positions = torch.arange(width - 1, device=device)
-        inputs = items[:, :-1] * (positions < input_lengths[:, None])
-        labels = items[:, 1:] * (positions < input_lengths[:, None])
-        ts = None if train.timestamps is None else train.timestamps[idx, : width - 1].to(device)
-        seq = model(inputs, input_lengths, ts)
-        loss = sampled_softmax_loss(
-            seq, labels, model.item_embeddings(), tcfg.num_negatives, cfg.model.temperature, cfg.model.l2_norm,
-            generator=gen if device.type == "cpu" else None, per_position=tcfg.negatives == "per_position",
-        )
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-        total += loss.item()
-        steps += 1
-    return total / max(steps, 1)
+    return train_epoch(
+        model, optimizer, train, batch_size=tcfg.batch_size, num_negatives=tcfg.num_negatives,
+        temperature=cfg.model.temperature, l2_norm=cfg.model.l2_norm, per_position=tcfg.negatives == "per_position",
+        device=device, gen=gen,
+    )

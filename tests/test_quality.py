@@ -1,0 +1,85 @@
+"""pipeline.bench.quality: trains, evaluates every variant against fp32 eager, and says so in a table;
+bad input gets a clear error."""
+import csv
+
+import pytest
+import torch
+
+from pipeline.bench import quality
+from pipeline.bench.parity import head
+from pipeline.checkpoint import load_checkpoint, save_checkpoint
+from pipeline.data import generate_synthetic, leave_one_out
+from pipeline.evaluation import evaluate_full_ranking
+from pipeline.models import HSTU, Retriever
+
+USERS, K = 150, 20
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    out = tmp_path_factory.mktemp("quality")
+    preset = out / "tiny.yaml"
+    preset.write_text("model: {max_len: 20, dim: 16, num_layers: 1, num_heads: 2}\n"
+                      "train: {epochs: 2, num_negatives: 16, batch_size: 256}\n")
+    code = quality.main(["--train", "--data", "synthetic", "--preset", str(preset), "--device", "cpu",
+                         "--users", str(USERS), "--k", str(K), "--out", str(out)])
+    with open(out / "quality.csv") as f:
+        rows = {row["variant"]: row for row in csv.DictReader(f)}
+    return code, out, rows
+
+
+def test_quality_trains_then_compares_each_variant_with_fp32_eager(trained):
+    code, out, rows = trained
+    assert code == 0
+    assert list(rows) == ["eager-fp32", "eager-bf16", "compile-fp32"]
+    model, payload = load_checkpoint(out / "model.pt")
+    assert payload["extra"]["metrics"]["epochs_run"] == 2
+    torch.manual_seed(0)
+    fresh = HSTU(num_items=payload["num_items"], max_len=20, dim=16, num_layers=1, num_heads=2)
+    assert not torch.equal(model.item_embedding.weight, fresh.item_embedding.weight)  # it trained
+    # The reference row, recomputed another way: full-ranking scores of the saved model, not its top-K.
+    split = head(leave_one_out(generate_synthetic(), 20).test, USERS)
+    expected = evaluate_full_ranking(Retriever(model, k=K).score_all, split, [10], 64, torch.device("cpu"))
+    assert float(rows["eager-fp32"]["hr10"]) == pytest.approx(expected["hr10"])
+    assert float(rows["eager-fp32"]["ndcg10"]) == pytest.approx(expected["ndcg10"])
+    # compile in fp32 answers as eager; bf16 rounds scores, and the table shows it.
+    assert float(rows["compile-fp32"]["topk_overlap"]) > 0.99
+    assert float(rows["compile-fp32"]["max_abs_err"]) < 1e-4
+    assert float(rows["eager-bf16"]["max_abs_err"]) > 1e-4
+    bf16 = rows["eager-bf16"]
+    gates_hold = float(bf16["hr10_delta"]) >= -0.002 and float(bf16["topk_overlap"]) >= 0.99
+    assert bf16["passes"] == ("yes" if gates_hold else "no")
+    assert "| eager-bf16 |" in (out / "quality.md").read_text()
+
+
+def test_quality_reads_the_dataset_a_checkpoint_names(trained, tmp_path):
+    """--checkpoint takes the data config saved with it; the answer is the --train run's."""
+    _, out, rows = trained
+    assert quality.main(["--checkpoint", str(out / "model.pt"), "--device", "cpu", "--users", str(USERS),
+                         "--k", str(K), "--variants", "eager-fp32", "--out", str(tmp_path)]) == 0
+    with open(tmp_path / "quality.csv") as f:
+        again = list(csv.DictReader(f))
+    assert [r["variant"] for r in again] == ["eager-fp32"]
+    assert again[0]["hr10"] == rows["eager-fp32"]["hr10"]
+
+
+def test_quality_bad_input_is_a_clear_error(trained, tmp_path, capsys):
+    _, out, _ = trained
+    assert quality.main(["--checkpoint", str(tmp_path / "missing.pt"), "--out", str(tmp_path)]) == 2
+    assert "checkpoint not found" in capsys.readouterr().err
+    corrupt = tmp_path / "corrupt.pt"
+    corrupt.write_bytes((out / "model.pt").read_bytes()[:100])
+    assert quality.main(["--checkpoint", str(corrupt), "--out", str(tmp_path)]) == 2
+    assert "not a readable checkpoint" in capsys.readouterr().err
+    with pytest.raises(SystemExit, match="unknown variant.*nope"):
+        quality.main(["--checkpoint", str(out / "model.pt"), "--device", "cpu", "--variants", "nope",
+                      "--out", str(tmp_path)])
+    # A checkpoint whose item count is not the dataset's: refused, not evaluated on the wrong items.
+    model, payload = load_checkpoint(out / "model.pt")
+    other = save_checkpoint(tmp_path / "other.pt", HSTU(num_items=50, max_len=20, dim=16, num_layers=1, num_heads=2),
+                            payload["model_config"], 50, extra={"data": {"name": "synthetic"}})
+    with pytest.raises(SystemExit, match="not the data it was trained on"):
+        quality.main(["--checkpoint", str(other), "--device", "cpu", "--out", str(tmp_path)])
+    with pytest.raises(SystemExit):  # argparse: one of --checkpoint / --train
+        quality.main(["--out", str(tmp_path)])
+    assert "one of the arguments" in capsys.readouterr().err
