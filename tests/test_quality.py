@@ -22,7 +22,8 @@ def trained(tmp_path_factory):
     preset.write_text("model: {max_len: 20, dim: 16, num_layers: 1, num_heads: 2}\n"
                       "train: {epochs: 2, num_negatives: 16, batch_size: 256}\n")
     code = quality.main(["--train", "--data", "synthetic", "--preset", str(preset), "--device", "cpu",
-                         "--users", str(USERS), "--k", str(K), "--out", str(out)])
+                         "--users", str(USERS), "--k", str(K), "--out", str(out),
+                         "--tracking-uri", f"sqlite:///{out / 'mlflow.db'}"])
     with open(out / "quality.csv") as f:
         rows = {row["variant"]: row for row in csv.DictReader(f)}
     return code, out, rows
@@ -52,11 +53,31 @@ def test_quality_trains_then_compares_each_variant_with_fp32_eager(trained):
     assert "| eager-bf16 |" in (out / "quality.md").read_text()
 
 
+def test_quality_logs_each_variant_to_mlflow(trained):
+    """A real sqlite store: one run per invocation, a nested run per variant with the CSV's numbers."""
+    import mlflow
+
+    _, out, rows = trained
+    client = mlflow.MlflowClient(f"sqlite:///{out / 'mlflow.db'}")
+    experiment = client.get_experiment_by_name("genrec-quality")
+    runs = client.search_runs([experiment.experiment_id])
+    variants = {r.data.tags["variant"]: r for r in runs if "variant" in r.data.tags}
+    assert set(variants) == set(rows)
+    for name, run in variants.items():
+        assert run.data.metrics["hr10"] == pytest.approx(float(rows[name]["hr10"]))
+        assert run.data.metrics["parity_topk_overlap"] == pytest.approx(float(rows[name]["topk_overlap"]))
+        assert run.data.tags["passes"] == rows[name]["passes"]
+    parent = [r for r in runs if "variant" not in r.data.tags]
+    assert len(parent) == 1
+    assert {a.path for a in client.list_artifacts(parent[0].info.run_id)} == {"quality.csv", "quality.md"}
+    assert (out / "mlruns").is_dir()  # the artifacts sit beside the store, not in the project
+
+
 def test_quality_reads_the_dataset_a_checkpoint_names(trained, tmp_path):
     """--checkpoint takes the data config saved with it; the answer is the --train run's."""
     _, out, rows = trained
     assert quality.main(["--checkpoint", str(out / "model.pt"), "--device", "cpu", "--users", str(USERS),
-                         "--k", str(K), "--variants", "eager-fp32", "--out", str(tmp_path)]) == 0
+                         "--k", str(K), "--variants", "eager-fp32", "--out", str(tmp_path), "--no-mlflow"]) == 0
     with open(tmp_path / "quality.csv") as f:
         again = list(csv.DictReader(f))
     assert [r["variant"] for r in again] == ["eager-fp32"]
@@ -65,11 +86,11 @@ def test_quality_reads_the_dataset_a_checkpoint_names(trained, tmp_path):
 
 def test_quality_bad_input_is_a_clear_error(trained, tmp_path, capsys):
     _, out, _ = trained
-    assert quality.main(["--checkpoint", str(tmp_path / "missing.pt"), "--out", str(tmp_path)]) == 2
+    assert quality.main(["--checkpoint", str(tmp_path / "missing.pt"), "--out", str(tmp_path), "--no-mlflow"]) == 2
     assert "checkpoint not found" in capsys.readouterr().err
     corrupt = tmp_path / "corrupt.pt"
     corrupt.write_bytes((out / "model.pt").read_bytes()[:100])
-    assert quality.main(["--checkpoint", str(corrupt), "--out", str(tmp_path)]) == 2
+    assert quality.main(["--checkpoint", str(corrupt), "--out", str(tmp_path), "--no-mlflow"]) == 2
     assert "not a readable checkpoint" in capsys.readouterr().err
     with pytest.raises(SystemExit, match="unknown variant.*nope"):
         quality.main(["--checkpoint", str(out / "model.pt"), "--device", "cpu", "--variants", "nope",

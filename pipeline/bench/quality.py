@@ -8,7 +8,8 @@ the largest score error. Issue 3's gates: HR@10 within 0.002 of fp32 eager and t
 --checkpoint evaluates a model the train stage made (its data config comes with it); --train first trains
 one here with a preset (default conf/tuned/hstu_ml-1m.yaml, the published protocol) and saves it in --out.
 Needs torch (and triton for our kernels), not hydra or mlflow: it runs on a bare GPU host. The variants are
-the bench's (pipeline.bench.run), wrapped around the trained retriever. Writes quality.csv and quality.md.
+the bench's (pipeline.bench.run), wrapped around the trained retriever. Writes quality.csv and quality.md, and
+logs them with each variant's metrics to MLflow (experiment genrec-quality; --no-mlflow without it).
 """
 from __future__ import annotations
 
@@ -198,6 +199,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--max-hr10-drop", type=float, default=0.002)
     parser.add_argument("--min-overlap", type=float, default=0.99)
     parser.add_argument("--out", type=Path, default=ARTIFACTS / "quality")
+    parser.add_argument("--no-mlflow", action="store_true", help="do not log to MLflow (a host without mlflow)")
+    parser.add_argument("--tracking-uri", default=None, help="default: sqlite:///<project>/artifacts/mlflow.db")
     args = parser.parse_args(argv)
     try:
         return _run(args, parser)
@@ -232,7 +235,40 @@ def _run(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     text = table(rows, facts, args.k)
     (args.out / "quality.md").write_text(text)
     print(text)
+    if not args.no_mlflow:
+        _log_mlflow(args, checkpoint, rows, device, [args.out / "quality.csv", args.out / "quality.md"])
     return 1 if any("error" in row for row in rows) else 0
+
+
+def _log_mlflow(args, checkpoint: Path, rows: list[dict], device: torch.device, artifacts: list[Path]) -> None:
+    """Experiment genrec-quality: a run per invocation, a nested run per variant with its metrics."""
+    try:
+        from omegaconf import OmegaConf
+
+        from pipeline.tracking import Tracker, host_tags
+
+        uri = args.tracking_uri
+        # A sqlite store keeps its artifacts beside it (the default one: <project>/artifacts/mlruns).
+        store = Path(uri.removeprefix("sqlite:///")).parent if uri and uri.startswith("sqlite:///") else ARTIFACTS
+        tracker = Tracker(OmegaConf.create({"tracking_uri": uri, "experiment_name": "genrec-quality"}), store)
+        with tracker.run(f"quality:{args.data or checkpoint.name}", tags=host_tags(device), nested=False):
+            tracker.log_params({"checkpoint": str(checkpoint), "users": args.users or "all", "k": args.k,
+                                "max_hr10_drop": args.max_hr10_drop, "min_overlap": args.min_overlap})
+            for row in rows:
+                with tracker.run(f"variant:{row['variant']}", tags={"variant": row["variant"]}):
+                    if "error" in row:
+                        tracker.set_tags({"error": row["error"][:5000]})
+                        continue
+                    tracker.set_tags({"passes": row["passes"]})
+                    tracker.log_metrics({"hr10": row["hr10"], "ndcg10": row["ndcg10"], "hr10_delta": row["hr10_delta"],
+                                         "parity_topk_overlap": row["topk_overlap"],
+                                         "parity_max_abs_err": row["max_abs_err"], "eval_seconds": row["seconds"],
+                                         **({} if row["hr50"] != row["hr50"] else {"hr50": row["hr50"]})})
+            for path in artifacts:
+                tracker.log_artifact(path)
+        print(f"logged to MLflow at {tracker.uri}", flush=True)
+    except Exception as err:  # the results are on disk already; a missing mlflow must not lose them
+        print(f"MLflow logging failed (use --no-mlflow to skip it): {type(err).__name__}: {err}", flush=True)
 
 
 if __name__ == "__main__":
