@@ -9,7 +9,7 @@ ARGS ?=
 # The real tritonserver (python backend only), unpacked from the nvidia-pytriton wheel; never pip-installed.
 TRITON := artifacts/triton/pytriton/tritonserver/bin/tritonserver
 
-.PHONY: setup run test ui bench triton serve stop deploy query loadtest clean
+.PHONY: quality setup run test ui bench triton serve stop deploy query loadtest clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -32,6 +32,9 @@ ui: $(PY)  ## MLflow UI on http://127.0.0.1:5000
 
 bench: $(PY)  ## the standard workload, every variant on this device (retrieval-cpu here, retrieval-1m on a GPU)
 	$(PY) -m pipeline.bench.run $(ARGS)
+
+quality: $(PY)  ## HR@10 and top-K of every headline variant against fp32 eager (ARGS="--checkpoint PATH" or "--train ...")
+	$(PY) -m pipeline.bench.quality $(ARGS)
 
 $(TRITON): | $(PY)
 	$(PY) -m pipeline.serving install

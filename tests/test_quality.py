@@ -84,6 +84,24 @@ def test_quality_reads_the_dataset_a_checkpoint_names(trained, tmp_path):
     assert again[0]["hr10"] == rows["eager-fp32"]["hr10"]
 
 
+def test_quality_generates_the_synthetic_data_a_train_stage_checkpoint_saved(tmp_path):
+    """The train stage saves its data config as a plain dict, synthetic options included: quality must
+    generate that data (100 items here), not the defaults (1,000), or the item-count check refuses it."""
+    options = {"num_users": 120, "num_items": 100, "min_len": 5, "max_len": 20, "seed": 3}
+    model_cfg = {"name": "hstu", "max_len": 20, "dim": 16, "num_layers": 1, "num_heads": 2, "l2_norm": True}
+    torch.manual_seed(0)
+    checkpoint = save_checkpoint(tmp_path / "model.pt", HSTU(num_items=100, max_len=20, dim=16, num_layers=1, num_heads=2),
+                                 model_cfg, 100, extra={"data": {"name": "synthetic", "root": None, "synthetic": options}})
+    assert quality.main(["--checkpoint", str(checkpoint), "--device", "cpu", "--k", "10", "--variants", "eager-fp32",
+                         "--out", str(tmp_path), "--no-mlflow"]) == 0
+    with open(tmp_path / "quality.csv") as f:
+        (row,) = list(csv.DictReader(f))
+    split = leave_one_out(generate_synthetic(**options), 20).test
+    model, _ = load_checkpoint(checkpoint)
+    expected = evaluate_full_ranking(Retriever(model, k=10).score_all, split, [10], 64, torch.device("cpu"))
+    assert float(row["hr10"]) == pytest.approx(expected["hr10"])
+
+
 def test_quality_bad_input_is_a_clear_error(trained, tmp_path, capsys):
     _, out, _ = trained
     assert quality.main(["--checkpoint", str(tmp_path / "missing.pt"), "--out", str(tmp_path), "--no-mlflow"]) == 2

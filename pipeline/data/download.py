@@ -319,11 +319,12 @@ def _synthetic_options(section: Any) -> dict[str, Any]:
     """
     if section is None:
         return {}
-    keys = section.keys() if hasattr(section, "keys") else vars(section).keys()
+    # A DictConfig or a plain dict (as a checkpoint saves it), or an object with attributes.
+    options = dict(section.items()) if hasattr(section, "keys") else dict(vars(section))
     valid = inspect.signature(generate_synthetic).parameters
-    unknown = sorted(set(keys) - set(valid))
+    unknown = sorted(set(options) - set(valid))
     if unknown:
         raise ValueError(
             f"unknown synthetic option(s) {', '.join(unknown)}; valid options: {', '.join(valid)}"
         )
-    return {key: getattr(section, key) for key in keys if getattr(section, key) is not None}
+    return {key: value for key, value in options.items() if value is not None}
