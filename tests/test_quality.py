@@ -119,6 +119,10 @@ def test_quality_bad_input_is_a_clear_error(trained, tmp_path, capsys):
                             payload["model_config"], 50, extra={"data": {"name": "synthetic"}})
     with pytest.raises(SystemExit, match="not the data it was trained on"):
         quality.main(["--checkpoint", str(other), "--device", "cpu", "--out", str(tmp_path)])
+    typo = tmp_path / "typo.yaml"
+    typo.write_text("model: {max_len: 20}\ntrain: {epoch: 2}\n")
+    with pytest.raises(SystemExit, match="unknown train key.*epoch"):
+        quality.main(["--train", "--data", "synthetic", "--preset", str(typo), "--out", str(tmp_path), "--no-mlflow"])
     with pytest.raises(SystemExit):  # argparse: one of --checkpoint / --train
         quality.main(["--out", str(tmp_path)])
     assert "one of the arguments" in capsys.readouterr().err

@@ -72,8 +72,12 @@ def _preset(path: Path | None, epochs: int | None) -> tuple[dict, dict]:
         unknown = sorted(set(preset) - {"model", "train"})
         if unknown:
             raise SystemExit(f"quality: preset {path} has keys {unknown}; only model and train are read")
-        model.update(preset.get("model") or {})
-        train.update(preset.get("train") or {})
+        for section, base in (("model", model), ("train", train)):
+            wrong = sorted(set(preset.get(section) or {}) - set(base))
+            if wrong:
+                raise SystemExit(f"quality: preset {path} sets unknown {section} key(s) {', '.join(wrong)}; "
+                                 f"valid: {', '.join(sorted(base))}")
+            base.update(preset.get(section) or {})
     if epochs is not None:
         train["epochs"] = epochs
     return model, train
@@ -115,7 +119,7 @@ def train_model(args, device: torch.device) -> Path:
 
 def evaluate(checkpoint: Path, args, device: torch.device) -> list[dict]:
     """Every variant over the test users -> one row each; a variant that raises gets a row with its error."""
-    model, payload = load_checkpoint(checkpoint)
+    _, payload = load_checkpoint(checkpoint)  # refuses a missing, corrupt or mismatched one before any work
     data = dict(payload.get("extra", {}).get("data") or {})
     name = args.data or data.get("name")
     if name is None:
