@@ -14,6 +14,7 @@ logs them with each variant's metrics to MLflow (experiment genrec-quality; --no
 from __future__ import annotations
 
 import argparse
+import copy
 import csv
 import logging
 import sys
@@ -119,7 +120,7 @@ def train_model(args, device: torch.device) -> Path:
 
 def evaluate(checkpoint: Path, args, device: torch.device) -> list[dict]:
     """Every variant over the test users -> one row each; a variant that raises gets a row with its error."""
-    _, payload = load_checkpoint(checkpoint)  # refuses a missing, corrupt or mismatched one before any work
+    model, payload = load_checkpoint(checkpoint)  # refuses a missing, corrupt or mismatched one before any work
     data = dict(payload.get("extra", {}).get("data") or {})
     name = args.data or data.get("name")
     if name is None:
@@ -144,7 +145,7 @@ def evaluate(checkpoint: Path, args, device: torch.device) -> list[dict]:
         torch._dynamo.reset()
         start = time.perf_counter()
         try:
-            retriever = Retriever(load_checkpoint(checkpoint)[0], k=k, l2_norm=l2_norm)
+            retriever = Retriever(copy.deepcopy(model), k=k, l2_norm=l2_norm)  # each variant casts its own copy
             retriever = retriever.to(device=device, dtype=DTYPES[variant.precision]).eval()
             ids, scores = predict_top_k(variant.wrap(retriever), test, args.batch_size, device, desc=variant_name)
         except Exception as err:  # reported, and the other variants still run
