@@ -329,7 +329,8 @@ def _overlap(ids: torch.Tensor, ref: torch.Tensor) -> float:
 
 
 def _gpu_tests() -> None:
-    cmd = [sys.executable, "-m", "pytest", "-q", "-m", "gpu", "-p", "no:cacheprovider", "tests/test_kernels.py"]
+    cmd = [sys.executable, "-m", "pytest", "-q", "-m", "gpu", "-p", "no:cacheprovider", "tests/test_kernels.py",
+           "tests/test_aoti_gpu.py"]
     print("# " + " ".join(cmd), flush=True)
     proc = subprocess.run(cmd, cwd=PROJECT_ROOT, capture_output=True, text=True)
     print(proc.stdout[-4000:] + proc.stderr[-2000:], flush=True)

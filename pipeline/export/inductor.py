@@ -138,7 +138,11 @@ def package_aoti(retriever: nn.Module, path: Path, batch: ShapeRange, history: S
     program = export_program(retriever, batch, history, device)
     path.parent.mkdir(parents=True, exist_ok=True)
     try:
-        out = torch._inductor.aoti_compile_and_package(program, package_path=str(path))
+        # Compile-time autotuning launches each Triton kernel on synthetic inputs; the embedding's indices then
+        # fall out of range and its bounds check kills the CUDA context (a device-side assert on the H200;
+        # pytorch/pytorch#192143). Kernels are tuned on their first real call instead.
+        out = torch._inductor.aoti_compile_and_package(
+            program, package_path=str(path), inductor_configs={"triton.autotune_at_compile_time": False})
     except Exception as err:
         raise PipelineError(f"AOTInductor could not compile the retriever: {type(err).__name__}: {err}") from err
     return Path(out), time.perf_counter() - start
