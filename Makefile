@@ -9,7 +9,7 @@ ARGS ?=
 # The real tritonserver (python backend only), unpacked from the nvidia-pytriton wheel; never pip-installed.
 TRITON := artifacts/triton/pytriton/tritonserver/bin/tritonserver
 
-.PHONY: quality setup run test ui bench triton serve stop deploy query loadtest clean
+.PHONY: setup run test ui bench quality triton serve stop deploy query loadtest clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
