@@ -83,3 +83,24 @@ def test_cuda_graph_variant_runs_uncaptured_on_the_cpu():
     assert compiled.captured is not None and not compiled.captured.graphs
     assert torch.equal(ids, expected_ids)
     torch.testing.assert_close(scores, expected_scores)
+
+
+def test_a_package_that_crashes_its_loader_is_a_clear_error(tmp_path):
+    # A package linked by an unsuitable C++ toolchain segfaults the process that loads it (seen on the GPU host);
+    # the fresh-process runner must name the signal and the likely cause instead of dying with it.
+    from pipeline.core import PipelineError
+    from pipeline.export.inductor import _run_fresh
+
+    with pytest.raises(PipelineError, match="killed by SIGSEGV.*CXX"):
+        _run_fresh("import ctypes; ctypes.string_at(0)", [], tmp_path, "the package does not load")
+
+
+def test_a_corrupt_package_fails_in_the_fresh_process_with_its_error(tmp_path):
+    from pipeline.core import PipelineError
+    from pipeline.export.inductor import run_in_fresh_process
+
+    package = tmp_path / "retriever.pt2"
+    package.write_bytes(b"not a zip archive")
+    with pytest.raises(PipelineError, match=r"failed in a fresh process \(exit status 1\)"):
+        run_in_fresh_process(package, (torch.ones(1, 4, dtype=torch.long), torch.ones(1, dtype=torch.long)),
+                             tmp_path / "fresh")

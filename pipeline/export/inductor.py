@@ -2,6 +2,8 @@
 loads and runs without the model's Python code."""
 from __future__ import annotations
 
+import os
+import signal
 import subprocess
 import sys
 import textwrap
@@ -140,12 +142,20 @@ def package_aoti(retriever: nn.Module, path: Path, batch: ShapeRange, history: S
     try:
         # Compile-time autotuning launches each Triton kernel on synthetic inputs; the embedding's indices then
         # fall out of range and its bounds check kills the CUDA context (a device-side assert on the H200;
-        # pytorch/pytorch#192143). Kernels are tuned on their first real call instead.
-        out = torch._inductor.aoti_compile_and_package(
-            program, package_path=str(path), inductor_configs={"triton.autotune_at_compile_time": False})
+        # pytorch/pytorch#192143). Kernels are tuned on their first real call instead. That tuning runs Inductor's
+        # Python wrapper on the real weights, and with grad mode on, an `addmm(out=...)` on a weight that requires
+        # grad raises; no gradient is wanted from a package.
+        with torch.no_grad():
+            out = torch._inductor.aoti_compile_and_package(
+                program, package_path=str(path), inductor_configs={"triton.autotune_at_compile_time": False})
     except Exception as err:
         raise PipelineError(f"AOTInductor could not compile the retriever: {type(err).__name__}: {err}") from err
-    return Path(out), time.perf_counter() - start
+    out = Path(out)
+    # Loaded once in a throwaway process first: a package linked by a mismatched C++ toolchain crashes the
+    # process that loads it (SIGSEGV), and that must be a clear error here rather than the pipeline's death.
+    _run_fresh(_LOAD_ONLY, [str(out.resolve()), "0" if device.type == "cuda" else "-1"], path.parent,
+               f"the AOTInductor package {out} does not load")
+    return out, time.perf_counter() - start
 
 
 class AotiRetriever:
@@ -166,6 +176,11 @@ def uses_timestamps(retriever: nn.Module) -> bool:
 
 
 # Run by a bare interpreter: only torch, no pipeline package on the path.
+_LOAD_ONLY = textwrap.dedent("""
+    import sys, torch
+    torch._inductor.aoti_load_package(sys.argv[1], device_index=int(sys.argv[2]))
+""")
+
 _FRESH_PROCESS = textwrap.dedent("""
     import sys, torch
     package, inputs, output = sys.argv[1:4]
@@ -183,13 +198,30 @@ def run_in_fresh_process(package: Path, args: tuple[torch.Tensor, ...], work_dir
     inputs, output = work_dir / "aoti_inputs.pt", work_dir / "aoti_outputs.pt"
     # Plain copies: torch.compile may have tagged the originals (dynamic dims), which a weights-only load refuses.
     torch.save(tuple(arg.detach().clone() for arg in args), inputs)
-    proc = subprocess.run(
-        [sys.executable, "-I", "-c", _FRESH_PROCESS, str(package.resolve()), str(inputs), str(output)],
-        cwd=work_dir, capture_output=True, text=True, timeout=600,
-    )
-    if proc.returncode != 0:
-        raise PipelineError(f"the AOTInductor package {package} failed in a fresh process:\n{proc.stderr[-3000:]}")
+    _run_fresh(_FRESH_PROCESS, [str(package.resolve()), str(inputs), str(output)], work_dir,
+               f"the AOTInductor package {package} failed in a fresh process")
     return torch.load(output)
+
+
+def _run_fresh(code: str, args: list[str], cwd: Path, what: str) -> None:
+    """Runs `code` in a bare interpreter (-I: no pipeline on the path); a failure or a crash is a PipelineError."""
+    proc = subprocess.run([sys.executable, "-I", "-c", code, *args], cwd=cwd, capture_output=True, text=True,
+                          timeout=600)
+    if proc.returncode == 0:
+        return
+    if proc.returncode < 0:
+        try:
+            how = f"the process was killed by {signal.Signals(-proc.returncode).name}"
+        except ValueError:
+            how = f"the process was killed by signal {-proc.returncode}"
+        # Seen on a GPU host whose default CXX was a g++ wrapper with its own -B tool directory: every package it
+        # linked, CPU or CUDA, one Linear layer included, crashed on load; the system g++ made good ones.
+        hint = (f"; a crash on load usually means the C++ toolchain that linked the package does not suit this "
+                f"torch build: try again with CXX set to the system compiler (CXX is "
+                f"{os.environ.get('CXX', 'unset')})")
+    else:
+        how, hint = f"exit status {proc.returncode}", ""
+    raise PipelineError(f"{what} ({how}{hint}):\n{proc.stderr[-3000:]}")
 
 
 def timed_first_call(predict: Callable, args: tuple) -> float:
