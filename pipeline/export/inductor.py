@@ -150,12 +150,12 @@ def package_aoti(retriever: nn.Module, path: Path, batch: ShapeRange, history: S
                 program, package_path=str(path), inductor_configs={"triton.autotune_at_compile_time": False})
     except Exception as err:
         raise PipelineError(f"AOTInductor could not compile the retriever: {type(err).__name__}: {err}") from err
-    out = Path(out)
+    out, seconds = Path(out), time.perf_counter() - start
     # Loaded once in a throwaway process first: a package linked by a mismatched C++ toolchain crashes the
     # process that loads it (SIGSEGV), and that must be a clear error here rather than the pipeline's death.
     _run_fresh(_LOAD_ONLY, [str(out.resolve()), "0" if device.type == "cuda" else "-1"], path.parent,
                f"the AOTInductor package {out} does not load")
-    return out, time.perf_counter() - start
+    return out, seconds
 
 
 class AotiRetriever:
@@ -216,8 +216,8 @@ def _run_fresh(code: str, args: list[str], cwd: Path, what: str) -> None:
             how = f"the process was killed by signal {-proc.returncode}"
         # Seen on a GPU host whose default CXX was a g++ wrapper with its own -B tool directory: every package it
         # linked, CPU or CUDA, one Linear layer included, crashed on load; the system g++ made good ones.
-        hint = (f"; a crash on load usually means the C++ toolchain that linked the package does not suit this "
-                f"torch build: try again with CXX set to the system compiler (CXX is "
+        hint = (f"; a package that crashes its process was usually linked by a C++ toolchain that does not suit "
+                f"this torch build: build it again with CXX set to the system compiler (CXX is "
                 f"{os.environ.get('CXX', 'unset')})")
     else:
         how, hint = f"exit status {proc.returncode}", ""
