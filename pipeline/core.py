@@ -52,6 +52,9 @@ class StageResult:
     metrics: dict[str, float] = field(default_factory=dict)
     artifacts: dict[str, str] = field(default_factory=dict)
     variants: list[Variant] = field(default_factory=list)
+    # Variants the stage tried and could not build or load: name -> reason. The run goes on without them;
+    # validate lists them as failed and promote never sees them.
+    failures: dict[str, str] = field(default_factory=dict)
 
 
 @dataclass
@@ -67,6 +70,7 @@ class Manifest:
             "metrics": dict(result.metrics),
             "artifacts": dict(result.artifacts),
             "variants": [v.to_dict() for v in result.variants],
+            "failures": dict(result.failures),
         }
 
     def artifact(self, name: str) -> str | None:
@@ -77,6 +81,10 @@ class Manifest:
 
     def variants(self) -> list[Variant]:
         return [Variant(**v) for entry in self.stages.values() for v in entry.get("variants", [])]
+
+    def failures(self) -> dict[str, str]:
+        """Every variant an earlier stage failed to build: name -> reason."""
+        return {name: why for entry in self.stages.values() for name, why in entry.get("failures", {}).items()}
 
     def save(self, path: Path) -> None:
         path.write_text(json.dumps({"stages": self.stages}, indent=2))
