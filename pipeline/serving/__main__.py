@@ -10,11 +10,13 @@ def main() -> int:
     parser = argparse.ArgumentParser(prog="python -m pipeline.serving", description=__doc__)
     parser.add_argument("command", choices=("install", "start", "stop", "status"))
     parser.add_argument("overrides", nargs="*", help="config overrides, e.g. serving.http_port=8010")
+    parser.add_argument("--wheel-file", default=None,
+                        help="install: unpack this nvidia-pytriton wheel instead of downloading serving.wheel")
     args = parser.parse_args()
     scfg = load_config(args.overrides).serving
     server = LocalServer(scfg)
     if args.command == "install":
-        install(scfg.triton_dir, scfg.wheel)
+        install(scfg.triton_dir, scfg.wheel, args.wheel_file)
     elif args.command == "start":
         if server.is_live():
             print(f"a server already answers on {server.url}")

@@ -80,17 +80,23 @@ class TritonInstall:
         return found
 
 
-def install(triton_dir: str | Path, wheel: str) -> TritonInstall:
-    """pip download --no-deps <wheel>, unpack the server and its libraries, and put the python backend
-    stub built for this Python where the backend looks for it."""
+def install(triton_dir: str | Path, wheel: str, wheel_file: str | Path | None = None) -> TritonInstall:
+    """pip download --no-deps <wheel> (or take the wheel already at wheel_file, on a host without a package
+    index), unpack the server and its libraries, and put the python backend stub built for this Python where
+    the backend looks for it."""
     triton_dir = Path(triton_dir)
     python = f"{sys.version_info.major}.{sys.version_info.minor}"
     libpython = _libpython_dir()
     with tempfile.TemporaryDirectory() as tmp:
-        log.info("downloading %s (about 55 MB)", wheel)
-        subprocess.run([sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:", "-q",
-                        "-d", tmp, wheel], check=True)
-        (archive,) = Path(tmp).glob("*.whl")
+        if wheel_file is not None:
+            archive = Path(wheel_file)
+            if not (archive.is_file() and zipfile.is_zipfile(archive)):
+                raise ServerError(f"{archive} is not a wheel: pass the nvidia-pytriton .whl file")
+        else:
+            log.info("downloading %s (about 55 MB)", wheel)
+            subprocess.run([sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:", "-q",
+                            "-d", tmp, wheel], check=True)
+            (archive,) = Path(tmp).glob("*.whl")
         triton_dir.parent.mkdir(parents=True, exist_ok=True)
         staging = Path(tempfile.mkdtemp(dir=triton_dir.parent, prefix=".triton-"))
         try:

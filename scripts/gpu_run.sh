@@ -1,0 +1,92 @@
+#!/usr/bin/env bash
+# The whole path on a bare GPU host (the image's python3 and torch, nothing else installed, no package index):
+# stage=all on the GPU, deploy to the local tritonserver with KIND_GPU instances, a checked query, load tests
+# with and without dynamic batching, the server's GPU metrics. Wheels come from scripts/gpu_wheels.sh (run on a
+# machine with an index) in two folders, so that each fits one transfer:
+#
+#   scripts/gpu_run.sh stash          # with .whl-triton/ present: keeps the tritonserver wheel in $GENREC_GPU_HOME
+#   scripts/gpu_run.sh run [OUT]      # with .whl/ present: installs, runs everything, writes OUT
+#   scripts/gpu_run.sh all [OUT]      # both, when everything is here at once
+#
+# Environment: GENREC_GPU_HOME (default /tmp/genrec-gpu: installed wheels, the stashed server wheel),
+# PYTHON (default python3), GPU_RUN_ARGS (extra overrides for stage=all, e.g. "model=hstu data=ml-1m"),
+# LOAD_REQUESTS (default 3000), LOAD_CONCURRENCY (default 32). OUT gets summary.md plus each step's log.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+home=${GENREC_GPU_HOME:-/tmp/genrec-gpu}
+py=${PYTHON:-python3}
+phase=${1:-all}
+out=${2:-artifacts/gpu-run/$(date -u +%Y-%m-%dT%H-%M-%S)}
+mkdir -p "$home"
+
+stash() {
+  ls .whl-triton/*.whl >/dev/null 2>&1 || { echo "no .whl-triton/*.whl: run scripts/gpu_wheels.sh first" >&2; exit 1; }
+  cp .whl-triton/*.whl "$home"/ && echo "stashed $(ls "$home"/*.whl)"
+}
+
+step() {  # step NAME CMD...: runs CMD, its output to OUT/NAME.log and here; records rc and seconds
+  local name=$1 start rc; shift
+  echo "## $name: $*"
+  start=$(date +%s)
+  "$@" 2>&1 | tee "$out/$name.log"
+  rc=${PIPESTATUS[0]}
+  echo "| $name | $rc | $(( $(date +%s) - start )) |" >> "$out/steps.md"
+  return "$rc"
+}
+
+run() {
+  mkdir -p "$out"
+  echo "| step | exit | seconds |" > "$out/steps.md"; echo "| --- | --- | --- |" >> "$out/steps.md"
+  if ls .whl/*.whl >/dev/null 2>&1; then
+    "$py" -m pip install -q --no-index --no-deps --no-compile --upgrade --target "$home/site" .whl/*.whl || exit 1
+  fi
+  export PYTHONPATH="$home/site:$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
+  if [ ! -x artifacts/triton/pytriton/tritonserver/bin/tritonserver ]; then
+    wheel=$(ls "$home"/nvidia_pytriton-*.whl .whl-triton/nvidia_pytriton-*.whl 2>/dev/null | head -1)
+    [ -n "$wheel" ] || { echo "no nvidia-pytriton wheel: run 'scripts/gpu_run.sh stash' first" >&2; exit 1; }
+    step install_triton "$py" -m pipeline.serving install --wheel-file "$wheel" || exit 1
+  fi
+  {
+    echo "# GPU run $(date -u +%Y-%m-%dT%H:%M:%SZ)"
+    echo "commit $(git rev-parse --short HEAD 2>/dev/null || echo unknown)"
+    "$py" -c 'import torch, triton; print("torch", torch.__version__, "triton", triton.__version__, torch.cuda.get_device_name(0))'
+  } > "$out/summary.md" 2>&1
+  local gpu="serving.instance_group.kind=KIND_GPU"
+  # shellcheck disable=SC2086
+  step stage_all "$py" -m pipeline stage=all precision=fp16 device=cuda ${GPU_RUN_ARGS:-}
+  local run_dir
+  run_dir=$(ls -td artifacts/runs/*/ 2>/dev/null | head -1)
+  for f in validate_variants.md validate_latency.csv compile.json manifest.json; do
+    [ -f "$run_dir$f" ] && cp "$run_dir$f" "$out/"
+  done
+  step deploy "$py" -m pipeline stage=deploy "$gpu"
+  step query "$py" -m pipeline.client --check "$gpu"
+  local n=${LOAD_REQUESTS:-3000} c=${LOAD_CONCURRENCY:-32}
+  step load_c1 "$py" -m pipeline.serving.loadtest --requests 500 --concurrency 1 "$gpu"
+  step load_dynamic "$py" -m pipeline.serving.loadtest --requests "$n" --concurrency "$c" "$gpu"
+  "$py" - "$out/gpu_metrics.txt" <<'PY'
+import sys, urllib.request
+text = urllib.request.urlopen("http://127.0.0.1:8002/metrics", timeout=5).read().decode()
+open(sys.argv[1], "w").write("\n".join(l for l in text.splitlines() if l.startswith(("nv_gpu", "nv_energy", "nv_inference_count", "nv_inference_exec_count"))) + "\n")
+PY
+  step deploy_nobatch "$py" -m pipeline stage=deploy "$gpu" serving.dynamic_batching.enabled=false
+  step load_nobatch "$py" -m pipeline.serving.loadtest --requests "$n" --concurrency "$c" "$gpu" \
+    serving.dynamic_batching.enabled=false
+  "$py" -m pipeline.serving stop >/dev/null 2>&1
+  {
+    echo; echo "## steps"; cat "$out/steps.md"
+    echo; echo "## validate (stage=all)"; cat "$out/validate_variants.md" 2>/dev/null
+    for s in query load_c1 load_dynamic load_nobatch; do
+      echo; echo "## $s"; grep -v "^\s*$" "$out/$s.log" | tail -12
+    done
+    echo; echo "## GPU metrics"; cat "$out/gpu_metrics.txt" 2>/dev/null
+  } >> "$out/summary.md"
+  echo "results in $out"
+}
+
+case "$phase" in
+  stash) stash ;;
+  run) run ;;
+  all) stash; run ;;
+  *) echo "usage: scripts/gpu_run.sh stash | run [OUT] | all [OUT]" >&2; exit 2 ;;
+esac
