@@ -1,4 +1,5 @@
-"""Checkpoints carry the config that made them; loading refuses one that does not match."""
+"""Checkpoints carry the config that made them and a digest (pipeline.integrity); loading refuses one that
+does not match either."""
 from __future__ import annotations
 
 import pickle
@@ -10,6 +11,7 @@ import torch
 from torch import nn
 
 from pipeline.core import PipelineError
+from pipeline.integrity import verify_digest, write_digest
 
 FORMAT_VERSION = 1
 
@@ -31,6 +33,7 @@ def save_checkpoint(path: Path, model: nn.Module, model_cfg: dict, num_items: in
     tmp = path.with_suffix(path.suffix + ".tmp")
     torch.save(payload, tmp)
     tmp.replace(path)  # a crash mid-write never leaves a half checkpoint under the real name
+    write_digest(path)
     return path
 
 
@@ -38,6 +41,7 @@ def read_checkpoint(path: Path) -> dict[str, Any]:
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"checkpoint not found: {path}")
+    verify_digest(path)  # bytes overwritten in the middle of a zip still load: the digest is what notices
     try:
         payload = torch.load(path, map_location="cpu", weights_only=True)
     except (RuntimeError, OSError, pickle.UnpicklingError, EOFError, zipfile.BadZipFile, ValueError) as err:

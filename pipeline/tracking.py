@@ -234,6 +234,17 @@ class Tracker:
         except MlflowException:
             return None
 
+    def find_model_version(self, name: str, tag: str, value: str) -> Any | None:
+        """The newest version of registered model `name` whose tag `tag` is `value`, or None."""
+        from mlflow.exceptions import MlflowException
+
+        try:
+            versions = self.client.search_model_versions(f"name = '{name}'")
+        except MlflowException:
+            return None
+        found = [v for v in versions if v.tags.get(tag) == value]
+        return max(found, key=lambda v: int(v.version), default=None)
+
     def make_champion(self, name: str, version: str) -> str | None:
         """Alias `champion` -> version; the former champion becomes `previous`. -> the former champion's version."""
         former = self.model_version(name, CHAMPION)

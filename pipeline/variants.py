@@ -1,5 +1,6 @@
 """How to load and call each kind of variant: backend -> loader. Later stages register their backends.
 
+Every variant's files are checked against the digest written when they were made before it is loaded.
 Every loaded variant is a callable (history, lengths, timestamps) -> (item ids [B, K], scores [B, K]).
 """
 from __future__ import annotations
@@ -10,6 +11,7 @@ import torch
 
 from pipeline.checkpoint import load_checkpoint
 from pipeline.core import PipelineError, Variant
+from pipeline.integrity import verify_digest
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 Loader = Callable[[Variant, torch.device, int], Callable]
@@ -90,4 +92,5 @@ def _load_int8_table(variant: Variant, device: torch.device, top_k: int) -> Call
 def load_variant(variant: Variant, device: torch.device, top_k: int) -> Callable:
     if variant.backend not in LOADERS:
         raise PipelineError(f"no loader for backend '{variant.backend}'; known: {', '.join(LOADERS)}")
+    verify_digest(variant.artifact)
     return LOADERS[variant.backend](variant, device, top_k)

@@ -49,3 +49,19 @@ def run_pipeline(args: list[str], cwd: Path, timeout: int = 600) -> subprocess.C
 @pytest.fixture
 def tiny_args(tmp_path):
     return [*TINY, f"artifacts_dir={tmp_path / 'artifacts'}"]
+
+
+def corrupt_weights(path: Path, size: int = 4096) -> None:
+    """Overwrites up to `size` bytes in the middle of the largest tensor of a torch.save zip, leaving the zip
+    structure intact (the file still loads, with wrong weights), as a disk or copy fault can."""
+    import zipfile
+
+    with zipfile.ZipFile(path) as archive:
+        largest = max(archive.infolist(), key=lambda info: info.file_size)
+    with open(path, "r+b") as f:
+        f.seek(largest.header_offset + 26)
+        name_len, extra_len = int.from_bytes(f.read(2), "little"), int.from_bytes(f.read(2), "little")
+        start = largest.header_offset + 30 + name_len + extra_len
+        count = min(size, largest.file_size)
+        f.seek(start + (largest.file_size - count) // 2)
+        f.write(bytes((i * 37 + 11) % 256 for i in range(count)))

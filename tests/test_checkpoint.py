@@ -1,7 +1,9 @@
 import pytest
 import torch
 
+from conftest import corrupt_weights
 from pipeline.checkpoint import CheckpointError, load_checkpoint, read_checkpoint, save_checkpoint
+from pipeline.integrity import IntegrityError, write_digest
 from pipeline.models import build_model
 from omegaconf import OmegaConf
 
@@ -38,12 +40,14 @@ def test_corrupt_and_missing_checkpoints(saved, tmp_path):
     _, path = saved
     truncated = tmp_path / "truncated.pt"
     truncated.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+    write_digest(truncated)  # its digest matches: the zip reader is what refuses it
     with pytest.raises(CheckpointError, match="truncated.pt"):
         read_checkpoint(truncated)
     with pytest.raises(CheckpointError, match="not found"):
         read_checkpoint(tmp_path / "absent.pt")
     other = tmp_path / "other.pt"
     torch.save({"weights": torch.zeros(2)}, other)
+    write_digest(other)
     with pytest.raises(CheckpointError, match="not a genrec checkpoint"):
         read_checkpoint(other)
 
@@ -53,5 +57,24 @@ def test_loading_refuses_pickled_code(tmp_path):
     evil = tmp_path / "evil.pt"
     torch.save({"format_version": 1, "model_config": MODEL_CFG, "num_items": 3, "state_dict": {},
                 "extra": {"f": print}}, evil)
+    write_digest(evil)
     with pytest.raises(CheckpointError):
         read_checkpoint(evil)
+
+
+def test_bytes_overwritten_in_the_middle_are_refused_naming_the_file_and_both_digests(saved):
+    """The zip structure survives 4 KB overwritten in the middle and torch.load reads the damaged weights;
+    the digest written by save_checkpoint is what refuses them."""
+    _, path = saved
+    recorded = path.with_name("model.pt.sha256").read_text().split()[0]
+    corrupt_weights(path)
+    torch.load(path, weights_only=True)  # still readable: without the digest this would load
+    with pytest.raises(IntegrityError, match=rf"{path} is corrupt: its sha256 is [0-9a-f]{{64}}, but {recorded} was recorded"):
+        load_checkpoint(path)
+
+
+def test_a_checkpoint_without_its_digest_is_refused(saved):
+    _, path = saved
+    path.with_name("model.pt.sha256").unlink()
+    with pytest.raises(IntegrityError, match="model.pt has no digest"):
+        read_checkpoint(path)

@@ -93,10 +93,10 @@ def test_promoting_the_same_variant_again_registers_nothing(promoted):
 @pytest.mark.slow
 def test_nothing_passing_the_gates_is_refused(promoted):
     tmp, args, client = promoted
-    result = run_pipeline([*args, "stage=[validate,promote]", "validate.gates.min_topk_overlap=1.01"], cwd=tmp)
+    result = run_pipeline([*args, "stage=[validate,promote]", "gates.fp32.min_topk_overlap=1.01"], cwd=tmp)
     output = result.stdout + result.stderr
     assert result.returncode != 0, output
-    assert "no variant passed its gates" in output and "top-K overlap 1.0000 < 1.01" in output
+    assert "no variant passed its gates" in output and "top-K overlap 1.0000 < 1.01 (gates.fp32.min_topk_overlap)" in output
     champion = client.get_model_version_by_alias("genrec", "champion")
     assert str(champion.version) == "1"
     summary = json.loads((tmp / "artifacts" / "runs" / champion.tags["source_run"] / "champion.json").read_text())

@@ -12,6 +12,7 @@ from tritonclient.grpc import model_config_pb2 as pb
 
 import pipeline.__main__  # noqa: F401  (registers the ${project_root:} resolver the configs use)
 from conftest import ROOT, TINY, run_pipeline
+from pipeline.bench.parity import save_reference
 from pipeline.checkpoint import save_checkpoint
 from pipeline.core import Context, Manifest, PipelineError, StageResult, StageUnavailable, Variant
 from pipeline.data import load_splits
@@ -256,7 +257,7 @@ class StandInTorchTensorRT:
 
 @pytest.mark.slow
 def test_stage_wiring_and_artifact_layout_with_a_stand_in_for_torch_tensorrt(tmp_path, monkeypatch):
-    cfg = make_cfg(*TINY, "precision=fp16", "trt.parity.min_topk_overlap.fp16=0.5", "trt.batch.max=256")
+    cfg = make_cfg(*TINY, "precision=fp16", "gates.fp16.min_topk_overlap=0.5", "trt.batch.max=256")
     stand_in = StandInTorchTensorRT()
     monkeypatch.setitem(sys.modules, "torch_tensorrt", stand_in)
     monkeypatch.setattr(trt_stage, "unavailable_reason", lambda device: None)
@@ -266,7 +267,8 @@ def test_stage_wiring_and_artifact_layout_with_a_stand_in_for_torch_tensorrt(tmp
     model = build_model(cfg.model, load_splits(cfg).num_items).eval()
     checkpoint = save_checkpoint(tmp_path / "model.pt", model, OmegaConf.to_container(cfg.model), model.item_embeddings().size(0) - 1)
     manifest = Manifest()
-    manifest.record("train", StageResult(artifacts={"checkpoint": str(checkpoint)}))
+    reference = save_reference(cfg, str(checkpoint), tmp_path / "reference_answer.pt")
+    manifest.record("train", StageResult(artifacts={"checkpoint": str(checkpoint), "reference_answer": str(reference)}))
 
     result = trt_stage.run(Context(cfg=cfg, device=torch.device("cpu"), run_dir=tmp_path, manifest=manifest, tracker=None))
 

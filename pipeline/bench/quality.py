@@ -1,6 +1,6 @@
 """Quality of the fast variants on real data: HR@10, NDCG@10 and HR@50 of each variant over the test users
 of a trained model, beside fp32 eager on the same device, with the HR@10 difference, the top-K overlap and
-the largest score error. Issue 3's gates: HR@10 within 0.002 of fp32 eager and top-100 overlap >= 0.99.
+the largest score error, and whether it passes the pipeline's gate of its precision (conf/gates, pipeline.gates).
 
     python -m pipeline.bench.quality --checkpoint artifacts/runs/<run>/train/model.pt --data-root ../shared/data
     python -m pipeline.bench.quality --train --data ml-1m --data-root ../shared/data --out DIR
@@ -40,13 +40,15 @@ from pipeline.data import (
     train_with_validation,
 )
 from pipeline.evaluation import parity, predict_top_k, top_k_metrics
+from pipeline.gates import GATES_FILE, check, gate_for, load_gates
 from pipeline.models import Retriever, build_model
 from pipeline.training import train_epoch
 
 log = logging.getLogger("pipeline.bench.quality")
 
 REFERENCE = "eager-fp32"
-COLUMNS = ("variant", "hr10", "ndcg10", "hr50", "hr10_delta", "topk_overlap", "max_abs_err", "passes", "seconds")
+COLUMNS = ("variant", "hr10", "ndcg10", "hr50", "hr10_delta", "topk_overlap", "max_abs_err", "passes", "gate_reason",
+           "seconds")
 DEFAULT_PRESET = PROJECT_ROOT / "conf" / "tuned" / "hstu_ml-1m.yaml"
 
 
@@ -138,6 +140,7 @@ def evaluate(checkpoint: Path, args, device: torch.device) -> list[dict]:
     if unknown:
         raise SystemExit(f"quality: unknown variant(s) {', '.join(unknown)} on {device.type}; valid: {', '.join(known)}")
     names = [REFERENCE, *(n for n in names if n != REFERENCE)]
+    gates = load_gates(args.gates)
 
     rows, reference = [], None
     for variant_name in names:
@@ -164,8 +167,9 @@ def evaluate(checkpoint: Path, args, device: torch.device) -> list[dict]:
             agreement = parity(ids, scores.float(), reference[0], reference[1])
             row.update(hr10_delta=metrics["hr10"] - reference[2], topk_overlap=agreement["parity_topk_overlap"],
                        max_abs_err=agreement["parity_max_abs_err"])
-            row["passes"] = "yes" if (row["hr10_delta"] >= -args.max_hr10_drop
-                                      and row["topk_overlap"] >= args.min_overlap) else "no"
+            passed, row["gate_reason"] = check({"hr10_delta": row["hr10_delta"], **agreement},
+                                               gate_for(gates, variant.precision))
+            row["passes"] = "yes" if passed else "no"
         log.info("quality: %s %s", variant_name, {c: row.get(c) for c in COLUMNS[1:]})
         rows.append(row)
     return rows
@@ -180,7 +184,8 @@ def table(rows: list[dict], facts: str, k: int) -> str:
             continue
         hr50 = "n/a" if row["hr50"] != row["hr50"] else f"{row['hr50']:.4f}"  # nan: k < 50
         lines.append(f"| {row['variant']} | {row['hr10']:.4f} | {row['ndcg10']:.4f} | {hr50} | "
-                     f"{row['hr10_delta']:+.4f} | {row['topk_overlap']:.4f} | {row['max_abs_err']:.2e} | {row['passes']} |")
+                     f"{row['hr10_delta']:+.4f} | {row['topk_overlap']:.4f} | {row['max_abs_err']:.2e} | "
+                     f"{row['passes'] if row['passes'] != 'no' else 'no: ' + row['gate_reason']} |")
     return "\n".join(lines) + "\n"
 
 
@@ -201,8 +206,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--k", type=int, default=100, help="top-K compared (the workload's 100)")
     parser.add_argument("--users", type=int, default=None, help="first N test users (default: all)")
     parser.add_argument("--batch-size", type=int, default=256)
-    parser.add_argument("--max-hr10-drop", type=float, default=0.002)
-    parser.add_argument("--min-overlap", type=float, default=0.99)
+    parser.add_argument("--gates", type=Path, default=GATES_FILE,
+                        help="the gates, one per precision (default: the pipeline's conf/gates/default.yaml)")
     parser.add_argument("--out", type=Path, default=ARTIFACTS / "quality")
     parser.add_argument("--no-mlflow", action="store_true", help="do not log to MLflow (a host without mlflow)")
     parser.add_argument("--tracking-uri", default=None, help="default: sqlite:///<project>/artifacts/mlflow.db")
@@ -232,7 +237,8 @@ def _run(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     rows = evaluate(checkpoint, args, device)
     gpu = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU"
     facts = (f"Checkpoint {checkpoint}; {args.users or 'all'} test users; top-{args.k}; {gpu}, torch "
-             f"{torch.__version__}; gates: HR@10 drop <= {args.max_hr10_drop}, overlap >= {args.min_overlap}.")
+             f"{torch.__version__}; gates of {args.gates} (gates.<precision>: max_hr10_drop, min_topk_overlap, "
+             "max_score_err).")
     with open(args.out / "quality.csv", "w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=[*COLUMNS, "error"], extrasaction="ignore")
         writer.writeheader()
@@ -258,13 +264,13 @@ def _log_mlflow(args, checkpoint: Path, rows: list[dict], device: torch.device, 
         tracker = Tracker(OmegaConf.create({"tracking_uri": uri, "experiment_name": "genrec-quality"}), store)
         with tracker.run(f"quality:{args.data or checkpoint.name}", tags=host_tags(device), nested=False):
             tracker.log_params({"checkpoint": str(checkpoint), "users": args.users or "all", "k": args.k,
-                                "max_hr10_drop": args.max_hr10_drop, "min_overlap": args.min_overlap})
+                                "gates": str(args.gates)})
             for row in rows:
                 with tracker.run(f"variant:{row['variant']}", tags={"variant": row["variant"]}):
                     if "error" in row:
                         tracker.set_tags({"error": row["error"][:5000]})
                         continue
-                    tracker.set_tags({"passes": row["passes"]})
+                    tracker.set_tags({"passes": row["passes"], "gate_reason": row.get("gate_reason", "")})
                     tracker.log_metrics({"hr10": row["hr10"], "ndcg10": row["ndcg10"], "hr10_delta": row["hr10_delta"],
                                          "parity_topk_overlap": row["topk_overlap"],
                                          "parity_max_abs_err": row["max_abs_err"], "eval_seconds": row["seconds"],

@@ -18,6 +18,7 @@ from torch import nn
 from pipeline import kernels
 from pipeline.core import PipelineError
 from pipeline.export import ShapeRange, export_program, input_names
+from pipeline.integrity import write_digest
 
 MODES = ("default", "max-autotune", "max-autotune-no-cudagraphs", "reduce-overhead")
 
@@ -155,6 +156,7 @@ def package_aoti(retriever: nn.Module, path: Path, batch: ShapeRange, history: S
     # process that loads it (SIGSEGV), and that must be a clear error here rather than the pipeline's death.
     _run_fresh(_LOAD_ONLY, [str(out.resolve()), "0" if device.type == "cuda" else "-1"], path.parent,
                f"the AOTInductor package {out} does not load")
+    write_digest(out)
     return out, seconds
 
 

@@ -14,6 +14,7 @@ from torch import nn
 
 from pipeline.core import PipelineError, Variant
 from pipeline.export import OUTPUT_NAMES, ShapeRange, export_program, input_names, max_history
+from pipeline.integrity import write_digest
 
 CPU = "CPUExecutionProvider"
 CUDA = "CUDAExecutionProvider"
@@ -68,6 +69,7 @@ def export_onnx(retriever: nn.Module, path: Path, opset: int | None, external_da
     onnx_program.save(str(path), external_data=external)
     seconds = time.perf_counter() - start
     check_onnx(path)
+    write_digest(path)
     return OnnxExport(path, *_graph_facts(path), size_mb=_size_mb(path, data_file), external_data=external,
                       export_seconds=seconds)
 

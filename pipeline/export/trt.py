@@ -19,6 +19,7 @@ import torch
 
 from pipeline.core import PipelineError, Variant
 from pipeline.export import ShapeRange, dynamic_shapes
+from pipeline.integrity import write_digest
 
 PLAN_FILE = "model.plan"
 # TensorRT DataType names -> Triton data types.
@@ -218,6 +219,7 @@ def save_program(trt_module: Any, path: Path, example: tuple, names: list[str], 
 
     torch_tensorrt.save(trt_module, str(path), output_format="exported_program", arg_inputs=list(example),
                         dynamic_shapes=dynamic_shapes(names, batch, history), retrace=True)
+    write_digest(path)
     return Path(path)
 
 

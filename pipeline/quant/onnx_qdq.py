@@ -18,6 +18,7 @@ from typing import Callable, Sequence
 import numpy as np
 
 from pipeline.core import PipelineError
+from pipeline.integrity import write_digest
 from pipeline.quant.calibration import CalibrationSet
 
 log = logging.getLogger(__name__)
@@ -153,6 +154,7 @@ def quantize(model_path: Path, out_path: Path, ranges: dict[str, list[float]], s
         except (KeyError, ValueError) as err:
             raise PipelineError(f"ONNX Runtime could not quantize {model_path} with these ranges: {err} "
                                 "(a cache from another model?)") from err
+    write_digest(out_path)
     return out_path
 
 

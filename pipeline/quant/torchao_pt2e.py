@@ -11,13 +11,13 @@ freezing in torch 2.13: `onednn.qlinear_prepack` has no fake implementation for 
 from __future__ import annotations
 
 import logging
-import shutil
 from pathlib import Path
 
 import torch
 
 from pipeline.core import PipelineError, Variant, file_digest
 from pipeline.export import ShapeRange, example_inputs, export_program, input_names, max_history
+from pipeline.integrity import copy_verified, write_digest
 from pipeline.quant.calibration import CalibrationCache, CalibrationSet
 
 log = logging.getLogger(__name__)
@@ -144,8 +144,9 @@ def build(checkpoint: str, top_k: int, calib: CalibrationSet, batch_size: int,
 def write_variant_dir(out_dir: Path, checkpoint: str, cache: CalibrationCache) -> Path:
     """The variant's folder: the checkpoint it quantizes and the calibration cache that fixes its ranges."""
     out_dir.mkdir(parents=True, exist_ok=True)
-    shutil.copy2(checkpoint, out_dir / CHECKPOINT)
+    copy_verified(checkpoint, out_dir / CHECKPOINT)
     cache.save(out_dir / CACHE)
+    write_digest(out_dir)
     return out_dir
 
 

@@ -2,7 +2,8 @@
 
     package.json    the variant (artifact relative to the folder), the model's config, top_k, the
                     validation metrics and the fingerprint of the host that measured them
-    <artifact>      the variant's files: checkpoint, .onnx (+ its external data), .pt2, TensorRT program
+    <artifact>      the variant's files: checkpoint, .onnx (+ its external data), .pt2, TensorRT program,
+                    with their digest <artifact>.sha256 (pipeline.integrity)
     plan/           a TensorRT variant's Triton model (config.pbtxt, 1/model.plan), when the trt stage made one
     item_ids.npy    the raw item id of each model item id (index 0 is padding: -1)
     examples.json   a few test-split histories (raw ids) for the smoke test, `make query` and the load test
@@ -19,7 +20,8 @@ from typing import Any, Callable
 import numpy as np
 import torch
 
-from pipeline.core import PipelineError, Variant
+from pipeline.core import PipelineError, Variant, file_digest
+from pipeline.integrity import artifact_files, sidecar
 from pipeline.serving.models.common import Vocabulary, pad
 
 PACKAGE_FILE, ITEM_IDS_FILE, EXAMPLES_FILE = "package.json", "item_ids.npy", "examples.json"
@@ -93,33 +95,15 @@ def read_package(root: Path) -> Package:
 
 def variant_digest(variant: Variant) -> str:
     """Identifies what a variant serves: its name and the bytes of its files."""
-    digest = hashlib.sha256(variant.name.encode())
-    for path in sorted(_variant_files(Path(variant.artifact))):
-        with open(path, "rb") as f:
-            for block in iter(lambda: f.read(1 << 20), b""):
-                digest.update(block)
-    return digest.hexdigest()[:16]
-
-
-def _variant_files(artifact: Path) -> list[Path]:
-    """The files a variant needs: a folder's content, an ONNX model with its external data, or one file."""
-    if not artifact.exists():
-        raise PipelineError(f"the variant's artifact {artifact} is gone; run the stage that made it again")
-    if artifact.is_dir():
-        return [p for p in artifact.rglob("*") if p.is_file()]
-    if artifact.suffix == ".onnx":
-        import onnx
-        from onnx.external_data_helper import ExternalDataInfo, uses_external_data
-
-        graph = onnx.load_model(str(artifact), load_external_data=False).graph
-        external = {ExternalDataInfo(t).location for t in graph.initializer if uses_external_data(t)}
-        return [artifact, *(artifact.parent / name for name in sorted(external))]
-    return [artifact]
+    blob = f"{variant.name}\n{file_digest(sorted(artifact_files(variant.artifact)))}"
+    return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
 def _copy_variant_files(artifact: Path, dst: Path) -> str:
-    """Copies the variant's files into dst, keeping the names the artifact refers to; -> the artifact's name."""
-    for path in _variant_files(artifact):
+    """Copies the variant's files and their digest into dst, keeping the names the artifact refers to;
+    -> the artifact's name."""
+    digest = sidecar(artifact)
+    for path in [*artifact_files(artifact), *([digest] if digest.is_file() else [])]:
         target = dst / path.relative_to(artifact.parent)
         target.parent.mkdir(parents=True, exist_ok=True)
         shutil.copy2(path, target)

@@ -10,9 +10,10 @@ import logging
 import torch
 
 from pipeline import kernels
-from pipeline.bench.parity import check_parity, reference_answer
+from pipeline.bench.parity import check_parity, load_reference
 from pipeline.core import Context, PipelineError, StageResult, Variant
 from pipeline.evaluation import parity
+from pipeline.gates import gate_for
 from pipeline.export import ShapeRange
 from pipeline.export.inductor import (
     AotiRetriever,
@@ -31,9 +32,9 @@ def run(ctx: Context) -> StageResult:
     ccfg, device = ctx.cfg.compile, ctx.device
     checkpoint = str(ctx.require_artifact("checkpoint"))
     precision = ctx.cfg.precision if ctx.cfg.precision in ("fp16", "bf16") else "fp32"
-    gates = {"min_topk_overlap": ccfg.parity.min_topk_overlap[precision]}
-    sample, reference = reference_answer(ctx.cfg, checkpoint, ccfg.parity.num_users, ccfg.parity.batch_size, ccfg.top_k)
-    first_batch = _batch(sample, ccfg.parity.batch_size, device)
+    batch_size = ctx.cfg.gates.sample.batch_size
+    sample, reference = load_reference(ctx.cfg, ctx.require_artifact("reference_answer"), checkpoint, ccfg.top_k)
+    first_batch = _batch(sample, batch_size, device)
 
     metrics: dict[str, float] = {}
     variants, facts, skipped = [], {}, {}
@@ -52,8 +53,8 @@ def run(ctx: Context) -> StageResult:
         predict = CompiledRetriever(build_retriever(checkpoint, ccfg.top_k, entry_precision, device), mode,
                                     kernel_backend, cuda_graph=cuda_graph)
         seconds = timed_first_call(predict, first_batch)
-        gate = {"min_topk_overlap": ccfg.parity.min_topk_overlap[entry_precision]}
-        agreement = check_parity(name, predict, reference, sample, gate, ccfg.parity.batch_size, device)
+        agreement = check_parity(name, predict, reference, sample, gate_for(ctx.cfg.gates, entry_precision),
+                                 batch_size, device)
         facts[name] = _record(metrics, name, seconds, agreement)
         variants.append(Variant(name, "inductor", entry_precision, checkpoint, "compile",
                                 options={"mode": mode, "kernels": kernel_backend, "top_k": ccfg.top_k,
@@ -68,8 +69,8 @@ def run(ctx: Context) -> StageResult:
             ShapeRange(**ccfg.aoti.batch).check("compile.aoti.batch"), ShapeRange(1, width, width), device,
         )
         timestamps = uses_timestamps(retriever)
-        agreement = check_parity(name, AotiRetriever(package, device, timestamps), reference, sample, gates,
-                                 ccfg.parity.batch_size, device)
+        agreement = check_parity(name, AotiRetriever(package, device, timestamps), reference, sample,
+                                 gate_for(ctx.cfg.gates, precision), batch_size, device)
         agreement["fresh_process_topk_overlap"] = _fresh_process_overlap(package, first_batch, timestamps, ctx)
         if agreement["fresh_process_topk_overlap"] < 1.0:
             raise PipelineError(f"{name}: reloaded in a fresh process it answers differently "

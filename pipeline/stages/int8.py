@@ -13,8 +13,8 @@ calibrating again (int8.calibration.cache). The variants:
   kernel (pipeline.quant.int8_table);
 - tensorrt-int8 is not built: see SKIPPED_HERE.
 
-Each variant gets a quick parity check against fp32 eager, logged but not gated here: validate applies the
-INT8 gates (validate.gates.per_precision.int8) to every variant and promote takes passing ones only.
+Each variant gets the quick parity check of every stage (top-K overlap and score error of gates.int8 on the
+sample); validate applies all of gates.int8 to every variant and promote takes passing ones only.
 """
 from __future__ import annotations
 
@@ -27,11 +27,13 @@ from pathlib import Path
 
 import torch
 
-from pipeline.bench.parity import check_parity, head, reference_answer
+from pipeline.bench.parity import check_parity, head, load_reference
 from pipeline.core import Context, PipelineError, StageResult, Variant, file_digest
 from pipeline.data import load_splits
 from pipeline.evaluation import parity, predict_top_k, top_k_metrics
 from pipeline.export.onnx import CPU, OnnxRetriever
+from pipeline.gates import gate_for
+from pipeline.integrity import verify_digest
 from pipeline.quant import int8_table, onnx_qdq, torchao_pt2e
 from pipeline.quant.calibration import METHODS, CalibrationCache, CalibrationSet, sample_calibration
 from pipeline.variants import build_retriever, load_variant
@@ -60,7 +62,8 @@ def run(ctx: Context) -> StageResult:
     splits = load_splits(cfg)
     calib = sample_calibration(splits.train, icfg.calibration.num_users, icfg.calibration.seed, cfg.model.max_len)
     _log_calibration_set(ctx, calib, out_dir)
-    sample, reference = reference_answer(cfg, checkpoint, icfg.parity.num_users, icfg.parity.batch_size, icfg.top_k)
+    sample, reference = load_reference(cfg, ctx.require_artifact("reference_answer"), checkpoint, icfg.top_k)
+    gate = gate_for(cfg.gates, "int8")
 
     metrics: dict[str, float] = {"calibration_num_users": calib.size}
     artifacts: dict[str, str] = {"calibration_users": str(out_dir / "calibration_users.json")}
@@ -69,10 +72,10 @@ def run(ctx: Context) -> StageResult:
 
     def parity_check(variant: Variant) -> None:
         predict = load_variant(variant, ctx.device, icfg.top_k)
-        agreement = check_parity(variant.name, predict, reference, sample, {}, icfg.parity.batch_size, ctx.device)
+        agreement = check_parity(variant.name, predict, reference, sample, gate, cfg.gates.sample.batch_size, ctx.device)
         metrics.update({f"{key}_{variant.name}": agreement[key]
                         for key in ("parity_topk_overlap", "parity_max_abs_err", "hr10_delta")})
-        log.info("%s: top-K overlap with fp32 eager %.4f, HR@10 %+.4f on %d test users (gated in validate)",
+        log.info("%s: top-K overlap with fp32 eager %.4f, HR@10 %+.4f on %d test users",
                  variant.name, agreement["parity_topk_overlap"], agreement["hr10_delta"], sample.target.shape[0])
         variants.append(variant)
 
@@ -181,6 +184,7 @@ def _onnx_qdq(ctx: Context, fp32: Variant, calib: CalibrationSet, splits, out_di
                             "run stage=[onnx,int8] with the same K")
     settings = onnx_qdq.QdqSettings.from_config(qcfg, method)
     source = Path(fp32.artifact)
+    verify_digest(source)
     model_digest = file_digest([source, *sorted(source.parent.glob(source.name + ".data"))])
     path = out_dir / "retriever-int8-qdq.onnx"
     metrics: dict[str, float] = {}

@@ -10,9 +10,10 @@ import logging
 
 import torch
 
-from pipeline.bench.parity import check_parity, reference_answer
+from pipeline.bench.parity import check_parity, load_reference
 from pipeline.core import Context, PipelineError, StageResult, Variant
 from pipeline.export.onnx import CUDA, OnnxRetriever, export_onnx, provider_for
+from pipeline.gates import gate_for
 from pipeline.variants import build_retriever
 
 log = logging.getLogger(__name__)
@@ -31,7 +32,7 @@ def run(ctx: Context) -> StageResult:
     precisions = ["fp32", *([ctx.cfg.precision] if ctx.cfg.precision in REDUCED else [])]
 
     cpu = torch.device("cpu")
-    sample, reference = reference_answer(ctx.cfg, checkpoint, ocfg.parity.num_users, ocfg.parity.batch_size, ocfg.top_k)
+    sample, reference = load_reference(ctx.cfg, ctx.require_artifact("reference_answer"), checkpoint, ocfg.top_k)
 
     out_dir = ctx.run_dir / "onnx"
     ctx.tracker.set_tags({"onnx_provider": provider})
@@ -52,8 +53,8 @@ def run(ctx: Context) -> StageResult:
             for leftover in out_dir.glob(f"retriever-{precision}.onnx*"):
                 leftover.unlink()  # a model that does not run here is no artifact
             continue
-        gates = {gate: ocfg.parity[gate][precision] for gate in ("min_topk_overlap", "max_abs_err")}
-        agreement = check_parity(name, predict, reference, sample, gates, ocfg.parity.batch_size, cpu)
+        agreement = check_parity(name, predict, reference, sample, gate_for(ctx.cfg.gates, precision),
+                                 ctx.cfg.gates.sample.batch_size, cpu)
         metrics.update(export.metrics(precision))
         metrics.update({f"{key}_{precision}": value for key, value in agreement.items()})
         facts[name] = {"path": str(export.path), "provider": provider, **export.metrics(precision),

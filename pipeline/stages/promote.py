@@ -1,9 +1,11 @@
-"""promote: the best variant that passed validate's gates becomes the champion.
+"""promote: the best variant that passes its gate (conf/gates, checked on validate's metrics) becomes the champion.
 
 The policy picks it (lowest p99 at a batch size, or highest throughput under a latency budget). Its files,
 the item vocabulary and a few test histories are registered as a new version of the MLflow model, with
 the variant, key metrics and the host's fingerprint as version tags; alias `champion` moves to it and the
-former champion becomes `previous`. When no variant passes, promote refuses: nothing else is promoted.
+former champion becomes `previous`. Files whose digest (pipeline.integrity) does not check are refused; files
+already registered (same variant digest, tag `digest`, in any version) are not registered again: the aliases
+move to that version. When no variant passes, promote refuses: nothing else is promoted.
 """
 from __future__ import annotations
 
@@ -17,6 +19,8 @@ from omegaconf import OmegaConf
 
 from pipeline.core import Context, PipelineError, StageResult, Variant
 from pipeline.data import leave_one_out, load_interactions
+from pipeline.gates import check, gate_for
+from pipeline.integrity import verify_digest
 from pipeline.serving.package import variant_digest, write_package
 from pipeline.tracking import CHAMPION, host_tags
 
@@ -35,25 +39,36 @@ def run(ctx: Context) -> StageResult:
         results = [r for r in results if r["variant"]["backend"] in pcfg.backends]
         if not results:
             raise PipelineError(f"no variant has a backend in promote.backends={list(pcfg.backends)}")
-    passing = [r for r in results if r["gate_passed"]]
+    verdicts = [_verdict(ctx, r) for r in results]
+    passing = [r for r, (passed, _) in zip(results, verdicts) if passed]
     if not passing:
-        reasons = "; ".join(f"{r['variant']['name']}: {r['gate_reason']}" for r in results)
+        reasons = "; ".join(f"{r['variant']['name']}: {why}" for r, (_, why) in zip(results, verdicts))
         raise PipelineError(f"no variant passed its gates, nothing to promote ({reasons}); "
-                            "fix the variants or loosen validate.gates.*")
+                            "fix the variants or loosen gates.<precision>.*")
     chosen, why = POLICIES[pcfg.policy](passing, pcfg)
     variant = Variant(**chosen["variant"])
     log.info("champion candidate %s: %s", variant.name, why)
 
+    verify_digest(variant.artifact)
     digest = variant_digest(variant)
     current = ctx.tracker.model_version(pcfg.model_name, CHAMPION)
     if current is not None and current.tags.get("digest") == digest:
         log.info("%s is already the champion (version %s); nothing registered", variant.name, current.version)
         ctx.tracker.set_tags({"champion_version": current.version, "variant": variant.name})
         return StageResult(metrics={"champion_version": int(current.version)})
+    same = ctx.tracker.find_model_version(pcfg.model_name, "digest", digest)
+    if same is not None:
+        former = ctx.tracker.make_champion(pcfg.model_name, same.version)
+        log.info("%s is already registered as version %s (same digest %s); nothing registered, %s -> version %s%s",
+                 variant.name, same.version, digest, CHAMPION, same.version,
+                 f"; version {former} is now previous" if former else "")
+        ctx.tracker.set_tags({"champion_version": same.version, "variant": variant.name, "policy_reason": why})
+        return StageResult(metrics={"champion_version": int(same.version)})
 
     fingerprint = {k: v for k, v in host_tags(ctx.device).items() if k in FINGERPRINT_KEYS}
     metrics = _key_metrics(chosen["metrics"])
     package = _build_package(ctx, variant, metrics, fingerprint, why)
+    verify_digest(package.variant.artifact)  # the copy that is registered, as deploy will check it
     tags = {"variant": variant.name, "backend": variant.backend, "precision": variant.precision,
             "policy": pcfg.policy, "policy_reason": why, "digest": digest, "source_run": ctx.tracker.parent_run_id,
             "model": ctx.cfg.model.name, "data": ctx.cfg.data.name, **metrics, **fingerprint,
@@ -96,6 +111,13 @@ POLICIES: dict[str, Callable[[list[Result], object], tuple[Result, str]]] = {
     "lowest_p99": lowest_p99,
     "max_throughput": max_throughput,
 }
+
+
+def _verdict(ctx: Context, result: Result) -> tuple[bool, str]:
+    """The variant's gate, as configured now, on validate's metrics -> (passed, why)."""
+    if not result.get("metrics"):
+        return False, result.get("gate_reason") or "not measured by validate"
+    return check(result["metrics"], gate_for(ctx.cfg.gates, result["variant"]["precision"]))
 
 
 def _batch_sizes(result: Result) -> list[int]:

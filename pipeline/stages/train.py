@@ -1,5 +1,6 @@
 """train: next-item training with sampled softmax, early stopping on validation HR@10, full-ranking
-evaluation on validation and test, a checkpoint with its config, and the fp32 eager reference variant."""
+evaluation on validation and test, a checkpoint with its config, the fp32 eager reference variant and its
+answer on the quick checks' sample (reference_answer.pt, read by the later stages)."""
 from __future__ import annotations
 
 import copy
@@ -11,6 +12,7 @@ from omegaconf import OmegaConf
 from tqdm.auto import tqdm
 
 from pipeline.bench.latency import cpu_threads
+from pipeline.bench.parity import save_reference
 from pipeline.checkpoint import save_checkpoint
 from pipeline.core import Context, PipelineError, StageResult, Variant
 from pipeline.data import TrainSequences, load_splits, train_with_validation
@@ -27,6 +29,15 @@ FITS = ("holdout", "all_but_test")
 
 
 def run(ctx: Context) -> StageResult:
+    # TF32 for training only: the later stages measure fp32 variants, gated on score error, in true fp32.
+    tf32 = torch.backends.cuda.matmul.allow_tf32
+    try:
+        return _run(ctx)
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = tf32
+
+
+def _run(ctx: Context) -> StageResult:
     cfg, device = ctx.cfg, ctx.device
     tcfg = cfg.train
     if tcfg.negatives not in ("shared", "per_position"):
@@ -102,10 +113,12 @@ def run(ctx: Context) -> StageResult:
         splits.num_items,
         extra={"data": OmegaConf.to_container(cfg.data, resolve=True), "metrics": metrics},
     )
+    reference = save_reference(cfg, str(checkpoint), ctx.run_dir / "reference_answer.pt")
     variants = [Variant("eager-fp32", "eager", "fp32", str(checkpoint), "train")]
     if cfg.precision in ("fp16", "bf16"):
         variants.append(Variant(f"eager-{cfg.precision}", "eager", cfg.precision, str(checkpoint), "train"))
-    return StageResult(metrics=metrics, artifacts={"checkpoint": str(checkpoint)}, variants=variants)
+    return StageResult(metrics=metrics, artifacts={"checkpoint": str(checkpoint), "reference_answer": str(reference)},
+                       variants=variants)
 
 
 def _refit(ctx: Context, splits, epochs: int, gen: torch.Generator):

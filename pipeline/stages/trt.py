@@ -14,7 +14,7 @@ import copy
 import logging
 import time
 
-from pipeline.bench.parity import check_parity, reference_answer
+from pipeline.bench.parity import check_parity, load_reference
 from pipeline.core import Context, PipelineError, StageResult, StageUnavailable, Variant
 from pipeline.export import example_inputs, export_program, input_names
 from pipeline.export.trt import (
@@ -31,6 +31,7 @@ from pipeline.export.trt import (
     unsupported_ops,
     write_plan_model,
 )
+from pipeline.gates import gate_for
 from pipeline.variants import build_retriever
 
 log = logging.getLogger(__name__)
@@ -51,7 +52,7 @@ def run(ctx: Context) -> StageResult:
     if ctx.cfg.precision == "int8":
         log.info("precision=int8: INT8 variants come from the int8 stage (calibration); compiling fp32 only")
     precisions = ["fp32", *([ctx.cfg.precision] if ctx.cfg.precision in REDUCED else [])]
-    sample, reference = reference_answer(ctx.cfg, checkpoint, tcfg.parity.num_users, tcfg.parity.batch_size, tcfg.top_k)
+    sample, reference = load_reference(ctx.cfg, ctx.require_artifact("reference_answer"), checkpoint, tcfg.top_k)
     out_dir = ctx.run_dir / "trt"
     out_dir.mkdir(parents=True, exist_ok=True)
 
@@ -90,9 +91,8 @@ def run(ctx: Context) -> StageResult:
             "batch_range": [batch.min, batch.opt, batch.max], "history_range": [history.min, history.opt, history.max],
             "triton_model": str(model_dir),
         })
-        gates = {gate: tcfg.parity[gate][precision] for gate in ("min_topk_overlap", "max_abs_err")}
-        agreement = check_parity(name, load_trt_variant(variant, device, tcfg.top_k), reference, sample, gates,
-                                 tcfg.parity.batch_size, device)
+        agreement = check_parity(name, load_trt_variant(variant, device, tcfg.top_k), reference, sample,
+                                 gate_for(ctx.cfg.gates, precision), ctx.cfg.gates.sample.batch_size, device)
         metrics.update({f"{key}_{precision}": value for key, value in {**ops, **agreement}.items()})
         metrics.update({f"trt_build_seconds_{precision}": build_seconds, f"trt_engine_mb_{precision}": len(plan) / 2**20})
         variants.append(variant)
@@ -106,7 +106,7 @@ def run(ctx: Context) -> StageResult:
 
 def _check_batches(cfg, batch_max: int) -> None:
     """Every batch validate and the parity check send must fit the engines (before minutes of building)."""
-    largest = max([*cfg.validate.batch_sizes, cfg.validate.eval_batch_size, cfg.trt.parity.batch_size])
+    largest = max([*cfg.validate.batch_sizes, cfg.validate.eval_batch_size, cfg.gates.sample.batch_size])
     if largest > batch_max:
         raise PipelineError(f"batches of {largest} are measured but trt.batch.max={batch_max}; raise trt.batch.max")
     if cfg.trt.triton.max_batch_size > batch_max:

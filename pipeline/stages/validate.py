@@ -1,25 +1,25 @@
 """validate: every variant on the same test split and the same inputs: quality from its top-K answer,
 parity with the fp32 eager reference, latency over a batch-size sweep. One nested MLflow run per
-variant (identical metric names, so the UI compares them), each variant's gate result, a comparison table
-(with the variants of earlier runs of the same config) and plots, also logged to the parent run."""
+variant (identical metric names, so the UI compares them), each variant's gate result (pipeline.gates), a
+comparison table (with the variants of earlier runs of the same config) and plots, also logged to the
+parent run. The reference itself must score the test HR@10 the train stage measured: a checkpoint that
+changed since (corrupt, swapped) would otherwise be its own yardstick."""
 from __future__ import annotations
 
 import csv
 import json
 import logging
-from types import SimpleNamespace
-
 from pipeline.bench.latency import latency_metrics, latency_sweep
 from pipeline.bench.plots import latency_vs_batch, quality_vs_latency
 from pipeline.core import Context, PipelineError, StageResult
 from pipeline.data import load_splits
 from pipeline.evaluation import parity, predict_top_k, top_k_metrics
+from pipeline.gates import REFERENCE, check, gate_for
 from pipeline.tracking import device_name, lineage_key
 from pipeline.variants import load_variant
 
 log = logging.getLogger(__name__)
 
-REFERENCE = "eager-fp32"
 TABLE_COLUMNS = ("variant", "backend", "precision", "hr10", "ndcg10", "hr50", "ndcg50",
                  "parity_topk_overlap", "parity_max_abs_err", "latency_p50_ms_b1", "latency_p99_ms_b1", "gate_passed")
 HISTORY_COLUMNS = ("run", "variant", "backend", "precision", "hr10", "parity_topk_overlap", "gate_passed",
@@ -47,13 +47,16 @@ def run(ctx: Context) -> StageResult:
             if reference is None:
                 reference = (ids, scores)
             metrics = top_k_metrics(ids, test.target, ks=(10, 50, 200))
+            if variant.name == REFERENCE:
+                check_reference(metrics["hr10"], ctx.manifest.stages.get("train", {}).get("metrics", {}),
+                                len(test.target), ctx.cfg.gates.reference_hr10_tolerance, variant.artifact)
             metrics.update(parity(ids, scores, *reference))
             metrics["hr10_delta"] = metrics["hr10"] - rows[0]["hr10"] if rows else 0.0
             sweep = latency_sweep(predict, test, vcfg.batch_sizes, device, vcfg.warmup, vcfg.iters, vcfg.num_threads)
             metrics.update(latency_metrics(sweep))
-            gates = gates_for(vcfg.gates, variant.precision)
-            passed, why = _gates(metrics, gates)
-            metrics.update({"gate_max_hr10_drop": gates.max_hr10_drop, "gate_min_topk_overlap": gates.min_topk_overlap})
+            gate = gate_for(ctx.cfg.gates, variant.precision)
+            passed, why = check(metrics, gate)
+            metrics.update(gate.as_metrics())
             metrics["gate_passed"] = float(passed)
             ctx.tracker.log_metrics(metrics)
             ctx.tracker.set_tags({"status": "ok", "device_name": device_name(device),
@@ -94,21 +97,19 @@ def run(ctx: Context) -> StageResult:
     )
 
 
-def gates_for(gates, precision: str):
-    """The gates of a precision: gates.per_precision.<precision> replaces the defaults it names."""
-    per_precision = (gates.get("per_precision") or {}).get(precision) or {}
-    return SimpleNamespace(**{key: per_precision.get(key, gates[key]) for key in ("max_hr10_drop", "min_topk_overlap")})
-
-
-def _gates(metrics: dict[str, float], gates) -> tuple[bool, str]:
-    """A variant passes when its HR@10 is at most gates.max_hr10_drop below the reference and its top-K
-    overlaps the reference's by at least gates.min_topk_overlap. -> (passed, why)."""
-    failed = []
-    if metrics["hr10_delta"] < -gates.max_hr10_drop:
-        failed.append(f"HR@10 {metrics['hr10_delta']:+.4f} vs {REFERENCE} (allowed drop {gates.max_hr10_drop})")
-    if metrics["parity_topk_overlap"] < gates.min_topk_overlap:
-        failed.append(f"top-K overlap {metrics['parity_topk_overlap']:.4f} < {gates.min_topk_overlap}")
-    return not failed, "; ".join(failed) or "passed"
+def check_reference(hr10: float, train_metrics: dict, num_users: int, tolerance: float, checkpoint: str) -> None:
+    """Refuses to go on when eager-fp32's test HR@10 is more than `tolerance` (or one user) away from the
+    figure the train stage measured for the same checkpoint."""
+    trained = train_metrics.get("hr10")
+    if trained is None:
+        log.warning("the train stage's test HR@10 is not in the manifest: %s is not checked against it", REFERENCE)
+        return
+    allowed = max(tolerance, 1.0 / num_users)
+    if abs(hr10 - trained) > allowed + 1e-9:
+        raise PipelineError(
+            f"{REFERENCE} ({checkpoint}) scores test HR@10 {hr10:.4f}, but the train stage measured {trained:.4f} "
+            f"for it, more than gates.reference_hr10_tolerance={tolerance} apart: the checkpoint changed since it was "
+            "trained (corrupt?), or the data did. Nothing is validated or promoted; run stage=train again")
 
 
 def _write_csv(path, rows, columns) -> None:
