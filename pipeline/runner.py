@@ -22,6 +22,7 @@ from pipeline.core import (
 )
 from pipeline.checkpoint import read_checkpoint
 from pipeline.data import DataError, DatasetNotFoundError
+from pipeline.gates import gate_for
 from pipeline.stages import STAGES
 from pipeline.tracking import MANIFEST_FILE, Tracker, flatten, host_tags, lineage_key
 
@@ -56,6 +57,8 @@ def check_config(cfg: DictConfig) -> None:
         raise PipelineError(f"unknown device '{cfg.device}'; valid choices: {', '.join(DEVICES)}")
     if not isinstance(cfg.seed, int):
         raise PipelineError(f"seed must be an integer, got {cfg.seed!r}")
+    for precision in PRECISIONS:
+        gate_for(cfg.gates, precision)  # a gate with an unknown part is refused before anything runs
 
 
 def resolve_device(name: str) -> torch.device:

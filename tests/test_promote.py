@@ -101,3 +101,37 @@ def test_nothing_passing_the_gates_is_refused(promoted):
     assert str(champion.version) == "1"
     summary = json.loads((tmp / "artifacts" / "runs" / champion.tags["source_run"] / "champion.json").read_text())
     assert summary["version"] == "1" and summary["previous"] is None
+
+
+@pytest.mark.slow
+def test_files_registered_before_are_not_registered_again_the_aliases_move_to_them(tmp_path):
+    """eager-fp32 (version 1), then eager-fp16 (version 2), then eager-fp32 again: its digest matches version 1,
+    so nothing is registered and champion/previous move to versions 1/2. Promote applies the gates as
+    configured now to validate's metrics, which is how each run picks its variant here."""
+    artifacts = tmp_path / "artifacts"
+    args = [*TINY, f"artifacts_dir={artifacts}", "precision=fp16", "gates.fp16.max_hr10_drop=1"]
+    only_fp32, only_fp16 = "gates.fp16.min_topk_overlap=1.01", "gates.fp32.min_topk_overlap=1.01"
+    first = run_pipeline([*args, "stage=[train,validate,promote]", only_fp32], cwd=tmp_path)
+    assert first.returncode == 0, first.stdout + first.stderr
+    (run_dir,) = (artifacts / "runs").iterdir()
+    client = MlflowClient(f"sqlite:///{artifacts / 'mlflow.db'}")
+
+    def aliases() -> dict[str, str]:
+        return {alias: str(client.get_model_version_by_alias("genrec", alias).version)
+                for alias in ("champion", "previous") if alias in client.get_registered_model("genrec").aliases}
+
+    assert aliases() == {"champion": "1"}
+    second = run_pipeline([*args, "stage=promote", f"from_run={run_dir.name}", "gates.fp16.min_topk_overlap=0",
+                           only_fp16], cwd=tmp_path)
+    assert second.returncode == 0, second.stdout + second.stderr
+    assert aliases() == {"champion": "2", "previous": "1"}
+    assert client.get_model_version("genrec", "2").tags["variant"] == "eager-fp16"
+
+    third = run_pipeline([*args, "stage=promote", f"from_run={run_dir.name}", only_fp32], cwd=tmp_path)
+    output = third.stdout + third.stderr
+    assert third.returncode == 0, output
+    digest = client.get_model_version("genrec", "1").tags["digest"]
+    assert f"eager-fp32 is already registered as version 1 (same digest {digest}); nothing registered, " \
+           "champion -> version 1; version 2 is now previous" in output
+    assert sorted(str(v.version) for v in client.search_model_versions("name = 'genrec'")) == ["1", "2"]
+    assert aliases() == {"champion": "1", "previous": "2"}

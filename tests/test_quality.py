@@ -113,7 +113,11 @@ def test_quality_bad_input_is_a_clear_error(trained, tmp_path, capsys):
     corrupt = tmp_path / "corrupt.pt"
     corrupt.write_bytes((out / "model.pt").read_bytes()[:100])
     assert quality.main(["--checkpoint", str(corrupt), "--out", str(tmp_path), "--no-mlflow"]) == 2
-    assert "not a readable checkpoint" in capsys.readouterr().err
+    assert "corrupt.pt has no digest" in capsys.readouterr().err
+    intact = (out / "model.pt.sha256").read_text().split()[0]
+    (tmp_path / "corrupt.pt.sha256").write_text(f"{intact}  corrupt.pt\n")  # the digest of the whole file
+    assert quality.main(["--checkpoint", str(corrupt), "--out", str(tmp_path), "--no-mlflow"]) == 2
+    assert "corrupt.pt is corrupt: its sha256 is" in capsys.readouterr().err
     with pytest.raises(SystemExit, match="unknown variant.*nope"):
         quality.main(["--checkpoint", str(out / "model.pt"), "--device", "cpu", "--variants", "nope",
                       "--out", str(tmp_path)])
