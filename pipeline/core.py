@@ -13,6 +13,8 @@ import torch
 if TYPE_CHECKING:  # annotations only: the GPU bench imports this without omegaconf installed
     from omegaconf import DictConfig
 
+    from pipeline.catalogue import VariantSpec
+
 STAGE_ORDER = ("train", "compile", "trt", "onnx", "int8", "validate", "promote", "deploy")
 PRECISIONS = ("fp32", "fp16", "bf16", "int8")
 DEVICES = ("auto", "cpu", "cuda")
@@ -32,14 +34,27 @@ class StageUnavailable(PipelineError):
 
 @dataclass
 class Variant:
-    """One deployable form of the model; every variant answers history -> top-K ids and scores."""
+    """One deployable form of the model; every variant answers history -> top-K ids and scores.
+    Made by VariantSpec.variant (pipeline.catalogue): name, backend and precision are its spec's, and the
+    spec's fields are in options, so `spec` reads it back."""
 
-    name: str                # e.g. "eager-fp32", "inductor-bf16", "onnxruntime-fp32"
-    backend: str             # eager | inductor | aoti | onnxruntime | tensorrt
+    name: str                # the spec's name, e.g. "eager-fp32", "inductor-max-autotune-bf16", "onnxruntime-fp32"
+    backend: str             # eager | inductor | aoti | onnxruntime | tensorrt | torchao | int8_table
     precision: str
     artifact: str            # the file that holds it (checkpoint, .pt2, .onnx, engine)
     stage: str               # the stage that produced it
     options: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if self.name != self.spec.name:
+            raise PipelineError(f"variant '{self.name}' ({self.backend}, {self.precision}, {self.options}) is named "
+                                f"'{self.spec.name}' by the catalogue's rule (pipeline/catalogue.py)")
+
+    @property
+    def spec(self) -> VariantSpec:
+        from pipeline.catalogue import VariantSpec
+
+        return VariantSpec.from_options(self.backend, self.precision, self.options)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -77,6 +92,13 @@ class Manifest:
         for entry in self.stages.values():
             if name in entry.get("artifacts", {}):
                 return entry["artifacts"][name]
+        return None
+
+    def metric(self, name: str) -> float | None:
+        """A metric an earlier stage recorded (e.g. compile_seconds_<variant>), or None."""
+        for entry in self.stages.values():
+            if name in entry.get("metrics", {}):
+                return entry["metrics"][name]
         return None
 
     def variants(self) -> list[Variant]:

@@ -9,11 +9,11 @@ from typing import Callable
 
 import torch
 
+from pipeline.catalogue import DTYPES, build
 from pipeline.checkpoint import load_checkpoint
 from pipeline.core import PipelineError, Variant
 from pipeline.integrity import verify_digest
 
-DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 Loader = Callable[[Variant, torch.device, int], Callable]
 LOADERS: dict[str, Loader] = {}
 
@@ -38,8 +38,10 @@ def build_retriever(checkpoint: str, top_k: int, precision: str, device: torch.d
 
 
 @register("eager")
-def _load_eager(variant: Variant, device: torch.device, top_k: int) -> Callable:
-    return build_retriever(variant.artifact, top_k, variant.precision, device)
+@register("inductor")
+def _load_retriever_variant(variant: Variant, device: torch.device, top_k: int) -> Callable:
+    """Eager and torch.compile variants: the checkpoint's retriever, built by its spec (pipeline.catalogue)."""
+    return build(variant.spec, build_retriever(variant.artifact, top_k, variant.precision, device), device)
 
 
 @register("onnxruntime")
@@ -47,15 +49,6 @@ def _load_onnxruntime(variant: Variant, device: torch.device, top_k: int) -> Cal
     from pipeline.export.onnx import load_onnx_variant
 
     return load_onnx_variant(variant, device, top_k)
-
-
-@register("inductor")
-def _load_inductor(variant: Variant, device: torch.device, top_k: int) -> Callable:
-    from pipeline.export.inductor import CompiledRetriever
-
-    retriever = build_retriever(variant.artifact, top_k, variant.precision, device)
-    return CompiledRetriever(retriever, variant.options.get("mode", "default"), variant.options.get("kernels", "reference"),
-                             cuda_graph=variant.options.get("cuda_graph", False))
 
 
 @register("aoti")

@@ -222,7 +222,7 @@ def test_stage_builds_int8_variants_and_a_variant_built_to_fail_is_never_promote
     assert dataset.dataset.name == "synthetic-calibration" and len(dataset.dataset.digest) == 16
     assert "calibration" in {t.value for t in dataset.tags}
     assert int8_run.data.tags["calibration_cache_onnx_qdq"] == "calibrated"
-    assert "triton-int8-table: " in int8_run.data.tags["skipped_variants"]
+    assert "int8_table-triton-int8: " in int8_run.data.tags["skipped_variants"]
     logged = {a.path for a in client.list_artifacts(int8_run.info.run_id)}
     assert {"sensitivity.md", "sensitivity.csv", "calibration-onnx_qdq.json", "retriever-int8-qdq.onnx"} <= logged
     variant = runs["variant:onnxruntime-int8"].data

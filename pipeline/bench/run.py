@@ -1,12 +1,15 @@
-"""make bench: every variant available on this device on a standard workload, the plain-PyTorch baselines
-included, measured the same way in one run; roofline from bandwidth and matmul peak measured in the same
-run; a CSV, a latency-vs-batch PNG, a compact table, and (optionally) MLflow.
+"""make bench: catalogue variants (pipeline/catalogue.py) on a standard workload, the plain-PyTorch
+baselines included, measured the same way in one run; roofline from bandwidth and matmul peak measured in
+the same run; a CSV, a latency-vs-batch PNG, a compact table, and (optionally) MLflow. A name here is the
+build of that name in the pipeline's validate table: the same spec, built by the same catalogue.build.
 
-    python -m pipeline.bench.run                                   # retrieval-cpu on the CPU
-    python -m pipeline.bench.run --workload retrieval-1m --out DIR # the standard GPU workload
-    python -m pipeline.bench.run --gpu-tests ...                   # run the GPU kernel tests first
+    python -m pipeline.bench.run                                       # retrieval-cpu on the CPU
+    python -m pipeline.bench.run bench.workload=retrieval-1m --out DIR # the standard GPU workload
+    python -m pipeline.bench.run --variants eager-fp32 inductor-fp32 bench.iters=50
+    python -m pipeline.bench.run --parts --gpu-tests ...               # halves of the call; GPU kernel tests first
 
-A variant that fails is reported and the run goes on; variants left when --budget-s runs out are skipped.
+Settings come from the pipeline's Hydra config (conf/bench/default.yaml): `key=value` arguments override it.
+A variant that fails is reported and the run goes on; variants left when bench.budget_s runs out are skipped.
 """
 from __future__ import annotations
 
@@ -24,60 +27,47 @@ from typing import Callable
 
 import torch
 
-from pipeline import ARTIFACTS, PROJECT_ROOT, kernels
+from pipeline import PROJECT_ROOT, kernels
 from pipeline.bench.latency import summarize, time_calls
 from pipeline.bench.roofline import copy_bandwidth, limit_seconds, matmul_peak
 from pipeline.bench.workload import WORKLOADS, Workload
+from pipeline.catalogue import DTYPES, FREEZING, VariantSpec, build
+from pipeline.core import PipelineError
 
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 COLUMNS = ("variant", "batch_size", "p50_ms", "p90_ms", "p99_ms", "mean_ms", "users_per_s", "limit_ms",
            "roofline_fraction", "topk_overlap", "first_call_s")
+PARTS = ("encoder", "retrieval")
 
 
 @dataclass(frozen=True)
-class BenchVariant:
-    name: str
-    precision: str
-    kernels: str               # reference | triton
-    mode: str | None = None    # torch.compile mode; None: eager
-    baseline: bool = False     # plain PyTorch
-    int8_table: bool = False   # item table in int8 with per-row scales (frozen)
-    part: str | None = None    # "encoder" | "retrieval": one half of the call alone, to see where time goes
-    reference_ops: tuple[str, ...] = ()  # ops kept on the PyTorch reference although kernels is triton
-    cuda_graph: bool = False   # the whole call captured by CompiledRetriever (CapturedCalls), not by Inductor
+class Part:
+    """One half of a variant's call alone (not a variant: nothing the pipeline builds), to see where time goes."""
 
-    def build(self, workload: Workload, device: torch.device) -> Callable:
-        retriever = workload.retriever(device, DTYPES[self.precision])
-        if self.part is None:
-            return self.wrap(retriever)
-        retriever.freeze(int8_table=self.int8_table)  # the parts time our serving form
-        if self.part == "encoder":
-            return _compiled(retriever.query, self.mode, self.kernels)
-        return _retrieval_only(retriever, workload, device, self.kernels)
+    part: str            # encoder | retrieval
+    spec: VariantSpec
 
-    def wrap(self, retriever) -> Callable:
-        """The variant's call over an eager retriever already in its precision and on its device (a whole-call
-        variant, not a part): predict(history, lengths, timestamps=None) -> (ids, scores)."""
-        if self.part is not None:
-            raise ValueError(f"{self.name} times a part of the call, not a whole retriever")
-        if not self.baseline:
-            # Ours: the normalized (or int8) table computed once. The eager baselines normalize it on every
-            # call, as plain PyTorch does; CompiledRetriever freezes the compiled ones, as Inductor's
-            # freezing would fold it to a constant anyway.
-            retriever.freeze(int8_table=self.int8_table)
-        if self.mode is None:
-            @torch.no_grad()
-            def predict(history, lengths, timestamps=None):
-                with kernels.use(self.kernels):
-                    return retriever(history, lengths, timestamps)
-            return predict
-        from pipeline.export.inductor import CompiledRetriever
+    @property
+    def name(self) -> str:
+        return f"part-{self.part}:{self.spec.name}"
 
-        return CompiledRetriever(retriever, self.mode, self.kernels, self.reference_ops, self.cuda_graph)
+
+def _build_part(part: Part, workload: Workload, device: torch.device) -> Callable:
+    spec = part.spec
+    retriever = workload.retriever(device, DTYPES[spec.precision]).freeze(int8_table=spec.int8_table)
+    if part.part == "encoder":
+        return _compiled(retriever.query, spec.mode, spec.kernels)
+    return _retrieval_only(retriever, workload, device, spec.kernels)
+
+
+def _build(item: VariantSpec | Part, workload: Workload, device: torch.device) -> Callable:
+    if isinstance(item, Part):
+        return _build_part(item, workload, device)
+    return build(item, workload.retriever(device, DTYPES[item.precision]), device)
 
 
 def _compiled(fn: Callable, mode: str | None, kernel_backend: str) -> Callable:
-    compiled = torch.compile(fn, mode=mode) if mode else fn
+    if mode:
+        fn = torch.compile(fn, options={**torch._inductor.list_mode_options(mode), "freezing": FREEZING})
 
     @torch.no_grad()
     def call(history, lengths):
@@ -85,7 +75,7 @@ def _compiled(fn: Callable, mode: str | None, kernel_backend: str) -> Callable:
             torch._dynamo.mark_dynamic(history, 0)
             torch._dynamo.mark_dynamic(lengths, 0)
         with kernels.use(kernel_backend):
-            return (compiled(history, lengths),)
+            return (fn(history, lengths),)
     return call
 
 
@@ -107,89 +97,94 @@ def _retrieval_only(retriever, workload: Workload, device: torch.device, kernel_
     return call
 
 
-def variants_for(device: torch.device) -> list[BenchVariant]:
-    """Most telling first: when the budget runs out, the slow-to-compile ones go."""
-    if device.type != "cuda":
-        return [BenchVariant("eager-fp32", "fp32", "reference", baseline=True),
-                BenchVariant("eager-bf16", "bf16", "reference", baseline=True),
-                BenchVariant("compile-fp32", "fp32", "reference", "default", baseline=True)]
-    # The headline first (eager fp32 is the overlap reference, then our best against the best baseline, then
-    # our fp16), so that a run cut short by its budget still compares them; then the other baselines, the
-    # parts, the rest.
-    return [
-        BenchVariant("eager-fp32", "fp32", "reference", baseline=True),
-        # Our kernels, the call captured in one CUDA graph per shape by CompiledRetriever (CapturedCalls) rather
-        # than by Inductor's CUDA-graph trees, whose host-side work per call was not hidden behind the
-        # exactness check's sync.
-        BenchVariant("triton-compile-max-autotune-graph-bf16", "bf16", "triton", "max-autotune-no-cudagraphs",
-                     cuda_graph=True),
-        BenchVariant("compile-max-autotune-bf16", "bf16", "reference", "max-autotune", baseline=True),
-        # fp16 keeps the ranking closer to fp32 than bf16 (10 mantissa bits against 7): on this workload only
-        # fp16 can reach 0.99 top-100 overlap (python -m pipeline.bench.precision; docs/BENCHMARKS.md).
-        BenchVariant("triton-compile-max-autotune-graph-fp16", "fp16", "triton", "max-autotune-no-cudagraphs",
-                     cuda_graph=True),
-        BenchVariant("triton-compile-max-autotune-bf16", "bf16", "triton", "max-autotune"),
-        BenchVariant("eager-bf16", "bf16", "reference", baseline=True),
-        BenchVariant("compile-bf16", "bf16", "reference", "default", baseline=True),
-        BenchVariant("part-retrieval-triton-bf16", "bf16", "triton", part="retrieval"),
-        BenchVariant("part-encoder-compile-max-autotune-bf16", "bf16", "triton", "max-autotune", part="encoder"),
-        # Inductor's own fusion of layer norm + U-gating instead of our kernel.
-        BenchVariant("triton-compile-max-autotune-graph-bf16-inductor-ln", "bf16", "triton",
-                     "max-autotune-no-cudagraphs", reference_ops=("ln_gate",), cuda_graph=True),
-        BenchVariant("part-retrieval-triton-int8table", "bf16", "triton", int8_table=True, part="retrieval"),
-        BenchVariant("triton-compile-max-autotune-int8table", "bf16", "triton", "max-autotune", int8_table=True),
-        # The int8 table (half the bytes of bf16) in the captured call: at b=1 reading the table is most of the
-        # GPU work (not yet run on a GPU).
-        BenchVariant("triton-compile-max-autotune-graph-int8table", "bf16", "triton", "max-autotune-no-cudagraphs",
-                     int8_table=True, cuda_graph=True),
-        BenchVariant("triton-eager-bf16", "bf16", "triton"),
-        BenchVariant("triton-compile-bf16", "bf16", "triton", "default"),
-    ]
+def bench_specs(bcfg, device: torch.device) -> list[VariantSpec]:
+    """bench.variants.<device type>: the catalogue specs this device times by default."""
+    return [_timeable(VariantSpec.from_entry(entry)) for entry in bcfg.variants[device.type]]
+
+
+def _timeable(spec: VariantSpec) -> VariantSpec:
+    if spec.backend not in ("eager", "inductor"):
+        raise PipelineError(f"{spec.name}: the bench builds eager and inductor variants from its workload; a "
+                            f"{spec.backend} variant is measured by the pipeline's validate stage")
+    return spec
+
+
+def bench_parts(bcfg, device: torch.device) -> list[Part]:
+    parts = []
+    for entry in bcfg.parts[device.type]:
+        if entry.get("part") not in PARTS:
+            raise PipelineError(f"bench.parts entry {dict(entry)}: part must be one of {', '.join(PARTS)}")
+        parts.append(Part(entry["part"], VariantSpec.from_entry(entry["variant"])))
+    return parts
+
+
+def chosen_specs(names: list[str] | None, defaults: list[VariantSpec]) -> list[VariantSpec]:
+    """--variants: any catalogue name (a bad one is refused naming the defaults); none: the defaults."""
+    if names is None:
+        return defaults
+    specs = []
+    for name in names:
+        try:
+            specs.append(_timeable(VariantSpec.parse(name)))
+        except PipelineError as err:
+            raise PipelineError(f"{err}; the defaults on this device: {', '.join(s.name for s in defaults)}") from None
+    return specs
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--workload", choices=sorted(WORKLOADS), default=None,
-                        help="default: retrieval-1m on a GPU, retrieval-cpu on the CPU")
-    parser.add_argument("--out", type=Path, default=None, help="default: artifacts/bench/<UTC time>")
-    parser.add_argument("--batch-sizes", type=int, nargs="+", default=None)
-    parser.add_argument("--variants", nargs="+", default=None, help="names to run (default: all for the device)")
-    parser.add_argument("--warmup", type=int, default=None)
-    parser.add_argument("--iters", type=int, default=None, help="default: 100 on a GPU, 20 on the CPU")
-    parser.add_argument("--budget-s", type=float, default=420.0, help="skip variants not started by then")
-    parser.add_argument("--grace-s", type=float, default=60.0,
-                        help="a started variant stops before its next batch size once budget + grace is spent")
-    parser.add_argument("--num-threads", type=int, default=2, help="CPU threads (timing uses a fixed count)")
-    parser.add_argument("--no-freezing", action="store_true",
-                        help="compile without Inductor freezing (weights as constants, the normalized table folded)")
+    parser.add_argument("overrides", nargs="*", help="config overrides, e.g. bench.workload=retrieval-1m bench.iters=50")
+    parser.add_argument("--out", type=Path, default=None, help="default: <artifacts_dir>/bench/<UTC time>")
+    parser.add_argument("--variants", nargs="+", default=None,
+                        help="catalogue names to run (default: bench.variants for the device)")
+    parser.add_argument("--parts", action="store_true",
+                        help="also time halves of the call (bench.parts: encoder alone, retrieval alone)")
     parser.add_argument("--gpu-tests", action="store_true", help="run the gpu-marked kernel tests first")
     parser.add_argument("--profile", action="store_true",
                         help="also write profile.txt: the top kernels by GPU time per variant at the smallest and largest batch")
     parser.add_argument("--no-mlflow", action="store_true")
-    parser.add_argument("--tracking-uri", default=None, help="default: sqlite:///<project>/artifacts/mlflow.db")
     args = parser.parse_args(argv)
-
-    start = time.perf_counter()
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    known = [v.name for v in variants_for(device)]
-    unknown = [name for name in args.variants or [] if name not in known]
-    if unknown:
-        parser.error(f"unknown variant(s) {', '.join(unknown)} on {device.type}; valid choices: {', '.join(known)}")
+    try:
+        cfg = _config(args.overrides)
+        bcfg = cfg.bench
+        if bcfg.workload is not None and bcfg.workload not in WORKLOADS:
+            raise PipelineError(f"unknown bench.workload '{bcfg.workload}'; valid choices: {', '.join(sorted(WORKLOADS))}")
+        chosen: list[VariantSpec | Part] = [*chosen_specs(args.variants, bench_specs(bcfg, device)),
+                                            *(bench_parts(bcfg, device) if args.parts else [])]
+    except PipelineError as err:
+        parser.error(str(err))
     if args.gpu_tests:
         _gpu_tests()
-    workload = WORKLOADS[args.workload or ("retrieval-1m" if device.type == "cuda" else "retrieval-cpu")]
-    batch_sizes = args.batch_sizes or list(workload.batch_sizes)
-    warmup = args.warmup if args.warmup is not None else 10 if device.type == "cuda" else 3
-    iters = args.iters or (100 if device.type == "cuda" else 20)
-    out = args.out or ARTIFACTS / "bench" / datetime.now(timezone.utc).strftime("%Y-%m-%dT%H-%M-%S")
+    return _run(cfg, chosen, args, device, argv)
+
+
+def _config(overrides: list[str]):
+    """The pipeline's Hydra config with the bench group: `key=value` arguments override it."""
+    from hydra.errors import HydraException
+    from omegaconf.errors import OmegaConfBaseException
+
+    from pipeline.serving.config import load_config
+
+    try:
+        return load_config(["+bench=default", *overrides])
+    except (HydraException, OmegaConfBaseException) as err:
+        raise PipelineError(f"bad config override: {err}") from None
+
+
+def _run(cfg, chosen: list, args: argparse.Namespace, device: torch.device, argv: list[str] | None) -> int:
+    start = time.perf_counter()
+    bcfg = cfg.bench
+    workload = WORKLOADS[bcfg.workload or ("retrieval-1m" if device.type == "cuda" else "retrieval-cpu")]
+    batch_sizes = list(bcfg.batch_sizes or workload.batch_sizes)
+    warmup = bcfg.warmup if bcfg.warmup is not None else 10 if device.type == "cuda" else 3
+    iters = bcfg.iters or (100 if device.type == "cuda" else 20)
+    out = args.out or Path(cfg.artifacts_dir) / "bench" / datetime.now(timezone.utc).strftime("%Y-%m-%dT%H-%M-%S")
     out.mkdir(parents=True, exist_ok=True)
     if device.type == "cpu":
-        torch.set_num_threads(args.num_threads)
+        torch.set_num_threads(bcfg.num_threads)
     else:
         torch.backends.cuda.matmul.allow_tf32 = True
-    import torch._inductor.config as inductor_config
-
-    inductor_config.freezing = not args.no_freezing
     name = _device_name(device)
 
     bandwidth = copy_bandwidth(device)
@@ -199,20 +194,21 @@ def main(argv: list[str] | None = None) -> int:
 
     rows, failures, reference = [], {}, {}
     overlap_batch = next((b for b in batch_sizes if b > 1), batch_sizes[0])
-    chosen = [v for v in variants_for(device) if args.variants is None or v.name in args.variants]
     for variant in chosen:
-        if time.perf_counter() - start > args.budget_s:
-            failures[variant.name] = f"skipped: --budget-s {args.budget_s:.0f} s spent"
+        if time.perf_counter() - start > bcfg.budget_s:
+            failures[variant.name] = f"skipped: bench.budget_s {bcfg.budget_s:.0f} s spent"
             print(f"{variant.name}: {failures[variant.name]}", flush=True)
             continue
+        spec = variant.spec if isinstance(variant, Part) else variant
         try:
-            predict = variant.build(workload, device)
+            predict = _build(variant, workload, device)
             # Batch 1 first, then the largest: a dynamic-batch graph is compiled (and max-autotune picks its
             # matmul templates) for the first size above 1 it sees, and the largest batch is the throughput
             # row (on the H200 the same graph took 9.6 ms at b=1024 compiled at b=16, 7.6 compiled at 1024).
             for b in sorted(batch_sizes, key=lambda size: (size > 1, -size)):
-                if time.perf_counter() - start > args.budget_s + args.grace_s:
-                    raise TimeoutError(f"--budget-s {args.budget_s:.0f} s + --grace-s {args.grace_s:.0f} s spent before b={b}")
+                if time.perf_counter() - start > bcfg.budget_s + bcfg.grace_s:
+                    raise TimeoutError(f"bench.budget_s {bcfg.budget_s:.0f} s + bench.grace_s {bcfg.grace_s:.0f} s "
+                                       f"spent before b={b}")
                 history, lengths = workload.inputs(b, device)
                 t0 = time.perf_counter()
                 # CUDA-graph variants reuse their output buffers: mark a new step and copy what we keep.
@@ -223,11 +219,11 @@ def main(argv: list[str] | None = None) -> int:
                 first_call = time.perf_counter() - t0
                 samples = time_calls(lambda: predict(history, lengths), device, warmup, iters)
                 row = {"variant": variant.name, **summarize(samples, b), "first_call_s": first_call}
-                table_bytes = workload.table_bytes(torch.int8 if variant.int8_table else DTYPES[variant.precision])
+                table_bytes = workload.table_bytes(torch.int8 if spec.int8_table else DTYPES[spec.precision])
                 limit = limit_seconds(table_bytes, workload.flops(b), bandwidth, peak)
                 row["limit_ms"] = limit * 1e3
                 row["roofline_fraction"] = row["limit_ms"] / row["p50_ms"]
-                if b == overlap_batch and not variant.part:
+                if b == overlap_batch and not isinstance(variant, Part):
                     reference.setdefault("ids", ids.cpu())
                     row["topk_overlap"] = _overlap(ids.cpu(), reference["ids"])
                 rows.append(row)
@@ -255,12 +251,12 @@ def main(argv: list[str] | None = None) -> int:
              "copy_gb_s": bandwidth / 1e9, "matmul_tflop_s": peak / 1e12, "matmul_dtype": peak_dtype,
              "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
              "command": " ".join([Path(sys.executable).name, "-m", "pipeline.bench.run", *(argv or sys.argv[1:])])}
-    table = _table(rows, batch_sizes, variants_for(device), facts, failures)
+    table = _table(rows, batch_sizes, chosen, facts, failures)
     tuning = _tuning_table(out / "kernel_tuning.csv")
     (out / "bench.md").write_text(table + tuning)
     print("\n" + table, flush=True)
     if not args.no_mlflow:
-        _log_mlflow(args.tracking_uri, rows, facts, failures, [csv_path, out / "bench.md", *([plot] if plot else [])], device)
+        _log_mlflow(cfg, rows, facts, failures, [csv_path, out / "bench.md", *([plot] if plot else [])], device)
     return 0 if rows else 1
 
 
@@ -353,7 +349,8 @@ def _plot(rows: list[dict], path: Path, title: str) -> Path | None:
 def _table(rows, batch_sizes, variants, facts, failures) -> str:
     """p50 per batch size, users/s and roofline fraction at the largest batch, the best baseline marked."""
     big, small = max(batch_sizes), min(batch_sizes)
-    baseline = {v.name for v in variants if v.baseline}
+    baseline = {v.name for v in variants if isinstance(v, VariantSpec) and v.baseline}
+    parts = {v.name for v in variants if isinstance(v, Part)}
     lines = [f"{facts['workload']} on {facts['device_name']}, torch {facts['torch']}, {facts['date']}; "
              f"copy {facts['copy_gb_s']:.0f} GB/s, {facts['matmul_dtype']} matmul {facts['matmul_tflop_s']:.3g} TFLOP/s",
              f"command: {facts['command']}", "",
@@ -365,7 +362,7 @@ def _table(rows, batch_sizes, variants, facts, failures) -> str:
         cells = [f"{by[(name, b)]['p50_ms']:.3f}" if (name, b) in by else "-" for b in batch_sizes]
         last, first = by.get((name, big)), by.get((name, small))
         overlap = next((r["topk_overlap"] for r in rows if r["variant"] == name and "topk_overlap" in r), None)
-        tag = " (baseline)" if name in baseline else " (part)" if name.startswith("part-") else ""
+        tag = " (baseline)" if name in baseline else " (part)" if name in parts else ""
         lines.append(f"| {name}{tag} | " + " | ".join(cells)
                      + (f" | {last['users_per_s']:.0f}" if last else " | -")
                      + (f" | {first['roofline_fraction']:.2f}" if first else " | -")
@@ -374,7 +371,6 @@ def _table(rows, batch_sizes, variants, facts, failures) -> str:
     for name, why in failures.items():
         lines.append(f"\n{name}: {why.splitlines()[0][:300]}")
     best = lambda b, names: min((by[(n, b)]["p50_ms"] for n in names if (n, b) in by), default=None)  # noqa: E731
-    parts = {v.name for v in variants if v.part}
     ours = {r["variant"] for r in rows} - baseline - parts
     for b in (small, big):
         mine, theirs = best(b, ours), best(b, baseline)
@@ -383,13 +379,14 @@ def _table(rows, batch_sizes, variants, facts, failures) -> str:
     return "\n".join(lines) + "\n"
 
 
-def _log_mlflow(tracking_uri, rows, facts, failures, artifacts, device) -> None:
+def _log_mlflow(cfg, rows, facts, failures, artifacts, device) -> None:
     try:
         from omegaconf import OmegaConf
 
         from pipeline.tracking import Tracker, host_tags
 
-        tracker = Tracker(OmegaConf.create({"tracking_uri": tracking_uri, "experiment_name": "genrec-bench"}))
+        tracker = Tracker(OmegaConf.create({"tracking_uri": cfg.mlflow.tracking_uri,
+                                            "experiment_name": cfg.bench.experiment_name}), Path(cfg.artifacts_dir))
         with tracker.run(f"bench:{facts['workload']}", tags={**host_tags(device), "workload": facts["workload"]},
                          nested=False):
             tracker.log_params({k: v for k, v in facts.items() if k != "date"})

@@ -16,11 +16,10 @@ import torch
 from torch import nn
 
 from pipeline import kernels
+from pipeline.catalogue import FREEZING, VariantSpec
 from pipeline.core import PipelineError
 from pipeline.export import ShapeRange, export_program, input_names
 from pipeline.integrity import write_digest
-
-MODES = ("default", "max-autotune", "max-autotune-no-cudagraphs", "reduce-overhead")
 
 
 class CompiledRetriever:
@@ -32,27 +31,21 @@ class CompiledRetriever:
     one host sync that rarely recomputes a row) runs after it, outside the graph."""
 
     def __init__(self, retriever: nn.Module, mode: str, kernel_backend: str, reference_ops: tuple[str, ...] = (),
-                 cuda_graph: bool = False) -> None:
+                 cuda_graph: bool = False, freezing: bool = FREEZING) -> None:
         """reference_ops: ops kept on their PyTorch reference although kernel_backend is triton.
         cuda_graph: on CUDA, capture the whole compiled call in one torch.cuda.CUDAGraph per input shape
-        (CapturedCalls), for modes that do not capture themselves."""
-        if mode not in MODES:
-            raise PipelineError(f"unknown torch.compile mode '{mode}'; valid choices: {', '.join(MODES)}")
-        if cuda_graph and mode in ("max-autotune", "reduce-overhead"):
-            raise PipelineError(f"cuda_graph=true captures the call itself; mode '{mode}' already uses Inductor's "
-                                "CUDA graphs: pick max-autotune-no-cudagraphs or default")
-        if kernel_backend not in kernels.BACKENDS:
-            raise PipelineError(f"unknown kernels '{kernel_backend}'; valid choices: {', '.join(kernels.BACKENDS)}")
+        (CapturedCalls), for modes that do not capture themselves. freezing: Inductor's (the catalogue's
+        setting unless told)."""
+        VariantSpec("inductor", "fp32", kernel_backend, mode, cuda_graph, reference_ops=reference_ops)  # refuses what no spec allows
         if getattr(retriever, "frozen_table", None) is None and hasattr(retriever, "freeze"):
             retriever.freeze()  # the normalized table once, not per call (the same numbers)
         self.kernels, self.retriever, self.reference_ops = kernel_backend, retriever, tuple(reference_ops)
         # CUDA-graph modes replay into the same output buffers: each call is a new step, and what it returns
         # is copied out (B x k, small), so a caller may keep the answers of several calls.
         self.cudagraphs = mode in ("max-autotune", "reduce-overhead")
-        if kernel_backend == "triton":
-            self.compiled = torch.compile(retriever.candidates, mode=mode)
-        else:
-            self.compiled = torch.compile(retriever, mode=mode)
+        # The mode's options plus freezing, set per compile rather than on the process's Inductor config.
+        options = {**torch._inductor.list_mode_options(mode), "freezing": freezing}
+        self.compiled = torch.compile(retriever.candidates if kernel_backend == "triton" else retriever, options=options)
         self.captured = CapturedCalls(self._captured_call) if cuda_graph else None
 
     def _compiled_call(self, history, lengths, timestamps):
@@ -89,13 +82,18 @@ class CompiledRetriever:
             return self.retriever.finish(history, ids, scores, unsure, query,
                                          any_unsure=outputs[4] if captured else None)
 
-    @contextmanager
-    def _kernels(self) -> Iterator[None]:
-        with ExitStack() as stack:
-            stack.enter_context(kernels.use(self.kernels))
-            for op in self.reference_ops:
-                stack.enter_context(kernels.use("reference", op=op))
-            yield
+    def _kernels(self):
+        return kernel_choice(self.kernels, self.reference_ops)
+
+
+@contextmanager
+def kernel_choice(kernel_backend: str, reference_ops: tuple[str, ...] = ()) -> Iterator[None]:
+    """kernels.use(kernel_backend) with reference_ops kept on the PyTorch reference."""
+    with ExitStack() as stack:
+        stack.enter_context(kernels.use(kernel_backend))
+        for op in reference_ops:
+            stack.enter_context(kernels.use("reference", op=op))
+        yield
 
 
 class CapturedCalls:
@@ -233,3 +231,11 @@ def timed_first_call(predict: Callable, args: tuple) -> float:
     if args[0].is_cuda:
         torch.cuda.synchronize()
     return time.perf_counter() - start
+
+
+def inductor_cache_dir() -> str:
+    """Where Inductor keeps compiled graphs (TORCHINDUCTOR_CACHE_DIR, else a per-user temp folder): the compile
+    stage, validate and serving on one host share it, so a spec compiled once loads from it."""
+    from torch._inductor.runtime.cache_dir_utils import cache_dir
+
+    return cache_dir()

@@ -9,9 +9,11 @@ from __future__ import annotations
 
 import torch
 
+from pipeline.catalogue import VariantSpec
 from pipeline.core import PipelineError, Variant
 
 BACKEND = "int8_table"
+SPEC = VariantSpec(BACKEND, "int8", kernels="triton")
 
 
 def unavailable_reason(device: torch.device) -> str | None:

@@ -1,7 +1,9 @@
-"""compile: torch.compile variants of the retriever (mode x kernels, from conf/compile) and an
+"""compile: torch.compile variants of the retriever (catalogue specs listed in conf/compile) and an
 AOTInductor package (.pt2) that a fresh process loads without the model's Python code. Each variant is
 compiled, timed (compile seconds) and checked against fp32 eager on a few test users; a broken one fails
-the stage here rather than in validate, which then measures every variant like the others."""
+the stage here rather than in validate, which then measures every variant like the others. Inductor's
+caches (FX graph, AOT autograd; TORCHINDUCTOR_CACHE_DIR) keep what is compiled here, so validate's load of
+the same spec finds it."""
 from __future__ import annotations
 
 import json
@@ -11,13 +13,14 @@ import torch
 
 from pipeline import kernels
 from pipeline.bench.parity import check_parity, load_reference
+from pipeline.catalogue import VariantSpec, build
 from pipeline.core import Context, PipelineError, StageResult, Variant
 from pipeline.evaluation import parity
 from pipeline.gates import gate_for
 from pipeline.export import ShapeRange
 from pipeline.export.inductor import (
     AotiRetriever,
-    CompiledRetriever,
+    inductor_cache_dir,
     package_aoti,
     run_in_fresh_process,
     timed_first_call,
@@ -31,37 +34,24 @@ log = logging.getLogger(__name__)
 def run(ctx: Context) -> StageResult:
     ccfg, device = ctx.cfg.compile, ctx.device
     checkpoint = str(ctx.require_artifact("checkpoint"))
-    precision = ctx.cfg.precision if ctx.cfg.precision in ("fp16", "bf16") else "fp32"
+    precision = target_precision(ctx.cfg.precision)
+    specs = inductor_specs(ccfg.inductor[device.type], ccfg.kernels, precision)
     batch_size = ctx.cfg.gates.sample.batch_size
     sample, reference = load_reference(ctx.cfg, ctx.require_artifact("reference_answer"), checkpoint, ccfg.top_k)
     first_batch = _batch(sample, batch_size, device)
 
     metrics: dict[str, float] = {}
     variants, facts, skipped = [], {}, {}
-    for entry in ccfg.inductor[device.type]:
-        mode, kernel_backend = entry.get("mode", "default"), entry.get("kernels", ccfg.kernels)
-        entry_precision = entry.get("precision", precision)
-        if entry_precision not in ("fp32", "fp16", "bf16"):
-            raise PipelineError(f"compile.inductor entry {dict(entry)}: precision must be fp32, fp16 or bf16")
-        cuda_graph = bool(entry.get("cuda_graph", False))
-        name = "-".join(["inductor", *([mode] if mode != "default" else []), *(["graph"] if cuda_graph else []),
-                         *(["triton"] if kernel_backend == "triton" else []), entry_precision])
-        if kernel_backend == "triton" and not kernels.triton_runs_on(device):
-            skipped[name] = "Triton kernels need a CUDA device"
-            log.warning("%s skipped: %s", name, skipped[name])
+    for spec in specs:
+        if spec.kernels == "triton" and not kernels.triton_runs_on(device):
+            skipped[spec.name] = "Triton kernels need a CUDA device"
+            log.warning("%s skipped: %s", spec.name, skipped[spec.name])
             continue
-        predict = CompiledRetriever(build_retriever(checkpoint, ccfg.top_k, entry_precision, device), mode,
-                                    kernel_backend, cuda_graph=cuda_graph)
-        seconds = timed_first_call(predict, first_batch)
-        agreement = check_parity(name, predict, reference, sample, gate_for(ctx.cfg.gates, entry_precision),
-                                 batch_size, device)
-        facts[name] = _record(metrics, name, seconds, agreement)
-        variants.append(Variant(name, "inductor", entry_precision, checkpoint, "compile",
-                                options={"mode": mode, "kernels": kernel_backend, "top_k": ccfg.top_k,
-                                         "cuda_graph": cuda_graph}))
+        variant, facts[spec.name] = build_inductor(ctx, spec, checkpoint, sample, reference, first_batch, metrics)
+        variants.append(variant)
 
     if device.type in ccfg.aoti.devices:
-        name = f"aoti-{precision}"
+        spec = VariantSpec("aoti", precision)
         retriever = build_retriever(checkpoint, ccfg.top_k, precision, device)
         width = sample.history.shape[1]
         package, seconds = package_aoti(
@@ -69,22 +59,60 @@ def run(ctx: Context) -> StageResult:
             ShapeRange(**ccfg.aoti.batch).check("compile.aoti.batch"), ShapeRange(1, width, width), device,
         )
         timestamps = uses_timestamps(retriever)
-        agreement = check_parity(name, AotiRetriever(package, device, timestamps), reference, sample,
+        agreement = check_parity(spec.name, AotiRetriever(package, device, timestamps), reference, sample,
                                  gate_for(ctx.cfg.gates, precision), batch_size, device)
         agreement["fresh_process_topk_overlap"] = _fresh_process_overlap(package, first_batch, timestamps, ctx)
         if agreement["fresh_process_topk_overlap"] < 1.0:
-            raise PipelineError(f"{name}: reloaded in a fresh process it answers differently "
+            raise PipelineError(f"{spec.name}: reloaded in a fresh process it answers differently "
                                 f"(top-K overlap {agreement['fresh_process_topk_overlap']:.4f} with this process)")
-        facts[name] = {"path": str(package), **_record(metrics, name, seconds, agreement)}
-        variants.append(Variant(name, "aoti", precision, str(package), "compile",
-                                options={"top_k": ccfg.top_k, "uses_timestamps": timestamps}))
+        facts[spec.name] = {"path": str(package), **_record(metrics, spec.name, seconds, agreement)}
+        variants.append(spec.variant(str(package), "compile", top_k=ccfg.top_k, uses_timestamps=timestamps))
 
     if skipped:
         ctx.tracker.set_tags({"skipped_variants": "; ".join(f"{n}: {why}" for n, why in skipped.items())[:5000]})
     out = ctx.run_dir / "compile.json"
-    out.write_text(json.dumps({"variants": facts, "skipped": skipped}, indent=2))
+    out.write_text(json.dumps({"variants": facts, "skipped": skipped,
+                               "inductor_cache_dir": inductor_cache_dir()}, indent=2))
     metrics["num_variants"] = len(variants)
     return StageResult(metrics=metrics, artifacts={"compile_report": str(out)}, variants=variants)
+
+
+def target_precision(precision: str) -> str:
+    """The compile stage's precision: the target, or fp32 when it is int8 (INT8 variants are the int8 stage's)."""
+    return precision if precision in ("fp16", "bf16") else "fp32"
+
+
+def inductor_specs(entries, kernels_default: str, precision: str) -> list[VariantSpec]:
+    """compile.inductor.<device>: names, or mappings of spec fields (kernels: compile.kernels, precision: the
+    target precision, unless the entry says)."""
+    specs = []
+    for entry in entries:
+        if not isinstance(entry, str):
+            entry = {"kernels": kernels_default, **entry}
+        spec = VariantSpec.from_entry(entry, backend="inductor", precision=precision)
+        if spec.precision not in ("fp32", "fp16", "bf16"):
+            raise PipelineError(f"compile.inductor entry {entry}: precision must be fp32, fp16 or bf16")
+        specs.append(spec)
+    names = [s.name for s in specs]
+    doubles = sorted({n for n in names if names.count(n) > 1})
+    if doubles:
+        raise PipelineError(f"compile.inductor lists {', '.join(doubles)} more than once")
+    return specs
+
+
+def build_inductor(ctx: Context, spec: VariantSpec, checkpoint: str, sample, reference, first_batch: tuple,
+                   metrics: dict[str, float]) -> tuple[Variant, dict[str, float]]:
+    """One torch.compile variant: built by the catalogue, compiled for the shapes validate and serving call
+    (batch 1, and every larger batch in one dynamic graph) so that a later load finds Inductor's cache
+    warm, and checked against fp32 eager. -> (its manifest record, its facts)."""
+    ccfg, device = ctx.cfg.compile, ctx.device
+    torch._dynamo.reset()  # the previous variant's guards off Retriever's code (Dynamo's recompile limit)
+    predict = build(spec, build_retriever(checkpoint, ccfg.top_k, spec.precision, device), device)
+    seconds = timed_first_call(predict, first_batch) + timed_first_call(predict, tuple(
+        None if t is None else t[:1] for t in first_batch))
+    agreement = check_parity(spec.name, predict, reference, sample, gate_for(ctx.cfg.gates, spec.precision),
+                             ctx.cfg.gates.sample.batch_size, device)
+    return spec.variant(checkpoint, "compile", top_k=ccfg.top_k), _record(metrics, spec.name, seconds, agreement)
 
 
 def _batch(sample, batch_size: int, device: torch.device) -> tuple:

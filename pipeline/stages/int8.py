@@ -9,7 +9,7 @@ calibrating again (int8.calibration.cache). The variants:
   nodes in int8.onnx_qdq.keep_float left in float (default: the final scoring), with a per-layer sensitivity
   sweep (one quantized node at a time) logged as a table;
 - torchao-int8: torchao PT2E with the X86 Inductor quantizer, calibrated on the same set, under torch.compile;
-- triton-int8-table (CUDA only): the item table in int8 with per-row scales, scored by the fused retrieval
+- int8_table-triton-int8 (CUDA only): the item table in int8 with per-row scales, scored by the fused retrieval
   kernel (pipeline.quant.int8_table);
 - tensorrt-int8 is not built: see SKIPPED_HERE.
 
@@ -107,10 +107,10 @@ def run(ctx: Context) -> StageResult:
     # The hook for the GPU part of the issue: built on CUDA only (pipeline/quant/int8_table.py has the loader).
     reason = int8_table.unavailable_reason(ctx.device) if icfg.gpu_int8_table else "int8.gpu_int8_table=false"
     if reason:
-        skipped["triton-int8-table"] = reason
+        skipped[int8_table.SPEC.name] = reason
     else:
-        parity_check(Variant("triton-int8-table", int8_table.BACKEND, "int8", checkpoint, "int8",
-                             options={"top_k": icfg.top_k, "table": "int8 per-row fp32 scales", "query": "bf16"}))
+        parity_check(int8_table.SPEC.variant(checkpoint, "int8", top_k=icfg.top_k, table="int8 per-row fp32 scales",
+                                             query="bf16"))
 
     for name, why in skipped.items():
         log.info("%s not built: %s", name, why)

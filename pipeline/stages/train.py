@@ -14,7 +14,8 @@ from tqdm.auto import tqdm
 from pipeline.bench.latency import cpu_threads
 from pipeline.bench.parity import save_reference
 from pipeline.checkpoint import save_checkpoint
-from pipeline.core import Context, PipelineError, StageResult, Variant
+from pipeline.catalogue import VariantSpec
+from pipeline.core import Context, PipelineError, StageResult
 from pipeline.data import TrainSequences, load_splits, train_with_validation
 from pipeline.evaluation import evaluate_full_ranking
 from pipeline.models import Retriever, build_model
@@ -114,9 +115,8 @@ def _run(ctx: Context) -> StageResult:
         extra={"data": OmegaConf.to_container(cfg.data, resolve=True), "metrics": metrics},
     )
     reference = save_reference(cfg, str(checkpoint), ctx.run_dir / "reference_answer.pt")
-    variants = [Variant("eager-fp32", "eager", "fp32", str(checkpoint), "train")]
-    if cfg.precision in ("fp16", "bf16"):
-        variants.append(Variant(f"eager-{cfg.precision}", "eager", cfg.precision, str(checkpoint), "train"))
+    precisions = ["fp32", *([cfg.precision] if cfg.precision in ("fp16", "bf16") else [])]
+    variants = [VariantSpec("eager", precision).variant(str(checkpoint), "train") for precision in precisions]
     return StageResult(metrics=metrics, artifacts={"checkpoint": str(checkpoint), "reference_answer": str(reference)},
                        variants=variants)
 
