@@ -1,15 +1,19 @@
-"""Quality of the fast variants on real data: HR@10, NDCG@10 and HR@50 of each variant over the test users
-of a trained model, beside fp32 eager on the same device, with the HR@10 difference, the top-K overlap and
-the largest score error, and whether it passes the pipeline's gate of its precision (conf/gates, pipeline.gates).
+"""Quality of the fast variants on real data: HR@10, NDCG@10 and HR@50 of each catalogue variant over the
+test users of a trained model, beside fp32 eager on the same device, with the HR@10 difference, the top-K
+overlap and the largest score error, and whether it passes the pipeline's gate of its precision (conf/gates,
+pipeline.gates).
 
-    python -m pipeline.bench.quality --checkpoint artifacts/runs/<run>/train/model.pt --data-root ../shared/data
-    python -m pipeline.bench.quality --train --data ml-1m --data-root ../shared/data --out DIR
+    python -m pipeline.bench.quality --checkpoint artifacts/runs/<run>/model.pt data.root=../shared/data
+    python -m pipeline.bench.quality --train model=hstu data=ml-1m data.root=../shared/data --out DIR
 
---checkpoint evaluates a model the train stage made (its data config comes with it); --train first trains
-one here with a preset (default conf/tuned/hstu_ml-1m.yaml, the published protocol) and saves it in --out.
-Needs torch (and triton for our kernels), not hydra or mlflow: it runs on a bare GPU host. The variants are
-the bench's (pipeline.bench.run), wrapped around the trained retriever. Writes quality.csv and quality.md, and
-logs them with each variant's metrics to MLflow (experiment genrec-quality; --no-mlflow without it).
+Settings are the pipeline's Hydra config (conf/quality/default.yaml, and the model/data/train/validate
+groups): `key=value` arguments override it as they do for `python -m pipeline`. --checkpoint evaluates a
+model the train stage made (the data config saved with it is read, `data.*` overrides on top); --train
+first trains one here with the train stage's own code (pipeline.stages.train.fit: model=hstu data=ml-1m
+brings conf/tuned/hstu_ml-1m.yaml, the published protocol) and saves it in --out. The variants are
+catalogue names (pipeline/catalogue.py) built around the trained retriever by catalogue.build, as the
+pipeline builds them. Writes quality.csv and quality.md, and logs them with each variant's metrics to MLflow
+(experiment quality.experiment_name; --no-mlflow without it).
 """
 from __future__ import annotations
 
@@ -21,144 +25,106 @@ import sys
 import time
 import traceback
 from pathlib import Path
-from types import SimpleNamespace
 
 import torch
-import yaml
 
-from pipeline import ARTIFACTS, PROJECT_ROOT
+from pipeline import ARTIFACTS
 from pipeline.bench.parity import head
-from pipeline.bench.run import DTYPES, BenchVariant, variants_for
-from pipeline.checkpoint import load_checkpoint, save_checkpoint
+from pipeline.catalogue import DTYPES, VariantSpec, build
+from pipeline.checkpoint import load_checkpoint
 from pipeline.core import PipelineError
-from pipeline.data import (
-    DATASET_NAMES,
-    DataError,
-    DatasetNotFoundError,
-    leave_one_out,
-    load_interactions,
-    train_with_validation,
-)
+from pipeline.data import DataError, DatasetNotFoundError, leave_one_out, load_interactions
 from pipeline.evaluation import parity, predict_top_k, top_k_metrics
-from pipeline.gates import GATES_FILE, check, gate_for, load_gates
-from pipeline.models import Retriever, build_model
-from pipeline.training import train_epoch
+from pipeline.gates import check, gate_for
+from pipeline.models import Retriever
 
 log = logging.getLogger("pipeline.bench.quality")
 
-REFERENCE = "eager-fp32"
+REFERENCE = VariantSpec("eager", "fp32")
 COLUMNS = ("variant", "hr10", "ndcg10", "hr50", "hr10_delta", "topk_overlap", "max_abs_err", "passes", "gate_reason",
            "seconds")
-DEFAULT_PRESET = PROJECT_ROOT / "conf" / "tuned" / "hstu_ml-1m.yaml"
 
 
-def default_variants(device: torch.device) -> list[str]:
-    """The reference, our headline variants and the best baselines: whole calls, not parts."""
-    names = [v.name for v in variants_for(device) if v.part is None]
-    if device.type == "cuda":
-        keep = (REFERENCE, "triton-compile-max-autotune-graph-bf16", "triton-compile-max-autotune-graph-fp16",
-                "compile-max-autotune-bf16", "eager-bf16")
-        return [n for n in keep if n in names]
-    return names
+def load_quality_config(overrides: list[str]):
+    """The pipeline's config with the quality group; a bad override is a PipelineError."""
+    from hydra.errors import HydraException
+    from omegaconf.errors import OmegaConfBaseException
+
+    from pipeline.serving.config import load_config
+
+    try:
+        return load_config(["+quality=default", *overrides])
+    except (HydraException, OmegaConfBaseException) as err:
+        raise PipelineError(f"bad config override: {err}") from None
 
 
-def _preset(path: Path | None, epochs: int | None) -> tuple[dict, dict]:
-    """-> (model config, train config): the defaults of conf/model/hstu.yaml and conf/train/default.yaml,
-    with the preset's model/train keys on top."""
-    conf = PROJECT_ROOT / "conf"
-    model = yaml.safe_load((conf / "model" / "hstu.yaml").read_text())
-    train = yaml.safe_load((conf / "train" / "default.yaml").read_text())
-    if path is not None:
-        if not path.is_file():
-            raise SystemExit(f"quality: preset not found: {path}")
-        preset = yaml.safe_load(path.read_text()) or {}
-        unknown = sorted(set(preset) - {"model", "train"})
-        if unknown:
-            raise SystemExit(f"quality: preset {path} has keys {unknown}; only model and train are read")
-        for section, base in (("model", model), ("train", train)):
-            wrong = sorted(set(preset.get(section) or {}) - set(base))
-            if wrong:
-                raise SystemExit(f"quality: preset {path} sets unknown {section} key(s) {', '.join(wrong)}; "
-                                 f"valid: {', '.join(sorted(base))}")
-            base.update(preset.get(section) or {})
-    if epochs is not None:
-        train["epochs"] = epochs
-    return model, train
+def variant_specs(names, device: torch.device) -> list[VariantSpec]:
+    """The reference first, then the named catalogue variants (eager and inductor: built around the model)."""
+    specs = [VariantSpec.parse(name) if isinstance(name, str) else VariantSpec.from_entry(name) for name in names]
+    for spec in specs:
+        if spec.backend not in ("eager", "inductor"):
+            raise PipelineError(f"{spec.name}: quality builds eager and inductor variants around the checkpoint's "
+                                f"model; a {spec.backend} variant is measured by the pipeline's validate stage")
+    return [REFERENCE, *(s for s in dict.fromkeys(specs) if s != REFERENCE)]
 
 
-def _data_cfg(name: str, root: str | None, saved: dict | None = None) -> SimpleNamespace:
-    """The data config to read (never to download): a checkpoint's own (saved) unless another dataset is named."""
-    saved = saved if saved and saved.get("name") == name else {}
-    return SimpleNamespace(name=name, root=root or saved.get("root"), download=False,
-                           min_rating=saved.get("min_rating"), synthetic=saved.get("synthetic"))
+def train_model(cfg, out: Path, device: torch.device) -> Path:
+    """The train stage's fit on the composed config -> the checkpoint in out."""
+    from pipeline.stages.train import fit
+
+    torch.manual_seed(cfg.seed)
+    checkpoint, metrics = fit(cfg, device, out, lambda metrics, step=None: None)
+    log.info("trained: %s", ", ".join(f"{k}={v:.4f}" for k, v in metrics.items() if isinstance(v, float)))
+    return checkpoint
 
 
-def train_model(args, device: torch.device) -> Path:
-    """Trains the preset on every item but the test one (the published protocol, whatever the preset's
-    train.fit), for its epochs, without early stopping -> the checkpoint."""
-    model_cfg, tcfg = _preset(args.preset, args.epochs)
-    splits = leave_one_out(load_interactions(_data_cfg(args.data, args.data_root)), model_cfg["max_len"])
-    torch.manual_seed(args.seed)
-    model = build_model(model_cfg, splits.num_items).to(device)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=tcfg["lr"], weight_decay=tcfg["weight_decay"],
-                                  betas=tuple(tcfg["betas"]))
-    gen = torch.Generator().manual_seed(args.seed)
-    sequences = train_with_validation(splits)
-    start = time.perf_counter()
-    loss = float("nan")
-    for epoch in range(1, tcfg["epochs"] + 1):
-        loss = train_epoch(model, optimizer, sequences, batch_size=tcfg["batch_size"],
-                           num_negatives=tcfg["num_negatives"], temperature=model_cfg["temperature"],
-                           l2_norm=model_cfg["l2_norm"], per_position=tcfg["negatives"] == "per_position",
-                           device=device, gen=gen)
-        if epoch == 1 or epoch % 10 == 0 or epoch == tcfg["epochs"]:
-            log.info("train epoch %d/%d: loss %.4f (%.0f s)", epoch, tcfg["epochs"], loss, time.perf_counter() - start)
-    seconds = time.perf_counter() - start
-    return save_checkpoint(args.out / "model.pt", model.cpu().eval(), model_cfg, splits.num_items, extra={
-        "data": {"name": args.data, "root": args.data_root},
-        "metrics": {"train_seconds": seconds, "epochs_run": tcfg["epochs"], "train_loss": loss},
-    })
+def _checkpoint_data(saved: dict, overrides: list[str]):
+    """The data a checkpoint was trained on: its saved data config over the defaults of its dataset, with the
+    command line's data.* overrides on top (e.g. where the dataset sits on this host). data=<name> names
+    another dataset (the item-count check then decides)."""
+    from omegaconf import OmegaConf
+
+    named = [o.split("=", 1)[1] for o in overrides if o.split("=", 1)[0] == "data"]
+    name = named[-1] if named else saved.get("name")
+    if name is None:
+        raise PipelineError("the checkpoint does not say which dataset it was trained on; pass data=<name>")
+    dotted = [o for o in overrides if o.startswith("data.")]
+    data = load_quality_config([f"data={name}", *dotted]).data
+    if name == saved.get("name"):  # the saved config (e.g. the synthetic options it was generated with)
+        OmegaConf.set_struct(data, False)
+        data = OmegaConf.merge(data, saved, OmegaConf.from_dotlist([o[len("data."):] for o in dotted]))
+    return data
 
 
-def evaluate(checkpoint: Path, args, device: torch.device) -> list[dict]:
+def evaluate(checkpoint: Path, cfg, specs: list[VariantSpec], users: int | None, device: torch.device,
+             overrides: list[str]) -> list[dict]:
     """Every variant over the test users -> one row each; a variant that raises gets a row with its error."""
     model, payload = load_checkpoint(checkpoint)  # refuses a missing, corrupt or mismatched one before any work
-    data = dict(payload.get("extra", {}).get("data") or {})
-    name = args.data or data.get("name")
-    if name is None:
-        raise SystemExit(f"quality: {checkpoint} does not say which dataset it was trained on; pass --data")
-    splits = leave_one_out(load_interactions(_data_cfg(name, args.data_root, data)), payload["model_config"]["max_len"])
+    data = _checkpoint_data(dict(payload.get("extra", {}).get("data") or {}), overrides)
+    splits = leave_one_out(load_interactions(data), payload["model_config"]["max_len"])
     if splits.num_items != payload["num_items"]:
-        raise SystemExit(f"quality: {checkpoint} has {payload['num_items']} items, dataset {name} has "
-                         f"{splits.num_items}: not the data it was trained on")
-    test = splits.test if args.users is None else head(splits.test, args.users)
-    k = min(args.k, splits.num_items)
+        raise PipelineError(f"{checkpoint} has {payload['num_items']} items, dataset {data.name} has "
+                            f"{splits.num_items}: not the data it was trained on")
+    test = splits.test if users is None else head(splits.test, users)
+    k = min(cfg.validate.top_k, splits.num_items)
     l2_norm = bool(payload["model_config"].get("l2_norm", True))
-    known = {v.name: v for v in variants_for(device) if v.part is None}
-    names = args.variants or default_variants(device)
-    unknown = [n for n in names if n not in known]
-    if unknown:
-        raise SystemExit(f"quality: unknown variant(s) {', '.join(unknown)} on {device.type}; valid: {', '.join(known)}")
-    names = [REFERENCE, *(n for n in names if n != REFERENCE)]
-    gates = load_gates(args.gates)
 
     rows, reference = [], None
-    for variant_name in names:
-        variant = known[variant_name]
+    for spec in specs:
         torch._dynamo.reset()
         start = time.perf_counter()
         try:
             retriever = Retriever(copy.deepcopy(model), k=k, l2_norm=l2_norm)  # each variant casts its own copy
-            retriever = retriever.to(device=device, dtype=DTYPES[variant.precision]).eval()
-            ids, scores = predict_top_k(variant.wrap(retriever), test, args.batch_size, device, desc=variant_name)
+            predict = build(spec, retriever.to(device=device, dtype=DTYPES[spec.precision]).eval(), device)
+            ids, scores = predict_top_k(predict, test, cfg.validate.eval_batch_size, device, desc=spec.name)
         except Exception as err:  # reported, and the other variants still run
-            log.error("quality: %s failed:\n%s", variant_name, traceback.format_exc())
-            if variant_name == REFERENCE:
+            log.error("quality: %s failed:\n%s", spec.name, traceback.format_exc())
+            if spec == REFERENCE:
                 raise
-            rows.append({"variant": variant_name, "error": f"{type(err).__name__}: {err}"})
+            rows.append({"variant": spec.name, "error": f"{type(err).__name__}: {err}"})
             continue
         metrics = top_k_metrics(ids, test.target, ks=(10, 50))
-        row = {"variant": variant_name, "hr10": metrics["hr10"], "ndcg10": metrics["ndcg10"],
+        row = {"variant": spec.name, "hr10": metrics["hr10"], "ndcg10": metrics["ndcg10"],
                "hr50": metrics.get("hr50", float("nan")), "seconds": time.perf_counter() - start}
         if reference is None:
             reference = (ids, scores.float(), metrics["hr10"])
@@ -168,9 +134,9 @@ def evaluate(checkpoint: Path, args, device: torch.device) -> list[dict]:
             row.update(hr10_delta=metrics["hr10"] - reference[2], topk_overlap=agreement["parity_topk_overlap"],
                        max_abs_err=agreement["parity_max_abs_err"])
             passed, row["gate_reason"] = check({"hr10_delta": row["hr10_delta"], **agreement},
-                                               gate_for(gates, variant.precision))
+                                               gate_for(cfg.gates, spec.precision))
             row["passes"] = "yes" if passed else "no"
-        log.info("quality: %s %s", variant_name, {c: row.get(c) for c in COLUMNS[1:]})
+        log.info("quality: %s %s", spec.name, {c: row.get(c) for c in COLUMNS[1:]})
         rows.append(row)
     return rows
 
@@ -191,80 +157,69 @@ def table(rows: list[dict], facts: str, k: int) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("overrides", nargs="*", help="config overrides, e.g. data=ml-1m data.root=DIR train.epochs=5")
     source = parser.add_mutually_exclusive_group(required=True)
     source.add_argument("--checkpoint", type=Path, help="a model.pt of the train stage")
-    source.add_argument("--train", action="store_true", help="train the --preset here first")
-    parser.add_argument("--data", choices=DATASET_NAMES, default=None,
-                        help="dataset (default: the checkpoint's; ml-1m with --train)")
-    parser.add_argument("--data-root", default=None, help="folder holding the dataset folders (no download)")
-    parser.add_argument("--preset", type=Path, default=DEFAULT_PRESET,
-                        help="YAML with model:/train: keys over the defaults (with --train)")
-    parser.add_argument("--epochs", type=int, default=None, help="override the preset's epochs (with --train)")
-    parser.add_argument("--seed", type=int, default=0)
+    source.add_argument("--train", action="store_true", help="train the configured model here first")
     parser.add_argument("--device", default=None, help="cuda or cpu (default: cuda when available)")
-    parser.add_argument("--variants", nargs="+", default=None, help="bench variant names (default: the headline ones)")
-    parser.add_argument("--k", type=int, default=100, help="top-K compared (the workload's 100)")
-    parser.add_argument("--users", type=int, default=None, help="first N test users (default: all)")
-    parser.add_argument("--batch-size", type=int, default=256)
-    parser.add_argument("--gates", type=Path, default=GATES_FILE,
-                        help="the gates, one per precision (default: the pipeline's conf/gates/default.yaml)")
+    parser.add_argument("--variants", nargs="+", default=None,
+                        help="catalogue names (default: quality.variants for the device)")
     parser.add_argument("--out", type=Path, default=ARTIFACTS / "quality")
     parser.add_argument("--no-mlflow", action="store_true", help="do not log to MLflow (a host without mlflow)")
-    parser.add_argument("--tracking-uri", default=None, help="default: sqlite:///<project>/artifacts/mlflow.db")
     args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     try:
-        return _run(args, parser)
-    except (PipelineError, DatasetNotFoundError, DataError) as err:  # a missing or corrupt checkpoint or dataset
+        cfg = load_quality_config(args.overrides)
+        if cfg.validate.top_k < 1 or cfg.validate.eval_batch_size < 1 or (cfg.quality.users is not None
+                                                                          and cfg.quality.users < 1):
+            raise PipelineError("validate.top_k, validate.eval_batch_size and quality.users must be positive")
+        specs = variant_specs(args.variants or list(cfg.quality.variants[device.type]), device)
+        return _run(cfg, specs, args, device)
+    except (PipelineError, DatasetNotFoundError, DataError) as err:  # a bad name, a missing or corrupt checkpoint or dataset
         print(f"quality: {err}", file=sys.stderr)
         return 2
 
 
-def _run(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
-    logging.basicConfig(level=logging.INFO, format="%(message)s")
-    if args.k < 1 or args.batch_size < 1 or (args.users is not None and args.users < 1):
-        parser.error("--k, --batch-size and --users must be positive")
-    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+def _run(cfg, specs: list[VariantSpec], args: argparse.Namespace, device: torch.device) -> int:
     if device.type == "cuda":
         # The fp32 reference in true fp32, as the bench and the compile stage's parity take it.
         torch.backends.cuda.matmul.allow_tf32 = False
         torch.backends.cudnn.allow_tf32 = False
     args.out.mkdir(parents=True, exist_ok=True)
-    if args.train:
-        args.data = args.data or "ml-1m"
-        checkpoint = train_model(args, device)
-    else:
-        checkpoint = args.checkpoint
-    rows = evaluate(checkpoint, args, device)
+    checkpoint = train_model(cfg, args.out, device) if args.train else args.checkpoint
+    users, k = cfg.quality.users, cfg.validate.top_k
+    rows = evaluate(checkpoint, cfg, specs, users, device, args.overrides)
     gpu = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU"
-    facts = (f"Checkpoint {checkpoint}; {args.users or 'all'} test users; top-{args.k}; {gpu}, torch "
-             f"{torch.__version__}; gates of {args.gates} (gates.<precision>: max_hr10_drop, min_topk_overlap, "
+    facts = (f"Checkpoint {checkpoint}; {users or 'all'} test users; top-{k}; {gpu}, torch "
+             f"{torch.__version__}; the pipeline's gates (gates.<precision>: max_hr10_drop, min_topk_overlap, "
              "max_score_err).")
     with open(args.out / "quality.csv", "w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=[*COLUMNS, "error"], extrasaction="ignore")
         writer.writeheader()
         writer.writerows(rows)
-    text = table(rows, facts, args.k)
+    text = table(rows, facts, k)
     (args.out / "quality.md").write_text(text)
     print(text)
     if not args.no_mlflow:
-        _log_mlflow(args, checkpoint, rows, device, [args.out / "quality.csv", args.out / "quality.md"])
+        _log_mlflow(cfg, args, checkpoint, rows, device, [args.out / "quality.csv", args.out / "quality.md"])
     return 1 if any("error" in row for row in rows) else 0
 
 
-def _log_mlflow(args, checkpoint: Path, rows: list[dict], device: torch.device, artifacts: list[Path]) -> None:
-    """Experiment genrec-quality: a run per invocation, a nested run per variant with its metrics."""
+def _log_mlflow(cfg, args, checkpoint: Path, rows: list[dict], device: torch.device, artifacts: list[Path]) -> None:
+    """Experiment quality.experiment_name: a run per invocation, a nested run per variant with its metrics."""
     try:
         from omegaconf import OmegaConf
 
         from pipeline.tracking import Tracker, host_tags
 
-        uri = args.tracking_uri
-        # A sqlite store keeps its artifacts beside it (the default one: <project>/artifacts/mlruns).
-        store = Path(uri.removeprefix("sqlite:///")).parent if uri and uri.startswith("sqlite:///") else ARTIFACTS
-        tracker = Tracker(OmegaConf.create({"tracking_uri": uri, "experiment_name": "genrec-quality"}), store)
-        with tracker.run(f"quality:{args.data or checkpoint.name}", tags=host_tags(device), nested=False):
-            tracker.log_params({"checkpoint": str(checkpoint), "users": args.users or "all", "k": args.k,
-                                "gates": str(args.gates)})
+        uri = cfg.mlflow.tracking_uri
+        # A sqlite store keeps its artifacts beside it (the default one: <artifacts_dir>/mlruns).
+        store = Path(uri.removeprefix("sqlite:///")).parent if uri and uri.startswith("sqlite:///") else Path(cfg.artifacts_dir)
+        tracker = Tracker(OmegaConf.create({"tracking_uri": uri, "experiment_name": cfg.quality.experiment_name}), store)
+        with tracker.run(f"quality:{checkpoint.parent.name}/{checkpoint.name}", tags=host_tags(device), nested=False):
+            tracker.log_params({"checkpoint": str(checkpoint), "users": cfg.quality.users or "all", "k": cfg.validate.top_k,
+                                "gates": str(OmegaConf.to_container(cfg.gates, resolve=True))[:500]})
             for row in rows:
                 with tracker.run(f"variant:{row['variant']}", tags={"variant": row["variant"]}):
                     if "error" in row:

@@ -6,6 +6,8 @@ from __future__ import annotations
 import copy
 import logging
 import time
+from pathlib import Path
+from typing import Callable
 
 import torch
 from omegaconf import OmegaConf
@@ -30,16 +32,27 @@ FITS = ("holdout", "all_but_test")
 
 
 def run(ctx: Context) -> StageResult:
+    cfg = ctx.cfg
+    checkpoint, metrics = fit(cfg, ctx.device, ctx.run_dir, ctx.tracker.log_metrics)
+    reference = save_reference(cfg, str(checkpoint), ctx.run_dir / "reference_answer.pt")
+    precisions = ["fp32", *([cfg.precision] if cfg.precision in ("fp16", "bf16") else [])]
+    variants = [VariantSpec("eager", precision).variant(str(checkpoint), "train") for precision in precisions]
+    return StageResult(metrics=metrics, artifacts={"checkpoint": str(checkpoint), "reference_answer": str(reference)},
+                       variants=variants)
+
+
+def fit(cfg, device: torch.device, out_dir: Path, log_metrics: Callable[..., None]) -> tuple[Path, dict[str, float]]:
+    """Trains cfg.model on cfg.data as cfg.train says -> (the checkpoint in out_dir, its test metrics). Also what
+    pipeline.bench.quality trains with; log_metrics(metrics, step=epoch) receives the per-epoch numbers."""
     # TF32 for training only: the later stages measure fp32 variants, gated on score error, in true fp32.
     tf32 = torch.backends.cuda.matmul.allow_tf32
     try:
-        return _run(ctx)
+        return _fit(cfg, device, out_dir, log_metrics)
     finally:
         torch.backends.cuda.matmul.allow_tf32 = tf32
 
 
-def _run(ctx: Context) -> StageResult:
-    cfg, device = ctx.cfg, ctx.device
+def _fit(cfg, device: torch.device, out_dir: Path, log_metrics: Callable[..., None]) -> tuple[Path, dict[str, float]]:
     tcfg = cfg.train
     if tcfg.negatives not in ("shared", "per_position"):
         raise PipelineError(f"unknown train.negatives '{tcfg.negatives}'; valid choices: shared, per_position")
@@ -50,7 +63,7 @@ def _run(ctx: Context) -> StageResult:
     if device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True  # as the reference trains; evaluation is unaffected in effect
     splits = load_splits(cfg)
-    ctx.tracker.log_metrics(
+    log_metrics(
         {"num_users": splits.test.target.shape[0], "num_items": splits.num_items, "num_train_users": splits.train.items.shape[0]}
     )
     model = build_model(cfg.model, splits.num_items).to(device)
@@ -79,7 +92,7 @@ def _run(ctx: Context) -> StageResult:
                     passes_without_gain = 0
                 else:
                     passes_without_gain += 1
-            ctx.tracker.log_metrics(metrics, step=epoch)
+            log_metrics(metrics, step=epoch)
             epochs.set_postfix({k: f"{v:.4f}" for k, v in metrics.items()})
             if passes_without_gain >= tcfg.patience:
                 log.info("early stop at epoch %d: no validation HR@10 gain in %d passes", epoch, tcfg.patience)
@@ -99,7 +112,7 @@ def _run(ctx: Context) -> StageResult:
         if holdout:
             valid = evaluate_full_ranking(retriever.score_all, splits.valid, ks, tcfg.eval_batch_size, device, "valid")
         if tcfg.refit:
-            model = _refit(ctx, splits, best["epoch"], gen)
+            model = _refit(cfg, device, splits, best["epoch"], gen, log_metrics)
             retriever = Retriever(model, k=10, l2_norm=cfg.model.l2_norm)
         test = evaluate_full_ranking(retriever.score_all, splits.test, ks, tcfg.eval_batch_size, device, "test")
 
@@ -108,22 +121,17 @@ def _run(ctx: Context) -> StageResult:
     log.info("test %s", ", ".join(f"{k}={v:.4f}" for k, v in test.items()))
 
     checkpoint = save_checkpoint(
-        ctx.run_dir / "model.pt",
+        Path(out_dir) / "model.pt",
         model,
         OmegaConf.to_container(cfg.model, resolve=True),
         splits.num_items,
         extra={"data": OmegaConf.to_container(cfg.data, resolve=True), "metrics": metrics},
     )
-    reference = save_reference(cfg, str(checkpoint), ctx.run_dir / "reference_answer.pt")
-    precisions = ["fp32", *([cfg.precision] if cfg.precision in ("fp16", "bf16") else [])]
-    variants = [VariantSpec("eager", precision).variant(str(checkpoint), "train") for precision in precisions]
-    return StageResult(metrics=metrics, artifacts={"checkpoint": str(checkpoint), "reference_answer": str(reference)},
-                       variants=variants)
+    return checkpoint, metrics
 
 
-def _refit(ctx: Context, splits, epochs: int, gen: torch.Generator):
+def _refit(cfg, device: torch.device, splits, epochs: int, gen: torch.Generator, log_metrics: Callable[..., None]):
     """A fresh model trained on train+valid for the epoch count chosen on validation."""
-    cfg, device = ctx.cfg, ctx.device
     log.info("refit on train+valid for %d epochs (chosen on validation)", epochs)
     torch.manual_seed(cfg.seed)
     model = build_model(cfg.model, splits.num_items).to(device)
@@ -132,7 +140,7 @@ def _refit(ctx: Context, splits, epochs: int, gen: torch.Generator):
     )
     sequences = train_with_validation(splits)
     for epoch in tqdm(range(1, epochs + 1), desc="refit", unit="epoch"):
-        ctx.tracker.log_metrics({"refit_train_loss": _train_epoch(model, optimizer, sequences, cfg, device, gen)}, step=epoch)
+        log_metrics({"refit_train_loss": _train_epoch(model, optimizer, sequences, cfg, device, gen)}, step=epoch)
     return model.eval()
 
 
