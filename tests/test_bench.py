@@ -25,8 +25,8 @@ def bench_globals():
 
 
 def test_cpu_bench_writes_its_table_csv_and_plot(tmp_path, bench_globals):
-    code = bench_main(["--workload", "retrieval-cpu", "--variants", "eager-fp32", "eager-bf16", "--batch-sizes", "1", "4",
-                       "--warmup", "1", "--iters", "2", "--no-mlflow", "--out", str(tmp_path)])
+    code = bench_main(["--variants", "eager-fp32", "eager-bf16", "--no-mlflow", "--out", str(tmp_path),
+                       "bench.workload=retrieval-cpu", "bench.batch_sizes=[1,4]", "bench.warmup=1", "bench.iters=2"])
     assert code == 0
     with open(tmp_path / "bench.csv") as f:
         rows = list(csv.DictReader(f))
@@ -35,17 +35,48 @@ def test_cpu_bench_writes_its_table_csv_and_plot(tmp_path, bench_globals):
     assert all(float(r["p50_ms"]) > 0 and float(r["users_per_s"]) > 0 for r in rows)
     overlaps = {r["variant"]: float(r["topk_overlap"]) for r in rows if r["topk_overlap"]}
     assert overlaps["eager-fp32"] == 1.0 and 0.5 < overlaps["eager-bf16"] <= 1.0  # fp32 is the reference
-    assert "eager-bf16" in (tmp_path / "bench.md").read_text()
+    assert "| eager-bf16 (baseline) |" in (tmp_path / "bench.md").read_text()
     assert (tmp_path / "latency_vs_batch.png").stat().st_size > 0
 
 
 def test_unknown_variant_is_refused_with_the_valid_names(tmp_path, capsys):
-    with pytest.raises(SystemExit) as exc:
-        bench_main(["--variants", "eager-fp32", "eager-fp64", "--no-mlflow", "--out", str(tmp_path)])
-    assert exc.value.code == 2
-    err = capsys.readouterr().err
-    assert "eager-fp64" in err and "eager-bf16" in err
+    for name in ("eager-fp64", "compile-fp32", "onnxruntime-fp32"):
+        with pytest.raises(SystemExit) as exc:
+            bench_main(["--variants", "eager-fp32", name, "--no-mlflow", "--out", str(tmp_path)])
+        assert exc.value.code == 2
+        err = capsys.readouterr().err
+        assert name in err
+    assert "eager-bf16" in err or "validate" in err
     assert not (tmp_path / "bench.csv").exists()
+
+
+def test_bad_config_override_is_refused(tmp_path, capsys):
+    for override, named in (("bench.iter=3", "bench.iter"), ("bench.workload=retrieval-2m", "retrieval-2m")):
+        with pytest.raises(SystemExit) as exc:
+            bench_main(["--no-mlflow", "--out", str(tmp_path), override])
+        assert exc.value.code == 2
+        assert named in capsys.readouterr().err
+
+
+def test_bench_lists_only_catalogue_specs_and_parts_only_when_asked():
+    """Every default bench name is a catalogue spec's name (parse -> name round trip), the GPU list holds the
+    compile stage's default captured-call variant, and parts are not variants."""
+    from pipeline.bench.run import Part, bench_parts, bench_specs
+    from pipeline.catalogue import VariantSpec
+    from pipeline.serving.config import load_config
+
+    cfg = load_config(["+bench=default"])
+    for device in ("cpu", "cuda"):
+        specs = bench_specs(cfg.bench, torch.device(device))
+        assert all(VariantSpec.parse(s.name) == s for s in specs)
+        assert {"eager-fp32", "eager-bf16"} <= {s.name for s in specs if s.baseline}
+    gpu = {s.name: s for s in bench_specs(cfg.bench, torch.device("cuda"))}
+    captured = gpu["inductor-max-autotune-graph-triton-bf16"]
+    assert (captured.mode, captured.kernels, captured.cuda_graph) == ("max-autotune-no-cudagraphs", "triton", True)
+    assert gpu["inductor-max-autotune-bf16"].baseline and not captured.baseline
+    parts = bench_parts(cfg.bench, torch.device("cuda"))
+    assert parts and all(isinstance(p, Part) and p.name.startswith("part-") for p in parts)
+    assert not {p.name for p in parts} & set(gpu)
 
 
 def test_precision_study_separates_the_encoder_from_the_table():

@@ -1,5 +1,6 @@
 """The compile stage end to end on the CPU (Inductor CPU, reference kernels): a torch.compile variant and an
 AOTInductor package that reloads in a fresh process, both passing their parity check."""
+import csv
 import json
 from pathlib import Path
 
@@ -83,6 +84,46 @@ def test_cuda_graph_variant_runs_uncaptured_on_the_cpu():
     assert compiled.captured is not None and not compiled.captured.graphs
     assert torch.equal(ids, expected_ids)
     torch.testing.assert_close(scores, expected_scores)
+
+
+def test_a_spec_built_again_loads_from_inductors_cache():
+    """What validate does after the compile stage: the same spec built around a fresh retriever (Dynamo reset
+    in between) with the same first calls (a batch above 1, marked dynamic, then batch 1) is served from
+    Inductor's FX graph cache, freezing included, and answers as the first build did."""
+    from torch._dynamo.utils import counters
+
+    from pipeline.catalogue import VariantSpec, build
+    from pipeline.models import HSTU, Retriever
+
+    def fresh():
+        torch.manual_seed(0)
+        return Retriever(HSTU(num_items=30, max_len=8, dim=16, num_layers=1, num_heads=2), k=5).eval()
+
+    spec = VariantSpec("inductor", "fp32")
+    history, lengths = torch.randint(1, 31, (4, 8), generator=torch.Generator().manual_seed(1)), torch.tensor([8, 3, 5, 1])
+    answers = []
+    for _ in range(2):
+        torch._dynamo.reset()
+        counters.clear()
+        predict = build(spec, fresh(), torch.device("cpu"))
+        answers.append((predict(history, lengths), predict(history[:1], lengths[:1])))
+    assert counters["inductor"]["fxgraph_cache_hit"] == 2, dict(counters["inductor"])  # batch 1 and the dynamic batch
+    assert counters["inductor"]["fxgraph_cache_miss"] == 0
+    for first, again in zip(*answers):
+        assert torch.equal(first[0], again[0])
+
+
+def test_validate_reports_compile_seconds_from_the_compile_stage(tiny_args, tmp_path):
+    proc = run_pipeline(["stage=[train,compile,validate]", "precision=fp32", "compile.aoti.devices=[]", *tiny_args],
+                        cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    manifest = Manifest.load(next((tmp_path / "artifacts" / "runs").glob("*/manifest.json")))
+    compiled = manifest.stages["compile"]["metrics"]["compile_seconds_inductor-fp32"]
+    with open(manifest.stages["validate"]["artifacts"]["validate_table"]) as f:
+        rows = {row["variant"]: row for row in csv.DictReader(f)}
+    assert float(rows["inductor-fp32"]["compile_seconds"]) == pytest.approx(compiled)
+    assert rows["eager-fp32"]["compile_seconds"] == ""  # nothing compiled: no number made up
+    assert float(rows["inductor-fp32"]["load_seconds"]) > 0 and float(rows["eager-fp32"]["load_seconds"]) > 0
 
 
 def test_a_package_that_crashes_its_loader_is_a_clear_error(tmp_path):
