@@ -1,6 +1,5 @@
-"""One epoch of next-item training with sampled softmax: the loop of the train stage, with plain arguments
-instead of a config object, so that hosts without omegaconf (the GPU quality check,
-pipeline.bench.quality) train the same way."""
+"""One epoch of next-item training with sampled softmax: the loop of the train stage (pipeline.stages.train.fit,
+which pipeline.bench.quality trains with too), with plain arguments instead of a config object."""
 from __future__ import annotations
 
 import torch
