@@ -8,6 +8,7 @@ from pipeline.catalogue import VariantSpec, build
 from pipeline.core import PipelineError, Variant
 from pipeline.models import HSTU, Retriever
 from pipeline.stages.compile import inductor_specs
+from tests.conftest import ROOT
 
 # old bench name -> (spec, new name): the names bench.md, validate's table and the registry now share.
 RENAMED = {
@@ -69,7 +70,7 @@ def test_a_variant_is_named_by_its_spec():
 
 
 def test_compile_entries_are_specs_with_the_target_precision():
-    cuda = OmegaConf.load("conf/compile/default.yaml").inductor.cuda
+    cuda = OmegaConf.load(ROOT / "conf" / "compile" / "default.yaml").inductor.cuda
     names = [s.name for s in inductor_specs(cuda, "reference", "fp16")]
     assert "inductor-max-autotune-graph-triton-fp16" in names  # the captured call, by default on CUDA
     assert "inductor-max-autotune-fp16" in names               # its plain-PyTorch twin
