@@ -5,7 +5,8 @@
     with kernels.use("reference"): ...         # scoped
 
 The choice is read when a model is traced or run, so torch.compile bakes in whichever is set at compile
-time. The Triton side is registered as torch.library custom ops (namespace "genrec") with fake
+time. With "triton", each op still runs its reference at shapes where the reference was timed faster
+(dispatch.py; kernels.dispatch_log() lists the choice per op and shape). The Triton side is registered as torch.library custom ops (namespace "genrec") with fake
 implementations, so torch.compile and torch.export trace through them. The Triton modules are imported
 only when a Triton kernel runs: TRITON_INTERPRET=1 must be set before that (tests on the CPU).
 """
@@ -68,8 +69,10 @@ def wants_triton(op: str, device: torch.device) -> bool:
 
 from pipeline.kernels.hstu_attention import hstu_attention, hstu_attention_reference  # noqa: E402
 from pipeline.kernels.ln_gate import layer_norm_gate, layer_norm_gate_reference  # noqa: E402
+from pipeline.kernels.dispatch import dispatch_log  # noqa: E402
 from pipeline.kernels.retrieval import (  # noqa: E402
     fix_unsure,
+    needs_check,
     retrieval_top_k,
     retrieval_top_k_candidates,
     retrieval_top_k_reference,
@@ -79,11 +82,13 @@ __all__ = [
     "BACKENDS",
     "OPS",
     "backend",
+    "dispatch_log",
     "fix_unsure",
     "hstu_attention",
     "hstu_attention_reference",
     "layer_norm_gate",
     "layer_norm_gate_reference",
+    "needs_check",
     "retrieval_top_k",
     "retrieval_top_k_candidates",
     "retrieval_top_k_reference",

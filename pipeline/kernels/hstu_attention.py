@@ -26,13 +26,23 @@ def hstu_attention_reference(q: Tensor, k: Tensor, v: Tensor, bias: Tensor, mask
     return torch.einsum("bhij,bjhd->bihd", attn, v)
 
 
+def hstu_attention_positional(q: Tensor, k: Tensor, v: Tensor, position_weight: Tensor, lengths: Tensor,
+                              max_len: int, silu_inputs: bool = False) -> Tensor:
+    """The reference with the bias and masks the Triton kernel derives itself: position_weight indexed by
+    j - i + max_len - 1, keys j <= i and j < length. -> [B, L, H, dv], contiguous as the kernel's output."""
+    positions = torch.arange(q.shape[1], device=q.device)
+    bias = position_weight[positions[None, :] - positions[:, None] + max_len - 1].unsqueeze(0)
+    mask = (positions[None, :] <= positions[:, None]).unsqueeze(0) & (positions[None, None, :] < lengths[:, None, None])
+    return hstu_attention_reference(q, k, v, bias, mask, max_len, silu_inputs).contiguous()
+
+
 @torch.library.custom_op("genrec::hstu_attention", mutates_args=())
 def _hstu_attention_triton(
     q: Tensor, k: Tensor, v: Tensor, position_weight: Tensor, lengths: Tensor, max_len: int, silu_inputs: bool
 ) -> Tensor:
-    from pipeline.kernels.triton_hstu import fused_attention
+    from pipeline.kernels.triton_hstu import attention
 
-    return fused_attention(q, k, v, position_weight, lengths, max_len, silu_inputs)
+    return attention(q, k, v, position_weight, lengths, max_len, silu_inputs)
 
 
 @_hstu_attention_triton.register_fake

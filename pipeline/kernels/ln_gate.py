@@ -18,9 +18,9 @@ def layer_norm_gate_reference(x: Tensor, u: Tensor, eps: float, silu_u: bool = F
 
 @torch.library.custom_op("genrec::layer_norm_gate", mutates_args=())
 def _layer_norm_gate_triton(x: Tensor, u: Tensor, eps: float, silu_u: bool) -> Tensor:
-    from pipeline.kernels.triton_ln_gate import layer_norm_gate
+    from pipeline.kernels.triton_ln_gate import gate
 
-    return layer_norm_gate(x, u, eps, silu_u)
+    return gate(x, u, eps, silu_u)
 
 
 @_layer_norm_gate_triton.register_fake

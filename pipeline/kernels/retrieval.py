@@ -41,6 +41,14 @@ def retrieval_top_k_reference(
     return torch.topk(scores, k, dim=-1)
 
 
+def retrieval_key(batch: int, n1: int, dim: int, query_dtype: torch.dtype, table_dtype: torch.dtype, k: int,
+                  scaled: bool) -> tuple:
+    """The shape key the fused top-K's choice is made and remembered under (pipeline.kernels.dispatch)."""
+    from pipeline.kernels.dispatch import batch_bucket
+
+    return (batch_bucket(batch), n1, dim, query_dtype, table_dtype, k, scaled)
+
+
 @torch.library.custom_op("genrec::retrieval_top_k_candidates", mutates_args=())
 def _retrieval_candidates_triton(
     query: Tensor, item_table: Tensor, history: Tensor, k: int, scales: Optional[Tensor]
@@ -85,6 +93,20 @@ def retrieval_top_k_candidates(
     return scores, ids, torch.zeros(query.shape[0], dtype=torch.bool, device=query.device)
 
 
+def needs_check(query: Tensor, item_table: Tensor, k: int, scales: Optional[Tensor] = None) -> bool:
+    """Whether candidates of this shape may mark rows unsure, i.e. whether fix_unsure() must read them back.
+    False where the dispatch chose the reference (or a config that keeps whole chunks) for this shape, or the
+    reference runs anyway: then the exactness check and its host synchronization are skipped."""
+    from pipeline.kernels import backend
+    from pipeline.kernels.dispatch import choice
+
+    if backend("retrieval") != "triton" or query.shape[1] > MAX_TRITON_DIM:
+        return False
+    chosen = choice("retrieval", retrieval_key(query.shape[0], item_table.shape[0], query.shape[1], query.dtype,
+                                               item_table.dtype, k, scales is not None))
+    return chosen is None or not chosen.exact
+
+
 def fix_unsure(
     query: Tensor, item_table: Tensor, history: Tensor, k: int, scales: Optional[Tensor],
     scores: Tensor, ids: Tensor, unsure: Tensor,
@@ -104,4 +126,6 @@ def retrieval_top_k(
 ) -> tuple[Tensor, Tensor]:
     """The op behind the switch (pipeline.kernels.set_backend): same contract as the reference, exact."""
     scores, ids, unsure = retrieval_top_k_candidates(query, item_table, history, k, scales)
+    if not needs_check(query, item_table, k, scales):
+        return scores, ids
     return fix_unsure(query, item_table, history, k, scales, scores, ids, unsure)

@@ -1,12 +1,16 @@
 """Triton side of the HSTU attention forward (see hstu_attention.py). Imported only when it runs."""
 from __future__ import annotations
 
+import functools
 import os
 
 import torch
 import triton
 import triton.language as tl
 from torch import Tensor
+
+from pipeline.kernels import dispatch
+from pipeline.kernels.hstu_attention import hstu_attention_positional
 
 
 def _configs() -> list[triton.Config]:
@@ -115,3 +119,19 @@ def fused_attention(q: Tensor, k: Tensor, v: Tensor, position_weight: Tensor, le
         BLOCK_DQK=_pow2(dqk), BLOCK_DV=_pow2(dv),
     )
     return out
+
+
+def attention(q: Tensor, k: Tensor, v: Tensor, position_weight: Tensor, lengths: Tensor, max_len: int,
+              silu_inputs: bool = False) -> Tensor:
+    """fused_attention, or the reference at shapes where it was timed faster (short histories: a handful of
+    programs, each walking its keys alone, against a batched matmul; pipeline.kernels.dispatch)."""
+    B, L, H, dqk = q.shape
+    key = (dispatch.batch_bucket(B), L, H, dqk, v.shape[-1], q.dtype, silu_inputs)
+    args = (q, k, v, position_weight, lengths, max_len, silu_inputs)
+    chosen = dispatch.choice("hstu_attention", key) or dispatch.choose(
+        "hstu_attention", key, q.device, dispatch.Option(dispatch.REFERENCE, None,
+                                                         functools.partial(hstu_attention_positional, *args)),
+        [dispatch.Option("triton", None, functools.partial(fused_attention, *args))])
+    if chosen.algorithm == dispatch.REFERENCE:
+        return hstu_attention_positional(*args)
+    return fused_attention(*args)

@@ -9,17 +9,21 @@ candidate beats the merged k-th, i.e. where the chunk might have dropped a bette
 those rows exactly (retrieval.py), once, at the end of the call.
 
 Block sizes are tuned on the device at the first call of each (batch bucket, items, width, dtypes, k) and
-remembered for the process (GENREC_AUTOTUNE=0: the first candidate, untimed).
+remembered for the process, with the reference top-K among the candidates (pipeline.kernels.dispatch;
+GENREC_AUTOTUNE=0: the first candidate, untimed).
 """
 from __future__ import annotations
 
-import os
+import functools
 from dataclasses import dataclass
 
 import torch
 import triton
 import triton.language as tl
 from torch import Tensor
+
+from pipeline.kernels import dispatch
+from pipeline.kernels.retrieval import retrieval_key, retrieval_top_k_reference
 
 # Candidates kept per (row, chunk) by default (Config.keep). With random-looking scores a chunk of a few
 # thousand items out of a million rarely holds more than two or three of any row's top 100; rows where one
@@ -344,8 +348,10 @@ _CANDIDATES = {
 }
 # The interpreter (tests on the CPU): small tiles keep it quick, and chunks of two tiles exercise the merge.
 _INTERPRETED = Config(16, 32, 2, 1, 1)
-_tuned: dict[tuple, Config] = {}
-# Every timing the tuner took, for the bench's record: (key, config, ms per call of candidates()).
+_INTERPRETED_EXACT = Config(1, 32, 2, 1, 1, 0, 64)  # keeps all 64 items of a chunk: never unsure
+# Every timing of a kernel config the tuner took, for the bench's record: (key, config, ms per call of
+# candidates(), the exactness check's cost included where the config left rows unsure). The reference's
+# timings and the choice per shape: pipeline.kernels.dispatch.
 TUNING_LOG: list[tuple[tuple, Config, float]] = []
 
 
@@ -471,55 +477,74 @@ def candidates(query: Tensor, item_table: Tensor, history: Tensor, k: int, scale
     return scores, ids, unsure
 
 
-def config_for(query: Tensor, item_table: Tensor, history: Tensor, k: int, scales: Tensor | None) -> Config:
-    """The tuned config for this call's shape, timing the candidates on the first call of a shape."""
-    if query.device.type != "cuda":
-        return _INTERPRETED
-    B = query.shape[0]
-    bucket = 1 << max(0, (B - 1).bit_length())
-    key = (bucket, item_table.shape[0], query.shape[1], query.dtype, item_table.dtype, k, scales is not None)
-    if key in _tuned:
-        return _tuned[key]
-    options = _CANDIDATES[_regime(B)]
-    if os.environ.get("GENREC_AUTOTUNE", "1") == "0" or torch.cuda.is_current_stream_capturing():
-        return options[0]
-    timings = {}
-    for cfg in options:
-        try:
-            timings[cfg] = _time(lambda: candidates(query, item_table, history, k, scales, cfg))
-        except Exception:  # e.g. out of shared memory for this GPU: not a candidate here
-            TUNING_LOG.append((key, cfg, float("nan")))
-            continue
-        TUNING_LOG.append((key, cfg, timings[cfg]))
-    _tuned[key] = min(timings, key=timings.get) if timings else options[0]
-    return _tuned[key]
+def config_for(query: Tensor, item_table: Tensor, history: Tensor, k: int, scales: Tensor | None) -> Config | str:
+    """The config for this call's shape, or dispatch.REFERENCE where the reference top-K was timed faster:
+    the reference and the candidates are timed on the first call of a shape (pipeline.kernels.dispatch)."""
+    B, D = query.shape
+    n1 = item_table.shape[0]
+    key = retrieval_key(B, n1, D, query.dtype, item_table.dtype, k, scales is not None)
+    found = dispatch.choice("retrieval", key)
+    if found is not None:  # the common case: no closures built per call
+        return found.config if found.algorithm != dispatch.REFERENCE else dispatch.REFERENCE
+    if query.device.type == "cuda":
+        configs = _CANDIDATES[_regime(B)]
+    else:  # the interpreter: one config that may leave rows unsure, one that keeps every item of a chunk
+        configs = [_INTERPRETED, _INTERPRETED_EXACT]
+    reference = dispatch.Option(dispatch.REFERENCE, None,
+                                lambda: reference_candidates(query, item_table, history, k, scales))
+    options = [dispatch.Option(cfg.algorithm, cfg, functools.partial(candidates, query, item_table, history, k,
+                                                                     scales, cfg), exact=_exact(cfg, n1, k))
+               for cfg in _distinct(configs, n1, k, D)]
+    before = len(dispatch.TUNING_LOG)
+    chosen = dispatch.choose("retrieval", key, query.device, reference, options, penalty=_unsure_penalty)
+    TUNING_LOG.extend((key, cfg, ms + extra) for op, _, algorithm, cfg, ms, extra in dispatch.TUNING_LOG[before:]
+                      if algorithm != dispatch.REFERENCE)
+    return chosen.config if chosen.algorithm != dispatch.REFERENCE else dispatch.REFERENCE
 
 
-def _time(fn, reps: int = 5) -> float:
-    """ms per call of fn on the GPU. Replayed from a CUDA graph where fn captures, as the served (captured)
-    variants run it: timed from the host, a batch-1 call of a few microseconds' kernels measures its
-    launches (the H200's tuner picked a merge that took 120 us of GPU time at b=1 over torch.topk's 43)."""
-    fn()  # compile
-    torch.cuda.synchronize()
-    call = fn
-    try:
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
-            fn()
-        call = graph.replay
-    except Exception:  # not capturable here: time the launches too
-        torch.cuda.synchronize()
-    call()
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    start.record()
-    for _ in range(reps):
-        call()
-    end.record()
-    end.synchronize()
-    return start.elapsed_time(end) / reps
+def _unsure_penalty(option: dispatch.Option, reference_ms: float) -> float:
+    """A config that leaves a row of the tuning call unsure costs the exactness check's recomputation on top:
+    about the reference's time (it reads the whole table again), plus a host round trip. On small tables
+    with a large k most rows are unsure (a chunk holds more of the top-k than it keeps), so such a config
+    is slower than the reference alone, whatever its own time."""
+    if option.exact:
+        return 0.0
+    return reference_ms if bool(option.run()[2].any()) else 0.0
+
+
+def _exact(cfg: Config, n1: int, k: int) -> bool:
+    """Whether cfg keeps every item of each chunk, so that it never marks a row unsure."""
+    tpc, _, keep = _shape(cfg, n1, k)
+    return not cfg.buckets and keep >= tpc * cfg.block_n
+
+
+def _distinct(configs: list[Config], n1: int, k: int, dim: int) -> list[Config]:
+    """The configs that launch differently at this shape, in order: on a small table many shrink to the same
+    chunks (each would be a Triton compile and a timing for nothing)."""
+    seen, out = set(), []
+    full_width = max(16, triton.next_power_of_2(dim))
+    for cfg in configs:
+        tpc, chunks, keep = _shape(cfg, n1, k)
+        merge = cfg.merge if chunks * keep <= MAX_MERGE else "torch"
+        launch = (cfg.algorithm, cfg.block_b, cfg.block_n, tpc, keep, min(cfg.block_d or full_width, full_width),
+                  cfg.num_warps, cfg.num_stages, merge)
+        if launch not in seen:
+            seen.add(launch)
+            out.append(cfg)
+    return out
+
+
+def reference_candidates(query: Tensor, item_table: Tensor, history: Tensor, k: int,
+                         scales: Tensor | None) -> tuple[Tensor, Tensor, Tensor]:
+    """The reference top-K in candidates()' form: exact, so no row is unsure."""
+    scores, ids = retrieval_top_k_reference(query, item_table, history, k, scales)
+    return scores, ids, torch.zeros(query.shape[0], dtype=torch.bool, device=query.device)
 
 
 def fused_top_k(query: Tensor, item_table: Tensor, history: Tensor, k: int, scales: Tensor | None,
                 cfg: Config | None = None) -> tuple[Tensor, Tensor, Tensor]:
+    """candidates() with the config chosen for this shape, or the reference where it was chosen."""
     cfg = cfg or config_for(query, item_table, history, k, scales)
+    if cfg == dispatch.REFERENCE:
+        return reference_candidates(query, item_table, history, k, scales)
     return candidates(query, item_table, history, k, scales, cfg)

@@ -112,12 +112,15 @@ class Retriever(nn.Module):
 
     def finish(self, history: Tensor, ids: Tensor, scores: Tensor, unsure: Tensor, query: Tensor,
                any_unsure: Tensor | None = None) -> tuple[Tensor, Tensor]:
-        """candidates() -> the exact (ids, scores): unsure rows recomputed (one host sync). any_unsure:
-        unsure.any(), if the caller already queued it."""
+        """candidates() -> the exact (ids, scores): unsure rows recomputed (one host sync, skipped where the
+        kernels' dispatch ran the reference or an exact config for this shape). any_unsure: unsure.any(), if
+        the caller already queued it."""
+        table = self.table(query.dtype)
+        if not kernels.needs_check(query, table, self.k, self.table_scales):
+            return ids, scores
         if not bool(unsure.any() if any_unsure is None else any_unsure):  # the common case: nothing recomputed
             return ids, scores
-        scores, ids = kernels.fix_unsure(query, self.table(query.dtype), history, self.k, self.table_scales,
-                                         scores, ids, unsure)
+        scores, ids = kernels.fix_unsure(query, table, history, self.k, self.table_scales, scores, ids, unsure)
         return padded_ids(ids, scores), scores
 
     def forward(self, history: Tensor, lengths: Tensor, timestamps: Tensor | None = None) -> tuple[Tensor, Tensor]:
