@@ -2,6 +2,7 @@
 loads and runs without the model's Python code."""
 from __future__ import annotations
 
+import functools
 import os
 import signal
 import subprocess
@@ -18,6 +19,7 @@ from torch import nn
 from pipeline import kernels
 from pipeline.catalogue import FREEZING, VariantSpec
 from pipeline.core import PipelineError
+from pipeline.kernels import dispatch
 from pipeline.export import ShapeRange, export_program, input_names
 from pipeline.integrity import write_digest
 
@@ -28,14 +30,19 @@ class CompiledRetriever:
 
     With the Triton kernels the compiled graph is Retriever.candidates, which never synchronizes with the
     host (so CUDA-graph modes capture all of it); the exactness check of the fused top-K (Retriever.finish,
-    one host sync that rarely recomputes a row) runs after it, outside the graph."""
+    one host sync that rarely recomputes a row) runs after it, outside the graph. Each op picks its kernel or
+    its reference per shape (pipeline.kernels.dispatch); on top of that, at the first call of each batch
+    bucket the whole call is timed against the same spec with the reference kernels (its twin, compiled on
+    first need), and the faster serves that bucket: a custom op's launch, or Inductor fusing across what it
+    cannot see into, can cost more on a small model than a kernel saves."""
 
     def __init__(self, retriever: nn.Module, mode: str, kernel_backend: str, reference_ops: tuple[str, ...] = (),
-                 cuda_graph: bool = False, freezing: bool = FREEZING) -> None:
+                 cuda_graph: bool = False, freezing: bool = FREEZING, compiler: str = "inductor") -> None:
         """reference_ops: ops kept on their PyTorch reference although kernel_backend is triton.
         cuda_graph: on CUDA, capture the whole compiled call in one torch.cuda.CUDAGraph per input shape
         (CapturedCalls), for modes that do not capture themselves. freezing: Inductor's (the catalogue's
-        setting unless told)."""
+        setting unless told). compiler: torch.compile's backend ("eager": Dynamo's graph without Inductor,
+        for quick checks of the tracing on a CPU)."""
         VariantSpec("inductor", "fp32", kernel_backend, mode, cuda_graph, reference_ops=reference_ops)  # refuses what no spec allows
         if getattr(retriever, "frozen_table", None) is None and hasattr(retriever, "freeze"):
             retriever.freeze()  # the normalized table once, not per call (the same numbers)
@@ -45,12 +52,17 @@ class CompiledRetriever:
         self.cudagraphs = mode in ("max-autotune", "reduce-overhead")
         # The mode's options plus freezing, set per compile rather than on the process's Inductor config.
         options = {**torch._inductor.list_mode_options(mode), "freezing": freezing}
-        self.compiled = torch.compile(retriever.candidates if kernel_backend == "triton" else retriever, options=options)
+        fn = retriever.candidates if kernel_backend == "triton" else retriever
+        self.compiled = (torch.compile(fn, options=options) if compiler == "inductor"
+                         else torch.compile(fn, backend=compiler))
         self.captured = CapturedCalls(self._captured_call) if cuda_graph else None
+        self.spec = (mode, cuda_graph, freezing, compiler, self.reference_ops)
+        table = getattr(retriever, "frozen_table", None)
+        self._model_key = None if table is None else (tuple(table.shape), table.dtype, table.device)
+        self._twin: CompiledRetriever | None = None
 
     def _compiled_call(self, history, lengths, timestamps):
-        with self._kernels():
-            return self.compiled(history, lengths, timestamps)
+        return self.compiled(history, lengths, timestamps)
 
     def _captured_call(self, history, lengths, timestamps):
         outputs = self._compiled_call(history, lengths, timestamps)
@@ -60,6 +72,31 @@ class CompiledRetriever:
 
     @torch.no_grad()
     def __call__(self, history, lengths, timestamps=None):
+        if self.kernels == "triton" and self._served_by_reference(history, lengths, timestamps):
+            return self._reference_twin()(history, lengths, timestamps)
+        return self._call(history, lengths, timestamps)
+
+    def _served_by_reference(self, history, lengths, timestamps) -> bool:
+        """Whether the twin with the reference kernels serves this batch bucket: timed at its first call."""
+        key = (*self.spec, self._model_key, dispatch.batch_bucket(history.shape[0]), history.shape[1],
+               timestamps is not None)
+        chosen = dispatch.choice("retriever", key)
+        if chosen is None:
+            args = (history, lengths, timestamps)
+            reference = dispatch.Option(dispatch.REFERENCE, None, lambda: self._reference_twin()(*args))
+            chosen = dispatch.choose("retriever", key, history.device, reference,
+                                     [dispatch.Option("triton", None, lambda: self._call(*args))],
+                                     timer=functools.partial(dispatch.launch_ms, reps=10))
+        return chosen.algorithm == dispatch.REFERENCE
+
+    def _reference_twin(self) -> "CompiledRetriever":
+        if self._twin is None:
+            mode, cuda_graph, freezing, compiler, _ = self.spec
+            self._twin = CompiledRetriever(self.retriever, mode, "reference", cuda_graph=cuda_graph,
+                                           freezing=freezing, compiler=compiler)
+        return self._twin
+
+    def _call(self, history, lengths, timestamps):
         if history.shape[0] > 1:
             # One graph for every batch size above 1 (batch 1 is specialized by Dynamo anyway) rather than
             # a compile per size: compiling dominates on the CPU.
@@ -70,20 +107,25 @@ class CompiledRetriever:
             torch.compiler.cudagraph_mark_step_begin()
         captured = self.captured is not None and history.is_cuda
         call = self.captured if captured else self._compiled_call
-        outputs = call(history, lengths, timestamps)
-        copy_out = (self.cudagraphs or captured) and history.is_cuda
-        if self.kernels != "triton":
-            ids, scores = outputs
-            return (ids.clone(), scores.clone()) if copy_out else (ids, scores)
-        ids, scores, unsure, query = outputs[:4]
-        if copy_out:  # queued before the check's host sync, so the GPU does not wait for the host after it
-            ids, scores = ids.clone(), scores.clone()
-        with self._kernels():
+        with self._kernels():  # once per call, around the compiled call and the check after it
+            outputs = call(history, lengths, timestamps)
+            copy_out = (self.cudagraphs or captured) and history.is_cuda
+            if self.kernels != "triton":
+                ids, scores = outputs
+                return (ids.clone(), scores.clone()) if copy_out else (ids, scores)
+            ids, scores, unsure, query = outputs[:4]
+            if copy_out:  # queued before the check's host sync, so the GPU does not wait for the host after it
+                ids, scores = ids.clone(), scores.clone()
             return self.retriever.finish(history, ids, scores, unsure, query,
                                          any_unsure=outputs[4] if captured else None)
 
-    def _kernels(self):
-        return kernel_choice(self.kernels, self.reference_ops)
+    @contextmanager
+    def _kernels(self) -> Iterator[None]:
+        """The kernel choice, and whether a CUDA graph replays the call: the kernels' per-shape dispatch
+        times its options as this variant runs them (pipeline.kernels.dispatch)."""
+        with kernel_choice(self.kernels, self.reference_ops), \
+                dispatch.served_by_graph(self.cudagraphs or self.captured is not None):
+            yield
 
 
 @contextmanager

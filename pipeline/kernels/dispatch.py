@@ -2,9 +2,12 @@
 
 A Triton kernel wins on large tables and long histories and can lose on small ones (a few thousand items,
 short histories), where the reference's few library calls cost less than the kernel's launch and merge.
-So each op's candidate list includes the reference, timed the same way as the kernel's configs (CUDA-graph
-replays, as the served variants run them), once per shape key and process. The choices are logged and
-readable here (dispatch_log()), for validate and the bench to write out.
+So each op's candidate list includes the reference, timed the same way as the kernel's configs, once per
+shape key and process. "The same way" is the way the call is served: CUDA-graph replays (GPU time) for a
+call that a CUDA graph replays (served_by_graph(True), set by CompiledRetriever), else launched op by op
+and timed from the host, launch costs included (a short call is bound by them). The two are separate
+choices, since one process may serve both. The choices are logged and readable here (dispatch_log()),
+for validate and the bench to write out.
 
 Tests inject a timer (timed_by) to make the choice deterministic; without one the CPU (interpreter)
 takes each op's default untimed, and so does a GPU with GENREC_AUTOTUNE=0.
@@ -46,6 +49,7 @@ class Option:
 class Choice:
     op: str
     key: tuple
+    graphed: bool          # chosen for calls that a CUDA graph replays
     algorithm: str
     config: object
     exact: bool
@@ -54,14 +58,32 @@ class Choice:
     timed: int             # options timed
 
 
-_choices: dict[tuple[str, tuple], Choice] = {}
+_choices: dict[tuple[str, tuple, bool], Choice] = {}
 # Every timing taken: (op, key, algorithm, config, ms per call (nan: the option failed), penalty ms added).
 TUNING_LOG: list[tuple[str, tuple, str, object, float, float]] = []
 _timer: Timer | None = None
+_graphed = False
 
 
 def choice(op: str, key: tuple) -> Choice | None:
-    return _choices.get((op, key))
+    return _choices.get((op, key, _graphed))
+
+
+def graphed() -> bool:
+    """Whether the calls now running are replayed from a CUDA graph (see served_by_graph)."""
+    return _graphed
+
+
+@contextmanager
+def served_by_graph(flag: bool) -> Iterator[None]:
+    """Calls inside are served from a CUDA graph (flag) or launched op by op: which is timed, and which
+    choice they use."""
+    global _graphed
+    before, _graphed = _graphed, flag
+    try:
+        yield
+    finally:
+        _graphed = before
 
 
 def dispatch_log() -> list[dict]:
@@ -117,17 +139,17 @@ def choose(op: str, key: tuple, device: torch.device, reference: Option, options
     penalty(option, reference ms) -> extra ms, e.g. the exactness check's recomputation when the option
     left rows unsure. An option that fails (out of shared memory, say) is not a candidate.
     Where nothing is timed, or inside a CUDA-graph capture (not recorded then), options[0] runs untimed."""
-    cached = _choices.get((op, key))
+    cached = choice(op, key)
     if cached is not None:
         return cached
     default = options[0]
     capturing = device.type == "cuda" and torch.cuda.is_current_stream_capturing()
     if capturing or not tunes_on(device):
-        untimed = Choice(op, key, default.algorithm, default.config, default.exact, math.nan, math.nan, 0)
+        untimed = Choice(op, key, _graphed, default.algorithm, default.config, default.exact, math.nan, math.nan, 0)
         if not capturing:
-            _choices[(op, key)] = untimed
+            _choices[(op, key, _graphed)] = untimed
         return untimed
-    timer = _timer or graph_replay_ms
+    timer = _timer or (graph_replay_ms if _graphed else launch_ms)
     start, limit = time.perf_counter(), budget_s()
     reference_ms = _cost(op, key, reference, timer, None, math.inf)
     costs: dict[int, float] = {}
@@ -138,10 +160,11 @@ def choose(op: str, key: tuple, device: torch.device, reference: Option, options
         costs[i] = _cost(op, key, option, timer, penalty, reference_ms)
     best = min(costs, key=costs.get, default=0)
     picked, ms = (options[best], costs[best]) if costs and costs[best] < reference_ms else (reference, reference_ms)
-    chosen = Choice(op, key, picked.algorithm, picked.config, picked.exact, ms, reference_ms, len(costs) + 1)
-    _choices[(op, key)] = chosen
-    log.info("%s %s -> %s (%.4f ms; reference %.4f ms; %d options timed)", op, key, picked.label, ms,
-             reference_ms, chosen.timed)
+    chosen = Choice(op, key, _graphed, picked.algorithm, picked.config, picked.exact, ms, reference_ms,
+                    len(costs) + 1)
+    _choices[(op, key, _graphed)] = chosen
+    log.info("%s %s%s -> %s (%.4f ms; reference %.4f ms; %d options timed)", op, key,
+             " (CUDA graph)" if _graphed else "", picked.label, ms, reference_ms, chosen.timed)
     return chosen
 
 
@@ -179,3 +202,16 @@ def graph_replay_ms(label: str, fn: Callable[[], object], reps: int = 5) -> floa
     end.record()
     end.synchronize()
     return start.elapsed_time(end) / reps
+
+
+def launch_ms(label: str, fn: Callable[[], object], reps: int = 20) -> float:
+    """ms per call of fn launched op by op, from the host: the launches and the GPU work overlap as they do
+    in a stream of calls, so this is the slower of the two."""
+    fn()  # compile
+    fn()
+    torch.cuda.synchronize()
+    start = time.perf_counter()
+    for _ in range(reps):
+        fn()
+    torch.cuda.synchronize()
+    return (time.perf_counter() - start) * 1e3 / reps

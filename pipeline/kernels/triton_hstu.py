@@ -42,11 +42,13 @@ def _silu(x, FAST: tl.constexpr):
     return (xf * _sigmoid(xf, FAST)).to(x.dtype)
 
 
-@triton.autotune(configs=_configs(), key=["L", "DQK", "DV", "SILU_INPUTS", "FAST"])
+# PAIRS_BUCKET (batch x heads, rounded up to a power of two) is in the key: the tiles that fill the GPU at
+# batch 128 leave it idle at batch 1, so each bucket is tuned once rather than the first batch's choice kept.
+@triton.autotune(configs=_configs(), key=["L", "DQK", "DV", "SILU_INPUTS", "FAST", "PAIRS_BUCKET"])
 @triton.jit
 def _hstu_attention_fwd(
     Q, K, V, PW, LENGTHS, O,
-    L, H, DQK, DV, MAX_LEN, inv_max_len,
+    L, H, DQK, DV, MAX_LEN, inv_max_len, PAIRS_BUCKET,
     sqb, sql, sqh, skb, skl, skh, svb, svl, svh, sob, sol, soh,
     DOT_PRECISION: tl.constexpr, UPCAST: tl.constexpr, SILU_INPUTS: tl.constexpr, FAST: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_DQK: tl.constexpr, BLOCK_DV: tl.constexpr,
@@ -109,7 +111,7 @@ def fused_attention(q: Tensor, k: Tensor, v: Tensor, position_weight: Tensor, le
     grid = lambda meta: (triton.cdiv(L, meta["BLOCK_M"]), B * H)  # noqa: E731
     _hstu_attention_fwd[grid](
         q, k, v, position_weight.contiguous(), lengths.contiguous(), out,
-        L, H, dqk, dv, max_len, 1.0 / max_len,
+        L, H, dqk, dv, max_len, 1.0 / max_len, dispatch.batch_bucket(B * H),
         q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
         v.stride(0), v.stride(1), v.stride(2), out.stride(0), out.stride(1), out.stride(2),
         DOT_PRECISION="ieee" if q.dtype == torch.float32 else None,
