@@ -28,6 +28,7 @@ import torch
 
 from pipeline import kernels
 from pipeline.bench.latency import summarize, time_calls
+from pipeline.kernels import dispatch
 
 ITEMS = (1_000, 3_706, 100_000, 1_000_000)
 BATCHES = (1, 128)
@@ -100,34 +101,44 @@ def run(shapes: list[Shape], items: list[int], batches: list[int], specs: list[s
         for num_items in items:
             base = {"shape": shape.name, "items": num_items}
             if time.perf_counter() - start > budget_s:
-                rows += [{**base, "spec": s, "batch": b, "error": "skipped: time budget spent"}
-                         for s in specs for b in batches]
-                continue
-            try:
-                retriever = build(shape, num_items, k, device, dtype)
-                batch_inputs = {b: inputs(shape, num_items, b, device) for b in batches}
-            except Exception as err:  # noqa: BLE001 - reported, and the run goes on
-                rows += [{**base, "spec": s, "batch": b, "error": _error(err)} for s in specs for b in batches]
-                continue
-            for spec in specs:
-                times: dict[str, dict] = {}
-                for kernel_backend in ("reference", "triton"):
-                    seen = len(kernels.dispatch_log())
-                    try:
-                        times[kernel_backend] = measure(retriever, spec, kernel_backend, batch_inputs, device,
-                                                        warmup, iters, compiler)
-                    except Exception as err:  # noqa: BLE001
-                        times[kernel_backend] = {"error": _error(err)}
-                        traceback.print_exc()
-                    choices += [{**base, "spec": spec, **c} for c in kernels.dispatch_log()[seen:]]
-                    torch._dynamo.reset()
-                rows += [_row(base, spec, b, times) for b in batches]
-                for row in rows[-len(batches):]:
-                    print(_line(row), flush=True)
-            del retriever
-            if device.type == "cuda":
-                torch.cuda.empty_cache()
+                new = [{**base, "spec": s, "batch": b, "error": "skipped: time budget spent"}
+                       for s in specs for b in batches]
+            else:
+                new = _pair(shape, num_items, batches, specs, device, dtype, k, warmup, iters, compiler, choices)
+            for row in new:
+                print(_line(row), flush=True)
+            rows += new
     return rows, choices
+
+
+def _pair(shape: Shape, num_items: int, batches: list[int], specs: list[str], device: torch.device,
+          dtype: torch.dtype, k: int, warmup: int, iters: int, compiler: str, choices: list) -> list[dict]:
+    """Rows of one (shape, items) pair, both kernels in every spec; the dispatch's choices at this pair (per
+    op and shape key, for calls launched op by op and for calls a CUDA graph replays) appended to `choices`."""
+    base = {"shape": shape.name, "items": num_items}
+    dispatch.reset()  # every pair lists (and times) its own choices
+    try:
+        retriever = build(shape, num_items, k, device, dtype)
+        batch_inputs = {b: inputs(shape, num_items, b, device) for b in batches}
+    except Exception as err:  # noqa: BLE001 - reported, and the run goes on
+        return [{**base, "spec": s, "batch": b, "error": _error(err)} for s in specs for b in batches]
+    rows = []
+    for spec in specs:
+        times: dict[str, dict] = {}
+        for kernel_backend in ("reference", "triton"):
+            try:
+                times[kernel_backend] = measure(retriever, spec, kernel_backend, batch_inputs, device, warmup,
+                                                iters, compiler)
+            except Exception as err:  # noqa: BLE001
+                times[kernel_backend] = {"error": _error(err)}
+                traceback.print_exc()
+            torch._dynamo.reset()
+        rows += [_row(base, spec, b, times) for b in batches]
+    choices += [{**base, **c} for c in kernels.dispatch_log()]
+    del retriever
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+    return rows
 
 
 def _row(base: dict, spec: str, batch: int, times: dict[str, dict]) -> dict:
@@ -164,11 +175,12 @@ def table(rows: list[dict], choices: list[dict]) -> str:
         else:
             lines.append(f"| {r['shape']} | {r['items']} | {r['spec']} | {r['batch']} | {r['reference_p50_ms']:.3f} | "
                          f"{r['triton_p50_ms']:.3f} | {r['speedup']:.2f} | |")
-    lines += ["", "Dispatch (kernels=triton): what runs per op and shape key (batch bucket first), and the timings",
-              "", "| shape | items | spec | op | key | served by graph | runs | config | ms | reference ms |",
-              "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+    lines += ["", "Dispatch (kernels=triton): what runs per op and shape key (batch bucket first), for calls launched",
+              "op by op and for calls a CUDA graph replays, and the timings (nan: untimed)",
+              "", "| shape | items | op | key | served by graph | runs | config | ms | reference ms |",
+              "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
     for c in choices:
-        lines.append(f"| {c['shape']} | {c['items']} | {c['spec']} | {c['op']} | {c['key']} | {c['graphed']} | "
+        lines.append(f"| {c['shape']} | {c['items']} | {c['op']} | {c['key']} | {c['graphed']} | "
                      f"{c['algorithm']} | {c['config']} | {c['ms']:.4f} | {c['reference_ms']:.4f} |")
     return "\n".join(lines) + "\n"
 

@@ -1,0 +1,232 @@
+"""The kernels' per-shape dispatch between our Triton kernels and their references (pipeline.kernels.dispatch):
+timings injected so that the choice is deterministic, kernels under the Triton interpreter on the CPU."""
+import csv
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from pipeline import kernels
+from pipeline.kernels import dispatch, retrieval_top_k_reference
+
+pytest.importorskip("triton")
+DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+if DEVICE.type == "cpu" and os.environ.get("TRITON_INTERPRET") != "1":
+    pytest.skip("needs TRITON_INTERPRET=1 before triton is imported (tests/conftest.py sets it)",
+                allow_module_level=True)
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@pytest.fixture(autouse=True)
+def fresh_choices():
+    dispatch.reset()
+    yield
+    dispatch.reset()
+
+
+def _timer(costs: dict[str, float], calls: list | None = None):
+    """ms by the option's algorithm (the first word of its label); each option still runs once."""
+    def timer(label, fn):
+        fn()
+        if calls is not None:
+            calls.append(label)
+        return costs[label.split(" ")[0]]
+    return timer
+
+
+def _case(batch, num_items, dim=16, hist_len=5, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    query = torch.randn(batch, dim, generator=gen)
+    table = torch.randn(num_items + 1, dim, generator=gen)
+    history = torch.randint(1, num_items + 1, (batch, hist_len), generator=gen)
+    return query.to(DEVICE), table.to(DEVICE), history.to(DEVICE)
+
+
+def _crowded(batch=3):
+    """Row 0's top 20 all in the first chunk of 64 items: a config keeping 8 per chunk marks it unsure."""
+    query, table, history = _case(batch, 300, hist_len=3, seed=1)
+    history[:] = 0
+    table[1:21] = 5 * query[0] + 0.01 * torch.arange(20, device=DEVICE)[:, None]
+    return query, table, history
+
+
+def _candidates(query, table, history, k):
+    with kernels.use("triton", op="retrieval"):
+        return kernels.retrieval_top_k_candidates(query, table, history, k)
+
+
+# On the interpreter the top-K's options are "passes" (chunks of 64 items, 8 kept: rows may be unsure) and
+# "gemv" (all 64 kept: exact); the other ops' kernel option is "triton".
+def test_the_reference_top_k_runs_where_it_was_timed_faster():
+    query, table, history = _case(3, 40)
+    with dispatch.timed_by(_timer({"reference": 1.0, "passes": 2.0, "gemv": 3.0})):
+        scores, ids, unsure = _candidates(query, table, history, 10)
+        with kernels.use("triton"):
+            assert not kernels.needs_check(query, table, 10)  # exact: finish() need not read `unsure` back
+    ref_scores, ref_ids = retrieval_top_k_reference(query, table, history, 10)
+    assert torch.equal(scores, ref_scores) and torch.equal(ids, ref_ids) and not unsure.any()
+    [row] = kernels.dispatch_log()
+    assert (row["op"], row["algorithm"], row["ms"], row["reference_ms"]) == ("retrieval", "reference", 1.0, 1.0)
+
+
+@pytest.mark.parametrize("costs,algorithm,check", [
+    ({"reference": 1.0, "passes": 2.0, "gemv": 0.5}, "gemv", False),   # keeps whole chunks: no check
+    ({"reference": 1.0, "passes": 0.5, "gemv": 2.0}, "passes", True),   # may mark rows: checked
+])
+def test_the_kernel_runs_where_it_was_timed_faster(costs, algorithm, check):
+    query, table, history = _case(3, 300)
+    with dispatch.timed_by(_timer(costs)):
+        scores, ids, unsure = _candidates(query, table, history, 5)
+        with kernels.use("triton"):
+            assert kernels.needs_check(query, table, 5) is check
+    assert kernels.dispatch_log()[0]["algorithm"] == algorithm
+    ref_scores, _ = retrieval_top_k_reference(query, table, history, 5)
+    torch.testing.assert_close(scores, ref_scores, atol=1e-4, rtol=0)
+
+
+def test_a_config_that_leaves_rows_unsure_pays_for_the_check():
+    """Timed alone the passes config is the fastest; with the recomputation its unsure row costs, the
+    reference. Where it leaves no row unsure (k within what a chunk keeps), it wins."""
+    costs = {"reference": 1.0, "passes": 0.5, "gemv": 2.0}
+    query, table, history = _crowded()
+    with dispatch.timed_by(_timer(costs)):
+        _candidates(query, table, history, 20)
+    assert kernels.dispatch_log()[0]["algorithm"] == "reference"
+    penalties = {algorithm: extra for op, _, algorithm, _, _, extra in dispatch.TUNING_LOG}
+    assert penalties == {"reference": 0.0, "passes": 1.0, "gemv": 0.0}
+
+    dispatch.reset()
+    with dispatch.timed_by(_timer(costs)):
+        _candidates(query, table, history, 5)
+    assert kernels.dispatch_log()[0]["algorithm"] == "passes"
+
+
+def test_the_tuner_times_each_shape_once():
+    """Batch sizes of one power-of-two bucket share a choice; calls after the first do not time again."""
+    calls = []
+    query, table, history = _case(8, 100)
+    with dispatch.timed_by(_timer({"reference": 1.0, "passes": 2.0, "gemv": 3.0}, calls)):
+        for batch in (3, 4, 3, 4):
+            _candidates(query[:batch], table, history[:batch], 5)
+        assert len(calls) == 3  # the reference and the two configs, once
+        for batch in (5, 8, 6):
+            _candidates(query[:batch], table, history[:batch], 5)
+        assert len(calls) == 6
+    assert [row["key"][:4] for row in kernels.dispatch_log()] == ["(4, ", "(8, "]
+
+
+def test_untimed_choice_is_the_kernel_and_is_checked():
+    """Without a timer (the CPU) the kernel's default runs untimed, and finish() keeps its check."""
+    query, table, history = _crowded()
+    scores, ids, unsure = _candidates(query, table, history, 20)
+    assert unsure.tolist() == [True, False, False]
+    [row] = kernels.dispatch_log()
+    assert row["algorithm"] == "passes" and row["timed"] == 0
+    with kernels.use("triton"):
+        assert kernels.needs_check(query, table, 20)
+
+
+def _retriever(num_items=120, max_len=12, k=20):
+    from pipeline.models import HSTU, Retriever
+
+    torch.manual_seed(0)
+    model = HSTU(num_items=num_items, max_len=max_len, dim=16, num_layers=2, num_heads=2, dropout=0.0,
+                 linear_dropout=0.0)
+    retriever = Retriever(model, k=k).to(DEVICE).eval().freeze()
+    history = torch.randint(1, num_items + 1, (8, max_len), device=DEVICE)
+    lengths = torch.tensor([12, 5, 1, 12, 7, 3, 9, 12], device=DEVICE)
+    history[torch.arange(max_len, device=DEVICE)[None, :] >= lengths[:, None]] = 0
+    return retriever, history, lengths
+
+
+@pytest.mark.parametrize("passes_ms,trusted", [(2.0, True), (0.1, False)])
+def test_finish_skips_the_check_only_where_the_choice_is_exact(passes_ms, trusted):
+    """finish() given rows marked unsure: where the reference ran it returns the answer as it is (no host
+    sync); where the kernel that may cut rows ran, it recomputes them. (k=5: within what a chunk keeps, so
+    the tuning call leaves no row unsure and the kernel is not charged the check.)"""
+    retriever, history, lengths = _retriever(k=5)
+    costs = {"reference": 1.0, "passes": passes_ms, "gemv": 3.0, "triton": 2.0}
+    with torch.no_grad(), kernels.use("triton"), dispatch.timed_by(_timer(costs)):
+        ids, scores, unsure, query = retriever.candidates(history, lengths)
+        all_marked = torch.ones_like(unsure)
+        fixed_ids, fixed_scores = retriever.finish(history, ids, scores, all_marked, query)
+        with kernels.use("reference"):
+            ref_ids, ref_scores = retriever(history, lengths)
+    assert (fixed_ids is ids) is trusted
+    torch.testing.assert_close(fixed_scores, ref_scores, atol=1e-4, rtol=0)
+    if not trusted:
+        assert torch.equal(fixed_ids, ref_ids)  # recomputed by the reference itself
+
+
+def test_attention_and_gate_references_in_the_ops_match_the_kernels():
+    """Where the reference wins, the custom ops run it with the bias and masks the kernels derive: the
+    same function as the kernel (padding rows included), in the kernel's layout."""
+    from pipeline.kernels.hstu_attention import hstu_attention_positional
+    from pipeline.kernels.triton_hstu import fused_attention
+
+    gen = torch.Generator().manual_seed(0)
+    wide = torch.randn(2, 19, 3 * 2 * 8, generator=gen).to(DEVICE)
+    v, q, k = (t.view(2, 19, 2, 8) for t in wide.split([16, 16, 16], dim=-1))
+    weight = (0.1 * torch.randn(2 * 24 - 1, generator=gen)).to(DEVICE)
+    lengths = torch.tensor([19, 7], device=DEVICE)
+    with kernels.use("triton"), dispatch.timed_by(_timer({"reference": 1.0, "triton": 2.0})):
+        out = kernels.hstu_attention(q, k, v, mask=None, lengths=lengths, max_len=24, bias=None,
+                                     position_weight=weight, silu_inputs=True)
+        x, u = wide[..., :16], wide[..., 16:32]
+        gated = kernels.layer_norm_gate(x.contiguous(), u, 1e-6, silu_u=True)
+    assert torch.equal(out, hstu_attention_positional(q, k, v, weight, lengths, 24, True)) and out.is_contiguous()
+    torch.testing.assert_close(out, fused_attention(q, k, v, weight, lengths, 24, True), atol=1e-5, rtol=1e-3)
+    torch.testing.assert_close(gated, kernels.layer_norm_gate_reference(x, u, 1e-6, True))
+    assert {(row["op"], row["algorithm"]) for row in kernels.dispatch_log()} == {
+        ("hstu_attention", "reference"), ("ln_gate", "reference")}
+
+
+def test_compiled_triton_retriever_traces_once_per_batch_regime_without_graph_breaks():
+    """CompiledRetriever with our kernels: one graph for batch 1 and one for every larger batch, no graph
+    break at the custom ops or the kernel switch, and each op's options timed once per shape bucket."""
+    from torch._dynamo.utils import counters
+
+    from pipeline.export.inductor import CompiledRetriever
+
+    retriever, history, lengths = _retriever()
+    torch._dynamo.reset()
+    counters.clear()
+    compiled = CompiledRetriever(retriever, "default", "triton", compiler="eager")
+    costs = {"reference": 2.0, "passes": 1.0, "gemv": 3.0, "triton": 1.0}
+    with dispatch.timed_by(_timer(costs)):
+        for batch in (1, 3, 5, 8, 1, 3, 8):
+            compiled(history[:batch], lengths[:batch])
+    assert counters["stats"]["unique_graphs"] == 2
+    assert not counters["graph_break"]
+    timings: dict = {}
+    for op, key, *_ in dispatch.TUNING_LOG:
+        timings[(op, key)] = timings.get((op, key), 0) + 1
+    options = {"retrieval": 3, "hstu_attention": 2, "ln_gate": 2}
+    assert timings and all(n == options[op] for (op, _), n in timings.items())
+    assert {key[0] for op, key in timings if op == "retrieval"} == {1, 4, 8}
+    torch._dynamo.reset()
+
+
+def test_bench_script_smoke_reports_a_failing_shape_and_goes_on(tmp_path):
+    """The GPU script in its reduced mode: a table with both kernels per shape and batch, the dispatch
+    choices, a shape that cannot be built (5 items, top-10) reported, and no Hydra or MLflow imported."""
+    code = ("import runpy, sys; sys.argv = ['kernels_vs_reference'] + sys.argv[1:]\n"
+            "try:\n    runpy.run_module('pipeline.bench.kernels_vs_reference', run_name='__main__')\n"
+            "except SystemExit as e:\n    code = e.code\n"
+            "heavy = {'hydra', 'mlflow', 'omegaconf'} & set(sys.modules)\n"
+            "assert not heavy, heavy\nsys.exit(code)\n")
+    env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": ROOT}
+    proc = subprocess.run([sys.executable, "-c", code, "--smoke", "--compiler", "eager", "--items", "5", "50",
+                           "--out", str(tmp_path)], cwd=tmp_path, env=env, capture_output=True, text=True,
+                          timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows = list(csv.DictReader(open(tmp_path / "kernels_vs_reference.csv")))
+    assert [(r["items"], r["batch"]) for r in rows] == [("5", "1"), ("5", "3"), ("50", "1"), ("50", "3")]
+    assert all("k=10 must be between" in r["error"] for r in rows[:2])
+    for r in rows[2:]:
+        assert not r["error"] and float(r["reference_p50_ms"]) > 0 and float(r["triton_p50_ms"]) > 0
+    choices = list(csv.DictReader(open(tmp_path / "kernel_dispatch.csv")))
+    assert {c["op"] for c in choices} == {"retrieval", "hstu_attention", "ln_gate"}
+    assert "Dispatch" in proc.stdout and "FAILED" in proc.stdout
