@@ -184,8 +184,9 @@ def test_attention_and_gate_references_in_the_ops_match_the_kernels():
 
 
 def test_compiled_triton_retriever_traces_once_per_batch_regime_without_graph_breaks():
-    """CompiledRetriever with our kernels: one graph for batch 1 and one for every larger batch, no graph
-    break at the custom ops or the kernel switch, and each op's options timed once per shape bucket."""
+    """CompiledRetriever with our kernels: one graph for batch 1 and one for every larger batch (and as
+    many for its reference twin, timed against it), no graph break at the custom ops or the kernel switch,
+    and each option timed once per shape bucket."""
     from torch._dynamo.utils import counters
 
     from pipeline.export.inductor import CompiledRetriever
@@ -198,14 +199,44 @@ def test_compiled_triton_retriever_traces_once_per_batch_regime_without_graph_br
     with dispatch.timed_by(_timer(costs)):
         for batch in (1, 3, 5, 8, 1, 3, 8):
             compiled(history[:batch], lengths[:batch])
-    assert counters["stats"]["unique_graphs"] == 2
+        assert counters["stats"]["unique_graphs"] == 4
+        for batch in (2, 6, 7):
+            compiled(history[:batch], lengths[:batch])
+    assert counters["stats"]["unique_graphs"] == 4
     assert not counters["graph_break"]
     timings: dict = {}
     for op, key, *_ in dispatch.TUNING_LOG:
         timings[(op, key)] = timings.get((op, key), 0) + 1
-    options = {"retrieval": 3, "hstu_attention": 2, "ln_gate": 2}
+    options = {"retriever": 2, "retrieval": 3, "hstu_attention": 2, "ln_gate": 2}
     assert timings and all(n == options[op] for (op, _), n in timings.items())
-    assert {key[0] for op, key in timings if op == "retrieval"} == {1, 4, 8}
+    assert {key[0] for op, key in timings if op == "retrieval"} == {1, 2, 4, 8}
+    assert {row["algorithm"] for row in kernels.dispatch_log() if row["op"] == "retriever"} == {"triton"}
+    torch._dynamo.reset()
+
+
+@pytest.mark.parametrize("reference_ms,served_by", [(1.0, "reference"), (3.0, "triton")])
+def test_compiled_triton_retriever_serves_a_bucket_by_its_reference_twin_where_faster(reference_ms, served_by):
+    """The whole call against the same spec with the reference kernels: where the twin was timed faster it
+    answers (the Triton graph is not called again for that bucket), else ours; the answer is the same."""
+    from pipeline.export.inductor import CompiledRetriever
+
+    retriever, history, lengths = _retriever()
+    torch._dynamo.reset()
+    compiled = CompiledRetriever(retriever, "default", "triton", compiler="eager")
+    calls = []
+    triton_graph = compiled.compiled
+    compiled.compiled = lambda *args: calls.append(args[0].shape[0]) or triton_graph(*args)
+    costs = {"reference": reference_ms, "passes": 1.0, "gemv": 3.0, "triton": 2.0}
+    with dispatch.timed_by(_timer(costs)):
+        ids, scores = compiled(history[:3], lengths[:3])
+        timed = len(calls)
+        ids, scores = compiled(history[:3], lengths[:3])
+    assert len(calls) == timed + (served_by == "triton")
+    [row] = [row for row in kernels.dispatch_log() if row["op"] == "retriever"]
+    assert row["algorithm"] == served_by
+    with kernels.use("reference"):
+        ref_ids, ref_scores = retriever(history[:3], lengths[:3])
+    torch.testing.assert_close(scores, ref_scores, atol=1e-4, rtol=0)
     torch._dynamo.reset()
 
 

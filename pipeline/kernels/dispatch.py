@@ -133,12 +133,14 @@ def budget_s() -> float:
 
 
 def choose(op: str, key: tuple, device: torch.device, reference: Option, options: Sequence[Option],
-           penalty: Callable[[Option, float], float] | None = None) -> Choice:
+           penalty: Callable[[Option, float], float] | None = None, timer: Timer | None = None) -> Choice:
     """The option to run for (op, key): cached; else, where tuning runs (tunes_on), the reference and then
     `options` in order (the first is the default) are timed, and the cheapest wins (the reference on a tie).
     penalty(option, reference ms) -> extra ms, e.g. the exactness check's recomputation when the option
     left rows unsure. An option that fails (out of shared memory, say) is not a candidate.
-    Where nothing is timed, or inside a CUDA-graph capture (not recorded then), options[0] runs untimed."""
+    timer: how to time the options (default: as the calls are served, see served_by_graph); an injected
+    timer (timed_by) takes precedence. Where nothing is timed, or inside a CUDA-graph capture (not recorded
+    then), options[0] runs untimed."""
     cached = choice(op, key)
     if cached is not None:
         return cached
@@ -149,7 +151,7 @@ def choose(op: str, key: tuple, device: torch.device, reference: Option, options
         if not capturing:
             _choices[(op, key, _graphed)] = untimed
         return untimed
-    timer = _timer or (graph_replay_ms if _graphed else launch_ms)
+    timer = _timer or timer or (graph_replay_ms if _graphed else launch_ms)
     start, limit = time.perf_counter(), budget_s()
     reference_ms = _cost(op, key, reference, timer, None, math.inf)
     costs: dict[int, float] = {}
