@@ -261,5 +261,5 @@ def test_bench_script_smoke_reports_a_failing_shape_and_goes_on(tmp_path):
         else:
             assert not r["error"] and float(r["reference_p50_ms"]) > 0 and float(r["triton_p50_ms"]) > 0
     choices = list(csv.DictReader(open(tmp_path / "kernel_dispatch.csv")))
-    assert {c["op"] for c in choices} == {"retrieval", "hstu_attention", "ln_gate"}
+    assert {c["op"] for c in choices} == {"retriever", "retrieval", "hstu_attention", "ln_gate"}
     assert "Dispatch" in proc.stdout and "FAILED" in proc.stdout
