@@ -174,7 +174,7 @@ def _cost(op: str, key: tuple, option: Option, timer: Timer, penalty, reference_
     try:
         ms = timer(option.label, option.run)
     except Exception as err:  # e.g. out of shared memory for this GPU: not a candidate here
-        log.debug("%s %s: %s failed: %s", op, key, option.label, err)
+        log.info("%s %s: %s failed, not a candidate: %s", op, key, option.label, err)
         TUNING_LOG.append((op, key, option.algorithm, option.config, math.nan, 0.0))
         return math.inf
     extra = penalty(option, reference_ms) if penalty is not None else 0.0
