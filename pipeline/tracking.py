@@ -254,6 +254,18 @@ class Tracker:
         self.client.set_registered_model_alias(name, CHAMPION, str(version))
         return former
 
+    def set_alias(self, name: str, alias: str, version: str | None) -> None:
+        """Alias -> version; None removes the alias (nothing is true to point it at)."""
+        from mlflow.exceptions import MlflowException
+
+        if version is not None:
+            self.client.set_registered_model_alias(name, alias, str(version))
+            return
+        try:
+            self.client.delete_registered_model_alias(name, alias)
+        except MlflowException:
+            pass  # no such alias
+
     def set_model_version_tags(self, name: str, version: str, tags: dict[str, Any]) -> None:
         for key, value in tags.items():
             self.client.set_model_version_tag(name, str(version), key, str(value))

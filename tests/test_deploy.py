@@ -1,7 +1,8 @@
 """deploy against a real tritonserver that this module starts on free loopback ports and stops by its pid:
 train -> onnx -> validate -> promote -> deploy on a tiny config; the server answers as the pipeline does;
-bad requests get clear errors while the server keeps serving; a failed smoke test or a release that does
-not load rolls back; a second deploy moves champion, and `previous` can be restored."""
+bad requests get clear errors while the server keeps serving; a release that fails to load (its engine
+raising or its stub killed) or to answer correctly never replaces the serving one; a server killed during
+a deploy comes back on the last good release; the aliases follow what serves."""
 import os
 import socket
 import subprocess
@@ -21,7 +22,7 @@ from pipeline.serving.client import GenrecClient, RequestRejected
 from pipeline.serving.config import load_config
 from pipeline.serving.loadtest import run_load, scrape, server_side
 from pipeline.serving.package import read_package
-from pipeline.serving.repository import write_repository
+from pipeline.serving.repository import compile_python, write_repository
 from pipeline.serving.rollout import RolledBack, deployed, rollout
 from pipeline.serving.server import LocalServer
 from pipeline.variants import load_variant
@@ -144,44 +145,104 @@ def test_load_test_counts_what_the_server_counts(env):
     while counted["genrec"]["requests"] < 40 and time.monotonic() < deadline:
         time.sleep(0.2)
         counted = server_side(before, scrape(server.metrics_url))
-    assert counted["genrec"]["requests"] == 40 and counted["genrec_engine"]["batches"] >= 1
+    assert counted["genrec"]["requests"] == 40 and counted["genrec_v1_engine"]["batches"] >= 1
 
 
-def test_release_that_does_not_load_is_rolled_back(env, tmp_path):
-    # A broken copy of the serving version itself: the old engine keeps serving after the failed load, and
-    # deploy must still notice and put the whole previous release back.
-    _, _, cfg, server, client, _ = env
-    broken = tmp_path / "broken"
-    write_repository(read_package(Path(deployed(server.root)["package"])), cfg.serving, broken, 1, "local")
-    with open(broken / "genrec_engine" / "1" / "model.py", "a") as f:
-        f.write("\nraise RuntimeError('engine broken on purpose')\n")
-    with pytest.raises(RolledBack, match="engine broken on purpose; version 1 serves again"):
-        rollout(server, "genrec", broken, smoke=lambda: None, timeout_s=120)
+def _broken_release(env, tmp_path, version: int, sabotage: str) -> Path:
+    """A release of the serving package as another registry version whose engine runs `sabotage` at load."""
+    cfg, server = env[2], env[3]
+    release = tmp_path / f"v{version}"
+    write_repository(read_package(Path(deployed(server.root)["package"])), cfg.serving, release, version, "local")
+    model = release / f"genrec_v{version}_engine" / str(version) / "model.py"
+    text = model.read_text()
+    model.write_text(text.replace("        from pipeline.core import Variant\n",
+                                  f"        {sabotage}\n        from pipeline.core import Variant\n", 1))
+    assert sabotage in model.read_text()
+    compile_python(model.parent)
+    return release
+
+
+def _serves_version_1(env) -> None:
+    client, server = env[4], env[3]
     answer = client.recommend([3, 4, 5], 5)
     assert answer.model_version == "1" and answer.item_ids.shape == (5,)
+    assert sorted(p.name for p in server.repository.iterdir()) == [
+        "genrec", "genrec_v1", "genrec_v1_engine", "genrec_v1_postprocess", "genrec_v1_preprocess"]
+
+
+@pytest.mark.parametrize("sabotage, message", [
+    ("raise RuntimeError('engine broken on purpose')", "engine broken on purpose"),
+    # The stub process of the new engine dies while it loads, as a crash in native code kills it.
+    ("import os, signal; os.kill(os.getpid(), signal.SIGKILL)", "version 9 failed and was rolled back"),
+])
+def test_engine_that_fails_to_load_leaves_the_serving_version_answering(env, tmp_path, sabotage, message):
+    server = env[3]
+    pid = server.pid()
+    release = _broken_release(env, tmp_path, 9, sabotage)
+    with pytest.raises(RolledBack, match=message) as failed:
+        rollout(server, "genrec", release, "9", smoke=lambda model: None, timeout_s=120, label="version 9")
+    assert "version 1 serves on" in str(failed.value)
+    assert server.pid() == pid  # the same server: version 1 was never unloaded
+    _serves_version_1(env)
+
+
+def test_failed_smoke_test_of_the_new_release_never_reaches_clients(env, tmp_path):
+    _, _, cfg, server, client, _ = env
+    release = tmp_path / "v8"
+    write_repository(read_package(Path(deployed(server.root)["package"])), cfg.serving, release, 8, "local")
+    tried = []
+
+    def smoke(model: str) -> None:
+        tried.append(model)
+        assert client.recommend([3, 4, 5], 5).model_version == "1"  # clients still get version 1
+        raise AssertionError("answers differ on purpose")
+
+    with pytest.raises(RolledBack, match="answers differ on purpose; version 1 serves on"):
+        rollout(server, "genrec", release, "8", smoke=smoke, timeout_s=120, label="version 8")
+    assert tried == ["genrec_v8"]
+    _serves_version_1(env)
+
+
+def test_server_that_dies_during_a_deploy_comes_back_on_the_last_good_release(env, tmp_path):
+    server = env[3]
+    pid = server.pid()
+    # The new engine kills the server (its stub's parent) while it loads.
+    release = _broken_release(env, tmp_path, 7, "import os, signal; os.kill(os.getppid(), signal.SIGKILL)")
+    with pytest.raises(RolledBack, match=r"the server died during the deploy and was started again \(pid \d+\) "
+                                         r"on version 1"):
+        rollout(server, "genrec", release, "7", smoke=lambda model: None, timeout_s=120, label="version 7")
+    assert server.pid() not in (None, pid)
+    _serves_version_1(env)
 
 
 def test_failed_smoke_test_rolls_back_then_second_deploy_moves_champion(env):
     _, _, _, server, client, registry = env
+
+    def alias(name: str) -> str | None:
+        aliases = registry.get_registered_model("genrec").aliases
+        return str(aliases[name]) if name in aliases else None
+
     # A second model (eager this time: the torch engine), promoted; its deploy asks the server for more items
     # than it serves, so the smoke test fails and version 1 keeps serving.
     code, output = _pipeline(env, "stage=[train,validate,promote,deploy]", "seed=1", "deploy.smoke.k=21")
-    assert code != 0 and "version 2 failed and was rolled back" in output and "version 1 serves again" in output
+    assert code != 0 and "version 2 failed and was rolled back" in output and "version 1 serves on" in output
     assert client.recommend([3, 4, 5], 5).model_version == "1"
     assert registry.get_model_version("genrec", "2").tags["deploy_status"] == "rolled_back"
-    assert str(registry.get_model_version_by_alias("genrec", "champion").version) == "2"
-    assert str(registry.get_model_version_by_alias("genrec", "previous").version) == "1"
+    # The registry says what serves: champion back on version 1, the failed one under its own alias.
+    assert (alias("champion"), alias("failed"), alias("previous")) == ("1", "2", None)
 
-    code, output = _pipeline(env, "stage=deploy", "seed=1")
+    code, output = _pipeline(env, "stage=deploy", "deploy.alias=failed")  # retried, once the cause is fixed
     assert code == 0, output
     assert client.recommend([3, 4, 5], 5).model_version == "2"
     assert registry.get_model_version("genrec", "2").tags["backend"] == "eager"
     histories, ids, _ = _pipeline_answers(env, "2", users=4, k=10)
     assert [client.recommend(h, 10).item_ids.tolist() for h in histories] == ids.tolist()
     assert registry.get_model_version("genrec", "1").tags["deploy_status"] == "replaced"
+    assert (alias("champion"), alias("previous")) == ("2", "1")
+    assert sorted(p.name for p in server.repository.iterdir()) == [
+        "genrec", "genrec_v2", "genrec_v2_engine", "genrec_v2_postprocess", "genrec_v2_preprocess"]
 
     code, output = _pipeline(env, "stage=deploy", "deploy.alias=previous")
     assert code == 0, output
     assert client.recommend([3, 4, 5], 5).model_version == "1"
-    assert str(registry.get_model_version_by_alias("genrec", "champion").version) == "1"
-    assert str(registry.get_model_version_by_alias("genrec", "previous").version) == "2"
+    assert (alias("champion"), alias("previous")) == ("1", "2")

@@ -17,7 +17,7 @@ from pipeline.core import PipelineError, Variant
 from pipeline.serving.config import load_config
 from pipeline.serving.models.common import RequestError, Vocabulary, check_request, pad
 from pipeline.serving.package import read_package, variant_digest, write_package
-from pipeline.serving.repository import write_repository
+from pipeline.serving.repository import instance_kind, write_repository
 from pipeline.serving.server import LocalServer, ServerError, TritonInstall
 
 RAW = np.array([-1, 30, 10, 20, 40])  # model ids 1..4 are raw 30, 10, 20, 40 (not sorted)
@@ -70,19 +70,22 @@ def test_local_repository_is_an_ensemble_of_three_python_models(tmp_path):
     cfg = _cfg(tmp_path, "serving.max_batch_size=32", "serving.instance_group.count=2")
     folders = write_repository(package, cfg.serving, tmp_path / "repo", 7, "local")
     configs = _configs(folders)
-    assert set(configs) == {"genrec", "genrec_preprocess", "genrec_engine", "genrec_postprocess"}
-    ensemble, engine = configs["genrec"], configs["genrec_engine"]
+    assert set(configs) == {"genrec", "genrec_v7", "genrec_v7_preprocess", "genrec_v7_engine", "genrec_v7_postprocess"}
+    ensemble, engine = configs["genrec"], configs["genrec_v7_engine"]
     assert ensemble.platform == "ensemble" and ensemble.max_batch_size == 32
-    assert [s.model_name for s in ensemble.ensemble_scheduling.step] == [
-        "genrec_preprocess", "genrec_engine", "genrec_postprocess"]
+    for name in ("genrec", "genrec_v7"):  # the public ensemble and the release's own: the same steps
+        steps = configs[name].ensemble_scheduling.step
+        assert [(s.model_name, s.model_version) for s in steps] == [
+            ("genrec_v7_preprocess", 7), ("genrec_v7_engine", 7), ("genrec_v7_postprocess", 7)]
     assert engine.backend == "python" and engine.instance_group[0].count == 2
+    assert engine.instance_group[0].kind == mc.ModelInstanceGroup.KIND_CPU  # auto, on a variant made on the CPU
     assert list(engine.dynamic_batching.preferred_batch_size) == [8, 16, 32]
     assert list(engine.input[0].dims) == [8]  # histories padded to max_len: requests batch together
-    engine_dir = folders["genrec_engine"] / "7"
+    engine_dir = folders["genrec_v7_engine"] / "7"
     assert (engine_dir / "model.py").read_text() == (ROOT / "pipeline/serving/models/engine_torch.py").read_text()
     assert json.loads((engine_dir / "variant.json").read_text())["artifact"] == "model.pt"
     assert (engine_dir / "model.pt").read_bytes() == b"weights"
-    for step in ("genrec_preprocess", "genrec_postprocess"):
+    for step in ("genrec_v7_preprocess", "genrec_v7_postprocess"):
         assert {p.name for p in (folders[step] / "7").iterdir()} == {"model.py", "genrec_common.py", "item_ids.npy"}
     assert (folders["genrec"] / "7").is_dir()
 
@@ -107,15 +110,15 @@ def test_production_onnxruntime_engine_uses_the_graphs_names(tmp_path):
     model = _tiny_onnx(tmp_path / "retriever-fp32.onnx")
     package = _package(tmp_path, Variant("onnxruntime-fp32", "onnxruntime", "fp32", str(model), "onnx"))
     folders = write_repository(package, _cfg(tmp_path).serving, tmp_path / "repo", 3, "production")
-    engine = _configs(folders)["genrec_engine"]
+    engine = _configs(folders)["genrec_v3_engine"]
     assert engine.platform == "onnxruntime_onnx" and engine.default_model_filename == "retriever-fp32.onnx"
     assert [i.name for i in engine.input] == ["history", "lengths"]
     assert engine.input[1].HasField("reshape") and list(engine.input[1].reshape.shape) == []
     assert [(o.name, list(o.dims)) for o in engine.output] == [("item_ids", [20]), ("scores", [20])]
     step = _configs(folders)["genrec"].ensemble_scheduling.step[1]
     assert dict(step.input_map) == {"history": "history_padded", "lengths": "lengths"}
-    assert (folders["genrec_engine"] / "3" / "retriever-fp32.onnx").is_file()
-    assert not (folders["genrec_engine"] / "3" / "model.py").exists()  # native backend, no python
+    assert (folders["genrec_v3_engine"] / "3" / "retriever-fp32.onnx").is_file()
+    assert not (folders["genrec_v3_engine"] / "3" / "model.py").exists()  # native backend, no python
 
 
 def test_production_onnx_graph_answering_too_few_items_is_refused(tmp_path):
@@ -140,12 +143,36 @@ def test_production_tensorrt_plan_config_follows_the_trt_stages_engine(tmp_path)
     variant = Variant("tensorrt-fp16", "tensorrt", "fp16", str(program), "trt", {"triton_model": str(plan_model)})
     folders = write_repository(_package(tmp_path, variant), _cfg(tmp_path).serving, tmp_path / "repo", 1, "production")
     configs = _configs(folders)
-    engine = configs["genrec_engine"]
+    engine = configs["genrec_v1_engine"]
     assert engine.platform == "tensorrt_plan" and engine.default_model_filename == "model.plan"
     assert [(i.name, list(i.dims)) for i in engine.input] == [("history", [-1]), ("lengths", [1])]
     assert engine.input[1].HasField("reshape")
-    assert (folders["genrec_engine"] / "1" / "model.plan").read_bytes() == b"engine"
-    assert configs["genrec_postprocess"].input[1].data_type == mc.TYPE_FP16  # cast to fp32 there
+    assert (folders["genrec_v1_engine"] / "1" / "model.plan").read_bytes() == b"engine"
+    assert engine.instance_group[0].kind == mc.ModelInstanceGroup.KIND_GPU  # auto: production images have GPUs
+    assert configs["genrec_v1_postprocess"].input[1].data_type == mc.TYPE_FP16  # cast to fp32 there
+
+
+def _made_on(tmp_path, variant: Variant, cuda: str):
+    return write_package(tmp_path / "pkg", variant, model_config={"name": "hstu", "max_len": 8}, top_k=20,
+                         raw_item_ids=RAW, examples=[[10, 20]], info={"fingerprint": {"cuda": cuda}})
+
+
+def test_instance_kind_follows_the_variant_and_the_host(tmp_path):
+    checkpoint = tmp_path / "model.pt"
+    checkpoint.write_bytes(b"weights")
+    eager = Variant("eager-fp16", "eager", "fp16", str(checkpoint), "train")
+    triton = Variant("inductor-triton-fp16", "inductor", "fp16", str(checkpoint), "compile", {"kernels": "triton"})
+    assert instance_kind(_made_on(tmp_path, eager, "12.8"), "auto", "local", cuda_here=True) == "KIND_GPU"
+    assert instance_kind(_made_on(tmp_path, eager, "12.8"), "auto", "local", cuda_here=False) == "KIND_CPU"
+    assert instance_kind(_made_on(tmp_path, eager, "none"), "auto", "local", cuda_here=True) == "KIND_CPU"
+    assert instance_kind(_made_on(tmp_path, eager, "none"), "KIND_GPU", "local", cuda_here=True) == "KIND_GPU"
+    with pytest.raises(PipelineError, match=r"inductor-triton-fp16 cannot be served on the CPU \(its Triton "
+                                            r"kernels need CUDA\) and this host has no CUDA device"):
+        instance_kind(_made_on(tmp_path, triton, "12.8"), "auto", "local", cuda_here=False)
+    with pytest.raises(PipelineError, match="KIND_GPU, but this host has no CUDA device"):
+        instance_kind(_made_on(tmp_path, eager, "none"), "KIND_GPU", "local", cuda_here=False)
+    with pytest.raises(PipelineError, match="valid choices: auto, KIND_CPU, KIND_GPU"):
+        instance_kind(_made_on(tmp_path, eager, "none"), "GPU", "local", cuda_here=False)
 
 
 def test_package_round_trip_and_digest(tmp_path):

@@ -3,6 +3,7 @@ import argparse
 import json
 
 from pipeline.serving.config import load_config, main_guard
+from pipeline.serving.rollout import start_on_last_good
 from pipeline.serving.server import LocalServer, TritonInstall, install
 
 
@@ -21,7 +22,7 @@ def main() -> int:
         if server.is_live():
             print(f"a server already answers on {server.url}")
             return 0
-        server.start()
+        start_on_last_good(server)
     elif args.command == "stop":
         if not server.stop():
             print(f"no server started from {server.root} is running")

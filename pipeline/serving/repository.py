@@ -1,19 +1,23 @@
-"""The Triton model repository of a champion package: one ensemble that clients call,
+"""The Triton model repository of a champion package (registry version N): one ensemble that clients call,
 
-    <name>              ensemble: HISTORY [B, L] raw item ids + K [B, 1] -> ITEM_IDS [B, k] raw ids, SCORES [B, k]
-    <name>_preprocess   python: checks the request, raw ids -> model ids, right-padded to max_len, lengths
-    <name>_engine       the variant: top-K model ids and scores for a batch (dynamic batching, instance groups)
-    <name>_postprocess  python: the first k, model ids -> raw ids
+    <name>                  ensemble: HISTORY [B, L] raw item ids + K [B, 1] -> ITEM_IDS [B, k] raw ids, SCORES [B, k]
+    <name>_vN               the same ensemble under the release's own name (deploy smoke-tests it first)
+    <name>_vN_preprocess    python: checks the request, raw ids -> model ids, right-padded to max_len, lengths
+    <name>_vN_engine        the variant: top-K model ids and scores for a batch (dynamic batching, instance groups)
+    <name>_vN_postprocess   python: the first k, model ids -> raw ids
 
-each `<model>/config.pbtxt` + `<model>/<version>/`, the version being the registry's model version. The
-engine follows the variant and the target: `local` runs it in the python backend (ONNX Runtime for an
-ONNX variant, the pipeline's own loader for the others), `production` writes native onnxruntime or
+each `<model>/config.pbtxt` + `<model>/N/`. The steps carry the version in their names so that two releases,
+whose configs may differ (history length, K), can be loaded side by side while one serves. The engine
+follows the variant and the target: `local` runs it in the python backend (ONNX Runtime for an ONNX
+variant, the pipeline's own loader for the others), `production` writes native onnxruntime or
 tensorrt_plan configs for a full Triton image. Every config is built with tritonclient's model_config_pb2
 and parsed back before it is written.
 """
 from __future__ import annotations
 
+import importlib.util
 import json
+import py_compile
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
@@ -50,8 +54,48 @@ class Engine:
     outputs: tuple[Io, Io]   # item ids, scores
 
 
-def step_names(name: str) -> dict[str, str]:
-    return {"preprocess": f"{name}_preprocess", "engine": f"{name}_engine", "postprocess": f"{name}_postprocess"}
+def release_models(name: str, version: int | str) -> dict[str, str]:
+    """The models of one release, in load order: its steps, then its own ensemble."""
+    return {"preprocess": f"{name}_v{version}_preprocess", "engine": f"{name}_v{version}_engine",
+            "postprocess": f"{name}_v{version}_postprocess", "ensemble": f"{name}_v{version}"}
+
+
+def cuda_only(package: Package) -> str | None:
+    """Why the variant runs on CUDA only, or None when the CPU can run it too."""
+    variant, built_on_cuda = package.variant, measured_on_cuda(package)
+    if variant.backend in ("tensorrt", "int8_table"):
+        return f"backend {variant.backend} runs on CUDA only"
+    if variant.backend == "inductor" and variant.options.get("kernels") == "triton":
+        return "its Triton kernels need CUDA"
+    if variant.backend == "inductor" and variant.options.get("cuda_graph"):
+        return "it replays CUDA graphs"
+    if variant.backend == "aoti" and built_on_cuda:
+        return "its AOTInductor package was compiled for CUDA"
+    return None
+
+
+def measured_on_cuda(package: Package) -> bool:
+    return package.info.get("fingerprint", {}).get("cuda", "none") not in ("none", "")
+
+
+def instance_kind(package: Package, kind: str, target: str, cuda_here: bool) -> str:
+    """serving.instance_group.kind resolved: auto is KIND_GPU for a variant made on CUDA when the target has
+    CUDA (a production image is assumed to), else KIND_CPU. A CUDA-only variant on the CPU is refused."""
+    kinds = ("auto", "KIND_CPU", "KIND_GPU")
+    if kind not in kinds:
+        raise PipelineError(f"unknown serving.instance_group.kind '{kind}'; valid choices: {', '.join(kinds)}")
+    gpu_target = cuda_here or target == "production"
+    if kind == "auto":
+        kind = "KIND_GPU" if gpu_target and (measured_on_cuda(package) or cuda_only(package)) else "KIND_CPU"
+    if kind == "KIND_GPU" and not gpu_target:
+        raise PipelineError("serving.instance_group.kind=KIND_GPU, but this host has no CUDA device; "
+                            "use auto or KIND_CPU")
+    why = cuda_only(package)
+    if kind == "KIND_CPU" and why:
+        where = "this host has no CUDA device" if not gpu_target else "serving.instance_group.kind=KIND_CPU"
+        raise PipelineError(f"{package.variant.name} cannot be served on the CPU ({why}) and {where}; deploy it "
+                            "on a GPU host, or promote a variant that runs on the CPU (promote.backends=[...])")
+    return kind
 
 
 def choose_engine(package: Package, target: str, max_k: int) -> Engine:
@@ -67,8 +111,9 @@ def choose_engine(package: Package, target: str, max_k: int) -> Engine:
     return Engine("python_onnxruntime" if backend == "onnxruntime" else "python_torch", *python_io)
 
 
-def write_repository(package: Package, scfg: DictConfig, dst: Path, version: int, target: str) -> dict[str, Path]:
-    """Writes the four models into dst (emptied first); -> {model name: its folder}."""
+def write_repository(package: Package, scfg: DictConfig, dst: Path, version: int, target: str,
+                     cuda_here: bool = False) -> dict[str, Path]:
+    """Writes the release's models into dst (emptied first); -> {model name: its folder}."""
     if package.model_config.get("time_bias"):
         raise PipelineError("this model uses timestamps (model.time_bias=true); requests carry no timestamps yet, "
                             "so it cannot be served")
@@ -76,15 +121,17 @@ def write_repository(package: Package, scfg: DictConfig, dst: Path, version: int
         raise PipelineError(f"serving.max_k={scfg.max_k} exceeds the {package.top_k} items the variant answers; "
                             f"set serving.max_k <= {package.top_k}")
     engine = choose_engine(package, target, scfg.max_k)
+    kind = instance_kind(package, scfg.instance_group.kind, target, cuda_here)
     dst = Path(dst)
     if dst.exists():
         shutil.rmtree(dst)
-    names = step_names(scfg.model_name)
+    names = release_models(scfg.model_name, version)
     folders = {
-        scfg.model_name: _write(dst, _ensemble(scfg, names, engine, version), version),
         names["preprocess"]: _write(dst, _preprocess(scfg, names["preprocess"], package), version),
-        names["engine"]: _write(dst, _engine(scfg, names["engine"], engine, package), version),
+        names["engine"]: _write(dst, _engine(scfg, names["engine"], engine, package, kind), version),
         names["postprocess"]: _write(dst, _postprocess(scfg, names["postprocess"], engine), version),
+        names["ensemble"]: _write(dst, _ensemble(names["ensemble"], scfg, names, engine, version), version),
+        scfg.model_name: _write(dst, _ensemble(scfg.model_name, scfg, names, engine, version), version),
     }
     for step in ("preprocess", "postprocess"):
         step_dir = folders[names[step]] / str(version)
@@ -121,6 +168,16 @@ def _write(dst: Path, config: mc.ModelConfig, version: int) -> Path:
 def _python_files(version_dir: Path, source: str) -> None:
     shutil.copy2(MODELS_DIR / f"{source}.py", version_dir / "model.py")
     shutil.copy2(MODELS_DIR / "common.py", version_dir / COMMON)
+    compile_python(version_dir)
+
+
+def compile_python(version_dir: Path) -> None:
+    """Byte-code for the model's Python files, written now and never checked against them: otherwise the
+    stub writes __pycache__ into the model's folder when it loads, the server sees the model as modified,
+    and loading the ensemble that uses it loads it a second time."""
+    for source in version_dir.glob("*.py"):
+        py_compile.compile(str(source), cfile=importlib.util.cache_from_source(str(source)), doraise=True,
+                           invalidation_mode=py_compile.PycInvalidationMode.UNCHECKED_HASH)
 
 
 def _variant_json(package: Package) -> str:
@@ -143,9 +200,9 @@ def _cpu_instances(config: mc.ModelConfig) -> None:
     config.dynamic_batching.max_queue_delay_microseconds = 0
 
 
-def _ensemble(scfg: DictConfig, names: dict[str, str], engine: Engine, version: int) -> mc.ModelConfig:
+def _ensemble(name: str, scfg: DictConfig, names: dict[str, str], engine: Engine, version: int) -> mc.ModelConfig:
     """Each step pinned to `version`: the ensemble never mixes steps of two releases."""
-    config = mc.ModelConfig(name=scfg.model_name, platform="ensemble", max_batch_size=scfg.max_batch_size)
+    config = mc.ModelConfig(name=name, platform="ensemble", max_batch_size=scfg.max_batch_size)
     for io in (Io("HISTORY", "TYPE_INT64", (-1,)), Io("K", "TYPE_INT64", (1,))):
         _add(config.input, io)
     for io in (Io("ITEM_IDS", "TYPE_INT64", (-1,)), Io("SCORES", "TYPE_FP32", (-1,))):
@@ -176,7 +233,7 @@ def _preprocess(scfg: DictConfig, name: str, package: Package) -> mc.ModelConfig
     return config
 
 
-def _engine(scfg: DictConfig, name: str, engine: Engine, package: Package) -> mc.ModelConfig:
+def _engine(scfg: DictConfig, name: str, engine: Engine, package: Package, kind: str) -> mc.ModelConfig:
     python = engine.kind.startswith("python_")
     config = _base(scfg, name, "python" if python else engine.kind)
     if not python:
@@ -189,9 +246,9 @@ def _engine(scfg: DictConfig, name: str, engine: Engine, package: Package) -> mc
     batching = scfg.dynamic_batching
     config.dynamic_batching.preferred_batch_size[:] = [b for b in batching.preferred_batch_size if b <= scfg.max_batch_size]
     config.dynamic_batching.max_queue_delay_microseconds = batching.max_queue_delay_microseconds
-    config.instance_group.add(kind=mc.ModelInstanceGroup.Kind.Value(scfg.instance_group.kind),
-                              count=scfg.instance_group.count)
+    config.instance_group.add(kind=mc.ModelInstanceGroup.Kind.Value(kind), count=scfg.instance_group.count)
     config.parameters["max_k"].string_value = str(scfg.max_k)
+    config.parameters["max_len"].string_value = str(package.max_len)
     config.parameters["threads"].string_value = str(scfg.threads)
     return config
 

@@ -143,6 +143,12 @@ def _libpython_dir() -> Path:
                       "pyenv with PYTHON_CONFIGURE_OPTS=--enable-shared are)")
 
 
+def cuda_available() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
+
+
 class LocalServer:
     """One tritonserver process on 127.0.0.1 serving <serving.root>/repository, explicit model control."""
 
@@ -184,7 +190,8 @@ class LocalServer:
 
     def _cpu_only_flags(self) -> list[str]:
         # Without a GPU instance, no pinned host memory pool and no GPU metrics (both only warn on a CPU host).
-        if self.cfg.instance_group.kind == "KIND_GPU":
+        kind = self.cfg.instance_group.kind
+        if kind == "KIND_GPU" or (kind == "auto" and cuda_available()):
             return []
         return ["--allow-gpu-metrics=false", "--pinned-memory-pool-byte-size=0"]
 

@@ -2,9 +2,12 @@
 
 Resolves models:/<promote.model_name>@<deploy.alias>, refuses a TensorRT engine built for another GPU or
 TensorRT version, writes the repository (ensemble: preprocess -> engine -> postprocess), and for the
-local target loads it into the local server (started when none answers), then compares the server's
-answers for packaged test histories with the pipeline's own. On any failure the previous release serves
-again. The deployment is recorded on the model version (time, server URL, repository).
+local target loads it into the local server (started on the last good release when none answers) beside
+what serves, compares its answers for packaged test histories with the pipeline's own, and only then
+switches clients to it (serving/rollout.py). On any failure what served before serves on: the version is
+tagged deploy_status=rolled_back and alias `failed`, and `champion` moves back to the version that serves.
+`previous` is always the version that served before the serving one. The deployment is recorded on the
+model version (time, server URL, repository).
 """
 from __future__ import annotations
 
@@ -18,9 +21,9 @@ from pipeline.core import Context, PipelineError, StageResult
 from pipeline.serving.client import GenrecClient, mismatch
 from pipeline.serving.package import read_package
 from pipeline.serving.repository import write_repository
-from pipeline.serving.rollout import RolledBack, deployed, record, rollout
-from pipeline.serving.server import LocalServer
-from pipeline.tracking import PREVIOUS, host_tags
+from pipeline.serving.rollout import RolledBack, deployed, record, rollout, start_on_last_good
+from pipeline.serving.server import LocalServer, cuda_available
+from pipeline.tracking import CHAMPION, PREVIOUS, host_tags
 
 log = logging.getLogger(__name__)
 
@@ -40,7 +43,7 @@ def run(ctx: Context) -> StageResult:
     # A new release is written beside the serving one and takes its name only once it serves.
     release = root / ("releases" if dcfg.target == "local" else dcfg.target) / f"v{number}"
     staging = release.with_name(f".staging-{release.name}") if dcfg.target == "local" else release
-    folders = write_repository(package, scfg, staging, int(number), dcfg.target)
+    folders = write_repository(package, scfg, staging, int(number), dcfg.target, cuda_here=cuda_available())
     for model, folder in folders.items():
         ctx.tracker.log_artifact(folder / "config.pbtxt", artifact_path=f"triton/{model}")
     log.info("models:/%s@%s is version %s (%s); repository written to %s", name, dcfg.alias, number,
@@ -55,58 +58,76 @@ def run(ctx: Context) -> StageResult:
     if not server.is_live():
         if not dcfg.start_server:
             raise PipelineError(f"no Triton server answers on {server.url}; start one with `make serve`")
-        server.start()
+        start_on_last_good(server)
     elif server.pid() is None:
         raise PipelineError(f"the server on {server.url} was not started from {server.root}, so it serves another "
                             "repository; stop it (make stop with its artifacts_dir) or set serving.*_port")
-    smoke = _smoke_test(package, server, scfg.model_name, number, dcfg.smoke)
+    smoke = _smoke_test(package, server, number, dcfg.smoke)
     start = time.perf_counter()
     try:
-        rollout(server, scfg.model_name, staging, smoke, dcfg.load_timeout_s, label=f"version {number}")
+        load_seconds = rollout(server, scfg.model_name, staging, number, smoke, dcfg.load_timeout_s,
+                               label=f"version {number}")
     except RolledBack as err:
         shutil.rmtree(staging, ignore_errors=True)
         ctx.tracker.set_model_version_tags(name, number, {
             "deploy_status": "rolled_back", "deploy_failed_at": _now(), "deploy_error": str(err)[:4000]})
+        _aliases_after_failure(ctx, name, number, deployed(root))
         raise
     seconds = time.perf_counter() - start
     shutil.rmtree(release, ignore_errors=True)
     staging.rename(release)
     before = deployed(root)
+    before = before if before is not None and before["model"] == name else None
+    served_before = before["version"] if before and before["version"] != number else (before or {}).get("previous")
     record(root, {"model": name, "version": number, "variant": package.variant.name, "release": str(release),
-                  "package": str(package.root), "url": server.url, "grpc_url": server.grpc_url, "time": _now()})
+                  "package": str(package.root), "url": server.url, "grpc_url": server.grpc_url, "time": _now(),
+                  "previous": served_before})
     ctx.tracker.set_model_version_tags(name, number, {
         "deploy_status": "serving", "deployed_at": _now(), "deployed_url": f"http://{server.url}",
         "deployed_grpc_url": server.grpc_url, "deployed_repository": str(server.repository),
-        "deployed_release": str(release)})
-    if before is not None and before["version"] != number and before["model"] == name:
+        "deployed_release": str(release), "load_seconds": f"{load_seconds:.1f}"})
+    if before is not None and before["version"] != number:
         ctx.tracker.set_model_version_tags(name, before["version"], {"deploy_status": "replaced"})
-    if dcfg.alias == PREVIOUS:  # rolling back: the registry follows what serves
-        ctx.tracker.make_champion(name, number)
+    # The registry follows what serves: champion is this version, previous the one that served before it.
+    ctx.tracker.set_alias(name, CHAMPION, number)
+    ctx.tracker.set_alias(name, PREVIOUS, served_before)
     _prune(root, keep={str(release), before["release"] if before else ""})
-    log.info("version %s serves on http://%s (gRPC %s) and answers as the pipeline does", number,
-             server.url, server.grpc_url)
-    return StageResult(metrics={"deployed_version": int(number), "load_and_smoke_seconds": seconds})
+    log.info("version %s serves on http://%s (gRPC %s) and answers as the pipeline does (loaded in %.1f s)",
+             number, server.url, server.grpc_url, load_seconds)
+    return StageResult(metrics={"deployed_version": int(number), "load_seconds": load_seconds,
+                                "load_and_smoke_seconds": seconds})
 
 
-def _smoke_test(package, server: LocalServer, ensemble: str, version: str, smoke):
-    """The server's answers for a few packaged test histories must be the pipeline's own. The pipeline's
-    answers are computed first: a package that does not load here never reaches the server."""
+def _aliases_after_failure(ctx: Context, name: str, number: str, serving: dict | None) -> None:
+    """The failed version gets alias `failed`; champion and previous go back to what serves and what
+    served before it (neither ever names a version that failed)."""
+    serving = serving if serving is not None and serving["model"] == name else None
+    ctx.tracker.set_alias(name, "failed", number)
+    ctx.tracker.set_alias(name, CHAMPION, serving["version"] if serving else None)
+    ctx.tracker.set_alias(name, PREVIOUS, serving.get("previous") if serving else None)
+    log.warning("alias champion -> %s, failed -> version %s",
+                f"version {serving['version']} (it serves)" if serving else "none (nothing serves)", number)
+
+
+def _smoke_test(package, server: LocalServer, version: str, smoke):
+    """check(model): the model's answers for a few packaged test histories must be the pipeline's own. The
+    pipeline's answers are computed first: a package that does not load here never reaches the server."""
     predict = package.load()
     examples = package.examples[: smoke.examples]
     if not examples:
         raise PipelineError("the package holds no test histories for the smoke test; promote it again")
     expected = [package.recommend(predict, history, smoke.k) for history in examples]
 
-    def check() -> None:
-        client = GenrecClient(server.url, ensemble)
+    def check(model: str) -> None:
+        client = GenrecClient(server.url, model)
         try:
             for history, (ids, scores) in zip(examples, expected):
                 answer = client.recommend(history, smoke.k)
                 if answer.model_version != str(version):
-                    raise PipelineError(f"smoke test: version {answer.model_version} answered, not {version}")
+                    raise PipelineError(f"smoke test of {model}: version {answer.model_version} answered, not {version}")
                 problem = mismatch(answer, ids, scores, smoke.atol)
                 if problem:
-                    raise PipelineError(f"smoke test: the server's answer differs from the pipeline's: {problem}")
+                    raise PipelineError(f"smoke test of {model}: the server's answer differs from the pipeline's: {problem}")
         finally:
             client.close()
 

@@ -5,6 +5,7 @@ The graph answers like every variant: inputs (history [B, L], lengths [B]) -> ou
 scores [B, K]), in that order. Requests queued together by the dynamic batcher run as one batch.
 """
 import json
+import time
 from pathlib import Path
 
 import numpy as np
@@ -15,6 +16,7 @@ from genrec_common import from_triton, to_triton
 
 class TritonPythonModel:
     def initialize(self, args):
+        start = time.perf_counter()
         params = {k: v["string_value"] for k, v in json.loads(args["model_config"])["parameters"].items()}
         here = Path(args["model_repository"]) / args["model_version"]
         spec = json.loads((here / "variant.json").read_text())
@@ -26,6 +28,8 @@ class TritonPythonModel:
         self.session = ort.InferenceSession(str(here / spec["artifact"]), options, providers=providers)
         self.inputs = [i.name for i in self.session.get_inputs()[:2]]
         self.max_k = int(params["max_k"])
+        pb_utils.Logger.log_info(f"{args['model_name']}: {spec['name']} loaded in {time.perf_counter() - start:.1f} s "
+                                 f"({self.session.get_providers()[0]})")
 
     def execute(self, requests):
         history = [from_triton(pb_utils.get_input_tensor_by_name(r, "HISTORY")) for r in requests]

@@ -2,21 +2,42 @@
 whatever pipeline.variants knows), so the server answers exactly as validate measured it.
 
 Needs this project importable by the stub's Python: the local server names it in PYTHONPATH.
-Requests queued together by the dynamic batcher run as one batch.
+Requests queued together by the dynamic batcher run as one batch. initialize() calls the variant once per
+batch shape (1 and >1) so that whatever compiles at the first call (torch.compile: a hit in Inductor's
+on-disk caches the pipeline filled, when they are shared) does so while the model loads, never under a
+request.
 """
 import json
+import locale
 import os
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
-import torch
-import triton_python_backend_utils as pb_utils
-from genrec_common import from_triton, to_triton
 
 
+def _utf8_locale() -> None:
+    """The stub's Python starts isolated: no UTF-8 mode and no locale from the environment, so with no
+    locale set its default text encoding is ASCII, and Inductor reads its UTF-8 code templates with it
+    (UnicodeDecodeError at load). open() asks the C locale each time: a UTF-8 one fixes it."""
+    if locale.getpreferredencoding(False).lower().replace("-", "") == "utf8":
+        return
+    for name in ("C.UTF-8", "C.utf8", "en_US.UTF-8"):
+        try:
+            locale.setlocale(locale.LC_CTYPE, name)
+            return
+        except locale.Error:
+            continue
+
+
+_utf8_locale()
 # The stub's Python ignores the environment (sys.flags.ignore_environment), PYTHONPATH included.
 sys.path[:0] = [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p and p not in sys.path]
+
+import torch  # noqa: E402  (after the locale: torch._inductor reads files at import)
+import triton_python_backend_utils as pb_utils  # noqa: E402
+from genrec_common import from_triton, to_triton  # noqa: E402
 
 
 class TritonPythonModel:
@@ -31,7 +52,19 @@ class TritonPythonModel:
         gpu = args["model_instance_kind"] == "GPU"
         self.device = torch.device(f"cuda:{args['model_instance_device_id']}" if gpu else "cpu")
         torch.set_num_threads(int(params["threads"]))
+        start = time.perf_counter()
         self.predict = load_variant(Variant(**spec), self.device, int(params["max_k"]))
+        self._warm(int(params["max_len"]))
+        pb_utils.Logger.log_info(f"{args['model_name']}: {spec['name']} loaded and warmed in "
+                                 f"{time.perf_counter() - start:.1f} s on {self.device}")
+
+    def _warm(self, max_len: int) -> None:
+        for batch in (1, 2):
+            history = torch.ones(batch, max_len, dtype=torch.int64, device=self.device)
+            with torch.inference_mode():
+                self.predict(history, torch.ones(batch, dtype=torch.int64, device=self.device), None)
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
 
     def execute(self, requests):
         history = [from_triton(pb_utils.get_input_tensor_by_name(r, "HISTORY")) for r in requests]
