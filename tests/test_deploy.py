@@ -4,6 +4,7 @@ bad requests get clear errors while the server keeps serving; a release that fai
 raising or its stub killed) or to answer correctly never replaces the serving one; a server killed during
 a deploy comes back on the last good release; the aliases follow what serves."""
 import os
+import re
 import socket
 import subprocess
 import sys
@@ -50,7 +51,15 @@ def _free_ports(count: int) -> list[int]:
 
 
 @pytest.fixture(scope="module")
-def env(tmp_path_factory):
+def no_locale():
+    """Everything of this module, the server included, runs with no locale set, as in a bare shell."""
+    saved = {k: os.environ.pop(k) for k in ("LANG", "LC_ALL", "LC_CTYPE") if k in os.environ}
+    yield
+    os.environ.update(saved)
+
+
+@pytest.fixture(scope="module")
+def env(tmp_path_factory, no_locale):
     _require_triton()
     tmp = tmp_path_factory.mktemp("deploy")
     http, grpc, metrics = _free_ports(3)
@@ -155,16 +164,20 @@ def _broken_release(env, tmp_path, version: int, sabotage: str) -> Path:
     write_repository(read_package(Path(deployed(server.root)["package"])), cfg.serving, release, version, "local")
     model = release / f"genrec_v{version}_engine" / str(version) / "model.py"
     text = model.read_text()
-    model.write_text(text.replace("        from pipeline.core import Variant\n",
-                                  f"        {sabotage}\n        from pipeline.core import Variant\n", 1))
+    model.write_text(text.replace("    def initialize(self, args):\n",
+                                  f"    def initialize(self, args):\n        {sabotage}\n", 1))
     assert sabotage in model.read_text()
     compile_python(model.parent)
     return release
 
 
 def _serves_version_1(env) -> None:
-    client, server = env[4], env[3]
-    answer = client.recommend([3, 4, 5], 5)
+    server = env[3]
+    client = GenrecClient(server.url, timeout_s=30)  # a new connection: the server may have been restarted
+    try:
+        answer = client.recommend([3, 4, 5], 5)
+    finally:
+        client.close()
     assert answer.model_version == "1" and answer.item_ids.shape == (5,)
     assert sorted(p.name for p in server.repository.iterdir()) == [
         "genrec", "genrec_v1", "genrec_v1_engine", "genrec_v1_postprocess", "genrec_v1_preprocess"]
@@ -212,6 +225,8 @@ def test_server_that_dies_during_a_deploy_comes_back_on_the_last_good_release(en
                                          r"on version 1"):
         rollout(server, "genrec", release, "7", smoke=lambda model: None, timeout_s=120, label="version 7")
     assert server.pid() not in (None, pid)
+    # The stub that killed its server was busy loading and outlived it; the restart stopped it.
+    assert not server.leftover_stubs()
     _serves_version_1(env)
 
 
@@ -246,3 +261,25 @@ def test_failed_smoke_test_rolls_back_then_second_deploy_moves_champion(env):
     assert code == 0, output
     assert client.recommend([3, 4, 5], 5).model_version == "1"
     assert (alias("champion"), alias("previous")) == ("1", "2")
+
+
+@pytest.fixture(scope="module")
+def compiled_run(env):
+    """The first run's checkpoint compiled once: the CPU's torch.compile entry and an AOTInductor package."""
+    source = env[5].get_model_version("genrec", "1").tags["source_run"]
+    code, output = _pipeline(env, "stage=[compile,validate]", f"from_run={source}", "compile.aoti.devices=[cpu]")
+    assert code == 0, output
+    return re.search(r"run ([0-9a-f]{32}): stages", output).group(1)
+
+
+@pytest.mark.parametrize("backend", ["inductor", "aoti"])  # onnxruntime and eager: the tests above
+def test_champion_of_each_backend_deploys_and_answers_as_the_pipeline(env, compiled_run, backend):
+    tmp, args, _, server, _, registry = env
+    code, output = _pipeline(env, "stage=[promote,deploy]", f"from_run={compiled_run}", f"promote.backends=[{backend}]")
+    assert code == 0, output
+    version = deployed(server.root)["version"]
+    assert registry.get_model_version("genrec", version).tags["backend"] == backend
+    out = subprocess.run([sys.executable, "-m", "pipeline.client", "--check", "--example", "2", *args],
+                         cwd=tmp, env={**os.environ, "PYTHONPATH": str(ROOT)}, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0 and "MATCH" in out.stdout, out.stdout + out.stderr
+    assert f'"model_version": "{version}"' in out.stdout

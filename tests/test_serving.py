@@ -86,7 +86,9 @@ def test_local_repository_is_an_ensemble_of_three_python_models(tmp_path):
     assert json.loads((engine_dir / "variant.json").read_text())["artifact"] == "model.pt"
     assert (engine_dir / "model.pt").read_bytes() == b"weights"
     for step in ("genrec_v7_preprocess", "genrec_v7_postprocess"):
-        assert {p.name for p in (folders[step] / "7").iterdir()} == {"model.py", "genrec_common.py", "item_ids.npy"}
+        assert {p.name for p in (folders[step] / "7").iterdir()} == {"model.py", "genrec_common.py", "item_ids.npy",
+                                                                "__pycache__"}
+        assert len(list((folders[step] / "7" / "__pycache__").glob("*.pyc"))) == 2  # the stub writes none
     assert (folders["genrec"] / "7").is_dir()
 
 

@@ -210,6 +210,9 @@ class LocalServer:
         if self.is_live():
             raise ServerError(f"something already answers on {self.url}; `make stop` it or choose serving.http_port")
         self.repository.mkdir(parents=True, exist_ok=True)
+        for pid in self.leftover_stubs():
+            log.warning("stopping python backend stub %d, left running by a server of %s that died", pid, self.root)
+            os.kill(pid, signal.SIGKILL)
         with open(self.log_file, "ab") as out:
             process = subprocess.Popen(self.command(install), env=self.environment(install), cwd=self.root,
                                        stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT,
@@ -240,6 +243,23 @@ class LocalServer:
         except OSError:
             return None
         return pid if cmdline.endswith(b"tritonserver") else None
+
+    def leftover_stubs(self) -> list[int]:
+        """Python backend stubs of this folder's repository whose server is gone. A stub busy loading a model
+        when its server dies keeps running, and holds the dead server's sockets: clients of the next server
+        on the same ports then wait on connections nobody answers."""
+        found = []
+        for proc in Path("/proc").iterdir():
+            try:
+                argv = (proc / "cmdline").read_bytes().split(b"\0")
+                parent = (proc / "stat").read_text().rsplit(")", 1)[1].split()[1]
+                parent_cmd = Path(f"/proc/{parent}/cmdline").read_bytes().split(b"\0")[0]
+            except (OSError, IndexError):
+                continue
+            if (len(argv) > 1 and argv[0].endswith(b"triton_python_backend_stub")
+                    and argv[1].startswith(bytes(self.repository) + b"/") and not parent_cmd.endswith(b"tritonserver")):
+                found.append(int(proc.name))
+        return found
 
     def stop(self) -> bool:
         """Stops the server this folder started (by its pid); -> whether one was running."""
