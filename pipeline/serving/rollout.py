@@ -15,6 +15,7 @@ from __future__ import annotations
 import json
 import logging
 import shutil
+import threading
 import time
 from pathlib import Path
 from typing import Any, Callable
@@ -126,13 +127,28 @@ def _client(server: LocalServer, timeout_s: float):
 
 def _load(server: LocalServer, names: list[str], timeout_s: float) -> None:
     """Loads each model in turn. An ensemble loads its steps itself, all at once (steps loaded one by one
-    beforehand would be loaded a second time); a step that fails fails its ensemble's load."""
+    beforehand would be loaded a second time); a step that fails fails its ensemble's load. The server is
+    watched meanwhile: when it dies, a stub it leaves behind holds its sockets and the call would wait out
+    its whole timeout."""
     for name in names:
-        client = _client(server, timeout_s)
-        try:
-            client.load_model(name)
-        finally:
-            client.close()
+        done, failure = threading.Event(), []
+
+        def load(model: str = name) -> None:
+            client = _client(server, timeout_s)
+            try:
+                client.load_model(model)
+            except Exception as err:  # re-raised below, in the deploy's thread
+                failure.append(err)
+            finally:
+                client.close()
+                done.set()
+
+        threading.Thread(target=load, daemon=True).start()
+        while not done.wait(0.5):
+            if server.pid() is None:
+                raise PipelineError(f"the server died while loading {name}:\n{server.log_tail(10)}")
+        if failure:
+            raise failure[0]
 
 
 def _unload(server: LocalServer, names: list[str], timeout_s: float) -> None:
