@@ -246,16 +246,13 @@ class Tracker:
         return max(found, key=lambda v: int(v.version), default=None)
 
     def make_champion(self, name: str, version: str) -> str | None:
-        """Alias `champion` -> version. The former champion becomes `previous` only if it serves (deploy tagged
-        it so): `previous` names a version that served well, never one that was only promoted or whose deploy
-        failed. -> the version `previous` moved to, or None when it stayed."""
+        """Alias `champion` -> version; the former champion becomes `previous`. -> the former champion's version."""
         former = self.model_version(name, CHAMPION)
-        moved = None
-        if former is not None and str(former.version) != str(version) and former.tags.get("deploy_status") == "serving":
-            moved = str(former.version)
-            self.client.set_registered_model_alias(name, PREVIOUS, moved)
+        former = None if former is None or str(former.version) == str(version) else str(former.version)
+        if former is not None:
+            self.client.set_registered_model_alias(name, PREVIOUS, former)
         self.client.set_registered_model_alias(name, CHAMPION, str(version))
-        return moved
+        return former
 
     def set_alias(self, name: str, alias: str, version: str | None) -> None:
         """Alias -> version; None removes the alias (nothing is true to point it at)."""

@@ -221,22 +221,20 @@ def test_missing_server_says_how_to_get_it(tmp_path):
         TritonInstall.find(tmp_path / "nothing")
 
 
-def test_previous_names_only_a_version_that_served(tmp_path):
+def test_after_a_failed_deploy_the_next_promote_keeps_the_serving_version_as_previous(tmp_path):
     from pipeline.tracking import Tracker
 
-    cfg = _cfg(tmp_path)
-    tracker = Tracker(cfg.mlflow, tmp_path / "artifacts")
+    tracker = Tracker(_cfg(tmp_path).mlflow, tmp_path / "artifacts")
     tracker.client.create_registered_model("genrec")
-    for _ in range(4):
+    for _ in range(3):
         tracker.client.create_model_version("genrec", source=(tmp_path / "pkg").as_uri())
     aliases = lambda: {a: str(v) for a, v in tracker.client.get_registered_model("genrec").aliases.items()}  # noqa: E731
-    assert tracker.make_champion("genrec", "1") is None and aliases() == {"champion": "1"}
-    assert tracker.make_champion("genrec", "2") is None  # version 1 was promoted, never served
-    assert aliases() == {"champion": "2"}
-    tracker.set_model_version_tags("genrec", "2", {"deploy_status": "serving"})
-    assert tracker.make_champion("genrec", "3") == "2" and aliases() == {"champion": "3", "previous": "2"}
-    tracker.set_alias("genrec", "champion", "2")  # deploy of 3 failed: champion back on what serves
-    tracker.set_model_version_tags("genrec", "3", {"deploy_status": "rolled_back"})
-    assert tracker.make_champion("genrec", "4") == "2" and aliases() == {"champion": "4", "previous": "2"}
+    tracker.make_champion("genrec", "1")
+    tracker.make_champion("genrec", "2")
+    # What deploy does when version 2 fails while version 1 serves (and nothing served before 1):
+    tracker.set_alias("genrec", "failed", "2")
+    tracker.set_alias("genrec", "champion", "1")
     tracker.set_alias("genrec", "previous", None)
-    assert aliases() == {"champion": "4"}
+    assert aliases() == {"champion": "1", "failed": "2"}
+    tracker.make_champion("genrec", "3")
+    assert aliases() == {"champion": "3", "previous": "1", "failed": "2"}
