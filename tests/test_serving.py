@@ -108,6 +108,35 @@ def _tiny_onnx(path: Path, k: int = 20) -> Path:
     return path
 
 
+def test_dynamic_batching_can_be_turned_off(tmp_path):
+    checkpoint = tmp_path / "model.pt"
+    checkpoint.write_bytes(b"weights")
+    package = _package(tmp_path, Variant("eager-fp32", "eager", "fp32", str(checkpoint), "train"))
+    cfg = _cfg(tmp_path, "serving.dynamic_batching.enabled=false")
+    engine = _configs(write_repository(package, cfg.serving, tmp_path / "repo", 1, "local"))["genrec_v1_engine"]
+    assert not engine.HasField("dynamic_batching")
+
+
+def test_the_pipelines_own_answer_is_computed_on_the_engines_device(tmp_path, monkeypatch):
+    from pipeline.serving import repository, server
+
+    checkpoint = tmp_path / "model.pt"
+    checkpoint.write_bytes(b"weights")
+    options = {"mode": "max-autotune-no-cudagraphs", "kernels": "triton", "cuda_graph": True}
+    package = _package(tmp_path, Variant("inductor-max-autotune-graph-triton-fp16", "inductor", "fp16",
+                                         str(checkpoint), "compile", options))
+    monkeypatch.setattr(server, "cuda_available", lambda: False)
+    with pytest.raises(PipelineError, match="cannot be served on the CPU"):
+        repository.engine_device(package, "auto")
+    monkeypatch.setattr(server, "cuda_available", lambda: True)  # the GPU host where this broke deploy
+    assert repository.engine_device(package, "auto").type == "cuda"
+    made_on_cpu = write_package(tmp_path / "cpu", Variant("eager-fp32", "eager", "fp32", str(checkpoint), "train"),
+                                model_config={"name": "hstu", "max_len": 8}, top_k=20, raw_item_ids=RAW,
+                                examples=[[10, 20]], info={"metrics": {}, "fingerprint": {"cuda": "none"}})
+    assert repository.engine_device(made_on_cpu, "auto").type == "cpu"
+    assert repository.engine_device(made_on_cpu, "KIND_GPU").type == "cuda"
+
+
 def test_production_onnxruntime_engine_uses_the_graphs_names(tmp_path):
     model = _tiny_onnx(tmp_path / "retriever-fp32.onnx")
     package = _package(tmp_path, Variant("onnxruntime-fp32", "onnxruntime", "fp32", str(model), "onnx"))

@@ -126,7 +126,10 @@ def main() -> int:
     print(json.dumps({"history": history, "k": args.k, "model_version": answer.model_version,
                       "item_ids": answer.item_ids.tolist(), "scores": [round(float(s), 6) for s in answer.scores]}))
     if args.check:
-        want_ids, want_scores = package.recommend(package.load(), history, args.k)
+        from pipeline.serving.repository import engine_device
+
+        device = engine_device(package, cfg.serving.instance_group.kind)
+        want_ids, want_scores = package.recommend(package.load(device), history, args.k, device)
         problem = mismatch(answer, want_ids, want_scores, cfg.deploy.smoke.atol)
         print(f"pipeline: {want_ids.tolist()}\n" + ("MATCH: the server answers as the pipeline does" if problem is None
                                                      else f"MISMATCH: {problem}"))

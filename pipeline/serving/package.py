@@ -53,10 +53,13 @@ class Package:
         return load_variant(self.variant, device, self.top_k)
 
     @torch.no_grad()
-    def recommend(self, predict: Callable, history: list[int], k: int) -> tuple[np.ndarray, np.ndarray]:
-        """The pipeline's own answer for one raw history: (raw item ids [k], scores [k])."""
+    def recommend(self, predict: Callable, history: list[int], k: int,
+                  device: torch.device = torch.device("cpu")) -> tuple[np.ndarray, np.ndarray]:
+        """The pipeline's own answer for one raw history, from a variant loaded on `device`:
+        (raw item ids [k], scores [k])."""
         padded, lengths = pad(self.vocabulary.encode(np.asarray([history])), self.max_len)
-        ids, scores = predict(torch.from_numpy(padded), torch.from_numpy(lengths).reshape(-1), None)
+        ids, scores = predict(torch.from_numpy(padded).to(device), torch.from_numpy(lengths).reshape(-1).to(device),
+                              None)
         return self.vocabulary.decode(ids[0, :k].cpu().numpy()), scores[0, :k].float().cpu().numpy()
 
 

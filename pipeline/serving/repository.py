@@ -98,6 +98,17 @@ def instance_kind(package: Package, kind: str, target: str, cuda_here: bool) -> 
     return kind
 
 
+def engine_device(package: Package, kind: str, target: str = "local") -> "torch.device":
+    """The device the engine's instances run the variant on: the pipeline's own answer, which the server's is
+    compared with, is computed there too (a CUDA-only variant has no CPU answer)."""
+    import torch
+
+    from pipeline.serving.server import cuda_available
+
+    gpu = instance_kind(package, kind, target, cuda_available()) == "KIND_GPU" and cuda_available()
+    return torch.device("cuda" if gpu else "cpu")
+
+
 def choose_engine(package: Package, target: str, max_k: int) -> Engine:
     if target not in TARGETS:
         raise PipelineError(f"unknown deploy.target '{target}'; valid choices: {', '.join(TARGETS)}")
@@ -244,8 +255,10 @@ def _engine(scfg: DictConfig, name: str, engine: Engine, package: Package, kind:
     for io in engine.outputs:
         _add(config.output, io)
     batching = scfg.dynamic_batching
-    config.dynamic_batching.preferred_batch_size[:] = [b for b in batching.preferred_batch_size if b <= scfg.max_batch_size]
-    config.dynamic_batching.max_queue_delay_microseconds = batching.max_queue_delay_microseconds
+    if batching.enabled:  # else each request runs alone as it arrives (the engine still takes batched requests)
+        config.dynamic_batching.preferred_batch_size[:] = [b for b in batching.preferred_batch_size
+                                                           if b <= scfg.max_batch_size]
+        config.dynamic_batching.max_queue_delay_microseconds = batching.max_queue_delay_microseconds
     config.instance_group.add(kind=mc.ModelInstanceGroup.Kind.Value(kind), count=scfg.instance_group.count)
     config.parameters["max_k"].string_value = str(scfg.max_k)
     config.parameters["max_len"].string_value = str(package.max_len)

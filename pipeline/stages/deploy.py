@@ -20,7 +20,7 @@ from pathlib import Path
 from pipeline.core import Context, PipelineError, StageResult
 from pipeline.serving.client import GenrecClient, mismatch
 from pipeline.serving.package import read_package
-from pipeline.serving.repository import write_repository
+from pipeline.serving.repository import engine_device, write_repository
 from pipeline.serving.rollout import RolledBack, deployed, record, rollout, start_on_last_good
 from pipeline.serving.server import LocalServer, cuda_available
 from pipeline.tracking import CHAMPION, PREVIOUS, host_tags
@@ -62,7 +62,7 @@ def run(ctx: Context) -> StageResult:
     elif server.pid() is None:
         raise PipelineError(f"the server on {server.url} was not started from {server.root}, so it serves another "
                             "repository; stop it (make stop with its artifacts_dir) or set serving.*_port")
-    smoke = _smoke_test(package, server, number, dcfg.smoke)
+    smoke = _smoke_test(package, server, number, dcfg.smoke, engine_device(package, scfg.instance_group.kind))
     start = time.perf_counter()
     try:
         load_seconds = rollout(server, scfg.model_name, staging, number, smoke, dcfg.load_timeout_s,
@@ -109,14 +109,15 @@ def _aliases_after_failure(ctx: Context, name: str, number: str, serving: dict |
                 f"version {serving['version']} (it serves)" if serving else "none (nothing serves)", number)
 
 
-def _smoke_test(package, server: LocalServer, version: str, smoke):
-    """check(model): the model's answers for a few packaged test histories must be the pipeline's own. The
-    pipeline's answers are computed first: a package that does not load here never reaches the server."""
-    predict = package.load()
+def _smoke_test(package, server: LocalServer, version: str, smoke, device):
+    """check(model): the model's answers for a few packaged test histories must be the pipeline's own,
+    computed on the engine's device. The pipeline's answers come first: a package that does not load here
+    never reaches the server."""
+    predict = package.load(device)
     examples = package.examples[: smoke.examples]
     if not examples:
         raise PipelineError("the package holds no test histories for the smoke test; promote it again")
-    expected = [package.recommend(predict, history, smoke.k) for history in examples]
+    expected = [package.recommend(predict, history, smoke.k, device) for history in examples]
 
     def check(model: str) -> None:
         client = GenrecClient(server.url, model)
