@@ -7,6 +7,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from pipeline import PROJECT_ROOT
 from pipeline.core import PipelineError
+from pipeline.overrides import check_overrides
 from pipeline.tracking import quiet_mlflow_env
 
 OmegaConf.register_new_resolver("project_root", lambda: str(PROJECT_ROOT), replace=True)
@@ -26,4 +27,8 @@ def main(cfg: DictConfig) -> None:
 
 if __name__ == "__main__":
     quiet_mlflow_env()
+    refused = check_overrides(sys.argv[1:])
+    if refused:
+        print(f"error: {refused}", file=sys.stderr)
+        sys.exit(1)
     main()

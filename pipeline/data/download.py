@@ -142,11 +142,11 @@ def load_interactions(cfg: Any) -> Interactions:
     if name == SYNTHETIC:
         return generate_synthetic(**_synthetic_options(getattr(cfg, "synthetic", None)))
     if name not in DATASETS:
-        raise ValueError(f"unknown dataset {name!r}; valid names: {', '.join(DATASET_NAMES)}")
+        raise DataError(f"unknown dataset {name!r}; valid names: {', '.join(DATASET_NAMES)}")
     source = DATASETS[name]
     min_rating = _option(cfg, "min_rating", None)
     if min_rating is not None and source.official.sep is None:
-        raise ValueError(
+        raise DataError(
             f"min_rating={min_rating} was given, but {name} has no ratings (its files list only "
             "the items each user interacted with); set min_rating to null"
         )
@@ -324,7 +324,7 @@ def _synthetic_options(section: Any) -> dict[str, Any]:
     valid = inspect.signature(generate_synthetic).parameters
     unknown = sorted(set(options) - set(valid))
     if unknown:
-        raise ValueError(
+        raise DataError(
             f"unknown synthetic option(s) {', '.join(unknown)}; valid options: {', '.join(valid)}"
         )
     return {key: value for key, value in options.items() if value is not None}

@@ -160,13 +160,16 @@ def interactions_from_ratings(
             f"{name}: columns differ in length (user {len(user)}, item {len(item)}, "
             f"rating {len(rating)}, timestamp {len(timestamp)})"
         )
-    if min_rating is not None:
+    if min_rating is not None and len(rating):
         keep = rating >= min_rating
+        if not keep.any():
+            raise DataError(
+                f"{name}: no rating is >= min_rating={min_rating} (its ratings run from {rating.min()} "
+                f"to {rating.max()}); lower min_rating or set it to null"
+            )
         user, item, timestamp = user[keep], item[keep], timestamp[keep]
     if len(user) == 0:
-        raise ValueError(
-            f"{name}: no rating is >= min_rating={min_rating}; lower min_rating or set it to None"
-        )
+        raise DataError(f"{name}: no ratings")
     by_time = np.argsort(timestamp, kind="stable")
     order = by_time[np.argsort(user[by_time], kind="stable")]
     user, item, timestamp = user[order], item[order], timestamp[order]

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from pipeline.data.readers import Interactions
+from pipeline.data.readers import DataError, Interactions
 
 logger = logging.getLogger(__name__)
 
@@ -85,7 +85,7 @@ def leave_one_out(interactions: Interactions, max_len: int) -> Splits:
             len(counts),
         )
     if len(kept) == 0:
-        raise ValueError(
+        raise DataError(
             f"{interactions.name}: no user has the 3 interactions leave-one-out needs "
             "(train, valid and test); use a dataset with longer histories"
         )

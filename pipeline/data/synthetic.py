@@ -17,7 +17,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from pipeline.data.readers import Interactions
+from pipeline.data.readers import DataError, Interactions
 
 _GLOBAL_DRAW_P = 0.1  # share of non-successor draws that ignore the user's cluster
 _START_TIME = 1_600_000_000  # 2020-09-13, unix seconds
@@ -94,7 +94,7 @@ def _check_arguments(
     if not 0 <= markov_p <= 1:
         problems.append(f"markov_p={markov_p} is a probability and must be in [0, 1]")
     if problems:
-        raise ValueError("generate_synthetic: " + "; ".join(problems))
+        raise DataError("generate_synthetic: " + "; ".join(problems))
 
 
 def _make_world(
