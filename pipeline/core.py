@@ -3,10 +3,11 @@ from __future__ import annotations
 
 import hashlib
 import json
-from collections.abc import Iterable
+import logging
+from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING, Any, Literal, TypeVar
 
 import torch
 
@@ -14,6 +15,9 @@ if TYPE_CHECKING:  # annotations only: the GPU bench imports this without omegac
     from omegaconf import DictConfig
 
     from pipeline.catalogue import VariantSpec
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 STAGE_ORDER = ("train", "compile", "trt", "onnx", "int8", "validate", "promote", "deploy")
 PRECISIONS = ("fp32", "fp16", "bf16", "int8")
@@ -24,6 +28,10 @@ class PipelineError(RuntimeError):
     """An error a user can fix: bad config, missing input. Printed without a traceback."""
 
     exit_code = 1
+
+
+class ConfigError(PipelineError):
+    """Bad input the user must fix: it stops the stage even inside one variant's build (build_variant)."""
 
 
 class StageUnavailable(PipelineError):
@@ -136,6 +144,29 @@ class Context:
         if not Path(path).exists():
             raise PipelineError(f"'{name}' recorded at {path} but the file is gone; run stage=train again")
         return Path(path)
+
+
+def failure_reason(err: BaseException, limit: int = 300) -> str:
+    """'ExceptionType: first line of the message', short enough for a table cell and an MLflow tag."""
+    lines = str(err).strip().splitlines()
+    text = f"{type(err).__name__}: {lines[0]}" if lines else type(err).__name__
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def build_variant(ctx: Context, name: str, failures: dict[str, str], build: Callable[[], T],
+                  tags: dict[str, str] | None = None) -> T | None:
+    """build() for one variant (build it, check it, load it), or None when it raises: the reason goes to
+    failures[name], the log and a FAILED nested MLflow run `variant:<name>`, and the stage goes on with its
+    other variants. A ConfigError still stops the stage: it is the user's to fix, not the variant's."""
+    try:
+        return build()
+    except ConfigError:
+        raise
+    except Exception as err:  # whatever a backend raises: one variant's failure is not the run's
+        failures[name] = failure_reason(err)
+        log.warning("%s failed; the run goes on without it: %s", name, err)
+        ctx.tracker.record_failed_variant(name, failures[name], tags or {})
+        return None
 
 
 def file_digest(paths: Iterable[Path], algorithm: str = "sha256") -> str:

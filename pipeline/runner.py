@@ -57,6 +57,8 @@ def check_config(cfg: DictConfig) -> None:
         raise PipelineError(f"unknown device '{cfg.device}'; valid choices: {', '.join(DEVICES)}")
     if not isinstance(cfg.seed, int):
         raise PipelineError(f"seed must be an integer, got {cfg.seed!r}")
+    if not isinstance(cfg.strict, bool):
+        raise PipelineError(f"strict must be true or false, got {cfg.strict!r}")
     for precision in PRECISIONS:
         gate_for(cfg.gates, precision)  # a gate with an unknown part is refused before anything runs
 
@@ -95,9 +97,10 @@ def run_pipeline(cfg: DictConfig) -> int:
         ctx = Context(cfg=cfg, device=device, run_dir=run_dir, manifest=manifest, tracker=tracker)
         log.info("run %s: stages %s on %s; artifacts in %s", parent.info.run_id, stages, device, run_dir)
 
-        exit_code = 0
+        exit_code, failed = 0, {}
         for name in stages:
             result = _run_stage(name, ctx, by_name)
+            failed.update(result.failures)
             manifest.record(name, result)
             manifest.save(run_dir / MANIFEST_FILE)
             tracker.log_artifact(run_dir / MANIFEST_FILE)
@@ -107,11 +110,28 @@ def run_pipeline(cfg: DictConfig) -> int:
                 exit_code = StageUnavailable.exit_code if by_name else 1
                 log.error("stage %s failed: %s", name, result.reason)
                 break
+        if failed:
+            tracker.set_tags({"failed_variants": _listing(failed)})
+            exit_code = exit_code or _report_failed_variants(failed, bool(cfg.strict))
         tracker.set_tags({"status": "ok" if exit_code == 0 else "failed"})
     if exit_code:
         # The parent run is closed as FINISHED by MLflow's context manager; mark it failed for the UI.
         tracker.client.set_terminated(parent.info.run_id, status="FAILED")
     return exit_code
+
+
+def _listing(failed: dict[str, str]) -> str:
+    """name: reason; ... as an MLflow tag holds it."""
+    return "; ".join(f"{name}: {why}" for name, why in failed.items())[:5000]
+
+
+def _report_failed_variants(failed: dict[str, str], strict: bool) -> int:
+    """The variants this invocation could not build or load, once at the end. -> the exit code they ask for:
+    1 with strict=true, else 0 (the run went on without them)."""
+    report = log.error if strict else log.warning
+    report("%d variant(s) failed and were left out%s: %s", len(failed),
+           " (strict=true: exit 1)" if strict else " (strict=true makes this exit 1)", _listing(failed))
+    return 1 if strict else 0
 
 
 def _starting_manifest(cfg: DictConfig, stages: list[str], tracker: Tracker, key: str) -> Manifest:
@@ -161,6 +181,8 @@ def _run_stage(name: str, ctx: Context, by_name: bool) -> StageResult:
         tags = {"status": result.status}
         if result.reason:
             tags["skip_reason" if result.status == "skipped" else "reason"] = result.reason
+        if result.failures:
+            tags["failed_variants"] = _listing(result.failures)
         tracker.set_tags(tags)
         for artifact in result.artifacts.values():
             if Path(artifact).exists():

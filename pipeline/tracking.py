@@ -132,6 +132,15 @@ class Tracker:
                 self.parent_run_id = active.info.run_id
             yield active
 
+    def record_failed_variant(self, name: str, reason: str, tags: dict[str, str]) -> None:
+        """A FAILED nested run `variant:<name>` for a variant that could not be built, checked or loaded,
+        tagged status=failed, reason, and the stage of the run it nests under."""
+        active = self.mlflow.active_run()
+        stage = active.data.tags.get("stage", "") if active is not None else ""
+        self.mlflow.start_run(run_name=f"variant:{name}", nested=True, tags={
+            "variant": name, "stage": stage, **tags, "status": "failed", "reason": reason})
+        self.mlflow.end_run(status="FAILED")
+
     @property
     def active_run_id(self) -> str:
         return self.mlflow.active_run().info.run_id

@@ -11,7 +11,7 @@ import torch
 
 from pipeline.catalogue import DTYPES, build
 from pipeline.checkpoint import load_checkpoint
-from pipeline.core import PipelineError, Variant
+from pipeline.core import ConfigError, PipelineError, Variant
 from pipeline.integrity import verify_digest
 
 Loader = Callable[[Variant, torch.device, int], Callable]
@@ -56,7 +56,7 @@ def _load_aoti(variant: Variant, device: torch.device, top_k: int) -> Callable:
     from pipeline.export.inductor import AotiRetriever
 
     if variant.options.get("top_k", top_k) != top_k:
-        raise PipelineError(f"{variant.name} answers top-{variant.options['top_k']}, asked for top-{top_k}: "
+        raise ConfigError(f"{variant.name} answers top-{variant.options['top_k']}, asked for top-{top_k}: "
                             "set compile.top_k and validate.top_k alike")
     return AotiRetriever(variant.artifact, device, bool(variant.options.get("uses_timestamps", False)))
 

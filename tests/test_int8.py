@@ -231,7 +231,8 @@ def test_stage_builds_int8_variants_and_a_variant_built_to_fail_is_never_promote
     assert runs["variant:onnxruntime-fp32"].data.metrics["gate_min_topk_overlap"] == 0.99
 
     # The same model and data with a cache whose ranges are absurd: reused as given, the variant fails the
-    # quick check of its gate in the int8 stage, and nothing of it reaches validate or promote.
+    # quick check of its gate in the int8 stage; the run goes on without it (validate lists it as failed)
+    # and promote never takes it.
     run_dir = next((artifacts / "runs").glob("*/int8")).parent
     raw = json.loads((run_dir / "int8" / "calibration-onnx_qdq.json").read_text())
     raw["ranges"] = {name: [lo * 1e-3, hi * 1e-3] for name, (lo, hi) in raw["ranges"].items()}
@@ -240,11 +241,13 @@ def test_stage_builds_int8_variants_and_a_variant_built_to_fail_is_never_promote
     second = run_pipeline([*common, "stage=[int8,validate,promote]", f"from_run={run_dir.name}",
                            f"int8.calibration.cache={absurd}", "int8.sensitivity.enabled=false"], cwd=tmp_path)
     output = second.stdout + second.stderr
-    assert second.returncode == 1, output
+    assert second.returncode == 0, output
     assert re.search(r"onnxruntime-int8: against fp32 eager on \d+ test users, top-K overlap 0\.\d+ < 0\.97 "
                      r"\(gates\.int8\.min_topk_overlap\)", output), output
-    assert not any(p.parent.name != run_dir.name for p in (artifacts / "runs").glob("*/validate_variants.json")
-                   if "onnxruntime-int8" in p.read_text())
+    (results,) = [json.loads(p.read_text()) for p in (artifacts / "runs").glob("*/validate_variants.json")
+                  if p.parent.name != run_dir.name]
+    (failed,) = [r for r in results if r["variant"]["name"] == "onnxruntime-int8"]
+    assert failed["failed"] and not failed["gate_passed"] and failed["gate_reason"].startswith("failed in int8: ")
     assert [v.tags["source_run"] for v in client.search_model_versions("name = 'genrec'")] == [run_dir.name]
     runs = client.search_runs([experiment], filter_string="attributes.run_name = 'int8'", order_by=["attributes.start_time DESC"])
     assert runs[0].data.tags["calibration_cache_onnx_qdq"] == f"reused {absurd}"

@@ -3,7 +3,9 @@ loads and runs without the model's Python code."""
 from __future__ import annotations
 
 import functools
+import logging
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -11,7 +13,7 @@ import textwrap
 import time
 from contextlib import ExitStack, contextmanager
 from pathlib import Path
-from typing import Callable, Iterator
+from typing import Callable, Iterator, NamedTuple
 
 import torch
 from torch import nn
@@ -22,6 +24,8 @@ from pipeline.core import PipelineError
 from pipeline.kernels import dispatch
 from pipeline.export import ShapeRange, export_program, input_names
 from pipeline.integrity import write_digest
+
+log = logging.getLogger(__name__)
 
 
 class CompiledRetriever:
@@ -174,12 +178,83 @@ class CapturedCalls:
         return graph, inputs, outputs
 
 
+class AotiPackage(NamedTuple):
+    path: Path        # the .pt2 package
+    seconds: float    # to export and compile it (the build kept, when it was rebuilt)
+    cxx: str          # the C++ compiler that built it
+
+
 def package_aoti(retriever: nn.Module, path: Path, batch: ShapeRange, history: ShapeRange,
-                 device: torch.device) -> tuple[Path, float]:
-    """-> (the .pt2 package, seconds to export and compile). Dynamic batch and history length."""
+                 device: torch.device) -> AotiPackage:
+    """Dynamic batch and history length."""
     start = time.perf_counter()
     program = export_program(retriever, batch, history, device)
+    exported = time.perf_counter() - start
+    package = package_program(program, path, device)
+    write_digest(package.path)
+    return package._replace(seconds=exported + package.seconds)
+
+
+def package_program(program, path: Path, device: torch.device) -> AotiPackage:
+    """An exported program as a .pt2 package that a fresh process loads. A package that crashes the process
+    loading it is built once more with the system's C++ compiler (rebuild_with_system_cxx)."""
     path.parent.mkdir(parents=True, exist_ok=True)
+    start = time.perf_counter()
+    out = _compile_package(program, path)
+    package = AotiPackage(out, time.perf_counter() - start, configured_cxx())
+    try:
+        _probe_load(out, device)
+    except PackageCrash as crash:
+        return rebuild_with_system_cxx(program, path, device, crash)
+    return package
+
+
+def rebuild_with_system_cxx(program, path: Path, device: torch.device, crash: PackageCrash) -> AotiPackage:
+    """Seen on a GPU host whose default CXX was a g++ wrapper with its own -B tool directory: every package it
+    linked, CPU or CUDA, one Linear layer included, crashed on load; the system g++ made good ones. So a
+    package whose loader dies by a signal is rebuilt once with the system compiler, in a fresh Inductor cache
+    (the cache keys compiled code by its source, not by the compiler); a crash again is the variant's failure."""
+    used = configured_cxx()
+    system = system_cxx(exclude=used)
+    if system is None:
+        raise crash
+    log.info("AOTInductor package crashed its loader with CXX=%s (%s); rebuilding it with %s", used,
+                crash.signal, system)
+    start = time.perf_counter()
+    with _cxx(system), _fresh_inductor_cache():
+        out = _compile_package(program, path, {"cpp.cxx": (None, system)})
+    seconds = time.perf_counter() - start
+    try:
+        _probe_load(out, device)
+    except PackageCrash as again:
+        raise PackageCrash(f"rebuilt with {system} after it crashed with CXX={used}, {again}", again.signal) from again
+    log.warning("AOTInductor package crashed its loader with CXX=%s; rebuilt with %s", used, system)
+    return AotiPackage(out, seconds, system)
+
+
+def configured_cxx() -> str:
+    """The C++ compiler Inductor builds with: its cpp.cxx setting (the CXX of the process when torch was
+    imported, else g++)."""
+    setting = torch._inductor.config.cpp.cxx
+    names = [c for c in (setting if isinstance(setting, (list, tuple)) else (setting,)) if c]
+    return names[0] if names else "g++"
+
+
+def system_cxx(exclude: str) -> str | None:
+    """The system's C++ compiler: /usr/bin/g++, else g++ on PATH, else c++, leaving out any that is (a link
+    to) `exclude`; None when there is no other."""
+    def real(name: str) -> str:
+        return os.path.realpath(shutil.which(name) or name)
+
+    excluded = real(exclude)
+    for name in ("/usr/bin/g++", "g++", "c++"):
+        found = shutil.which(name)
+        if found and real(found) != excluded:
+            return real(found) if name == "g++" else found
+    return None
+
+
+def _compile_package(program, path: Path, configs: dict | None = None) -> Path:
     try:
         # Compile-time autotuning launches each Triton kernel on synthetic inputs; the embedding's indices then
         # fall out of range and its bounds check kills the CUDA context (a device-side assert on the H200;
@@ -188,16 +263,40 @@ def package_aoti(retriever: nn.Module, path: Path, batch: ShapeRange, history: S
         # grad raises; no gradient is wanted from a package.
         with torch.no_grad():
             out = torch._inductor.aoti_compile_and_package(
-                program, package_path=str(path), inductor_configs={"triton.autotune_at_compile_time": False})
+                program, package_path=str(path),
+                inductor_configs={"triton.autotune_at_compile_time": False, **(configs or {})})
     except Exception as err:
         raise PipelineError(f"AOTInductor could not compile the retriever: {type(err).__name__}: {err}") from err
-    out, seconds = Path(out), time.perf_counter() - start
-    # Loaded once in a throwaway process first: a package linked by a mismatched C++ toolchain crashes the
-    # process that loads it (SIGSEGV), and that must be a clear error here rather than the pipeline's death.
-    _run_fresh(_LOAD_ONLY, [str(out.resolve()), "0" if device.type == "cuda" else "-1"], path.parent,
-               f"the AOTInductor package {out} does not load")
-    write_digest(out)
-    return out, seconds
+    return Path(out)
+
+
+def _probe_load(package: Path, device: torch.device) -> None:
+    """Loads the package once in a throwaway process: a package linked by a mismatched C++ toolchain crashes
+    the process that loads it (SIGSEGV), and that must be a clear error here rather than the pipeline's death."""
+    _run_fresh(_LOAD_ONLY, [str(package.resolve()), "0" if device.type == "cuda" else "-1"], package.parent,
+               f"the AOTInductor package {package} does not load")
+
+
+@contextmanager
+def _cxx(compiler: str) -> Iterator[None]:
+    """CXX set to `compiler` for what runs inside (and whatever it starts), restored after."""
+    before = os.environ.get("CXX")
+    os.environ["CXX"] = compiler
+    try:
+        yield
+    finally:
+        if before is None:
+            os.environ.pop("CXX", None)
+        else:
+            os.environ["CXX"] = before
+
+
+def _fresh_inductor_cache():
+    """An empty Inductor cache (its own folder, in-memory caches cleared), removed after."""
+    from torch._inductor import utils
+
+    fresh = getattr(utils, "fresh_cache", None) or utils.fresh_inductor_cache  # renamed in torch 2.8
+    return fresh()
 
 
 class AotiRetriever:
@@ -245,25 +344,32 @@ def run_in_fresh_process(package: Path, args: tuple[torch.Tensor, ...], work_dir
     return torch.load(output)
 
 
+class PackageCrash(PipelineError):
+    """A package killed the process that loaded or ran it (a signal, not an error it raised)."""
+
+    def __init__(self, message: str, signal_name: str) -> None:
+        super().__init__(message)
+        self.signal = signal_name
+
+
 def _run_fresh(code: str, args: list[str], cwd: Path, what: str) -> None:
-    """Runs `code` in a bare interpreter (-I: no pipeline on the path); a failure or a crash is a PipelineError."""
+    """Runs `code` in a bare interpreter (-I: no pipeline on the path); a failure is a PipelineError, a crash
+    a PackageCrash."""
     proc = subprocess.run([sys.executable, "-I", "-c", code, *args], cwd=cwd, capture_output=True, text=True,
                           timeout=600)
     if proc.returncode == 0:
         return
     if proc.returncode < 0:
         try:
-            how = f"the process was killed by {signal.Signals(-proc.returncode).name}"
+            name = signal.Signals(-proc.returncode).name
         except ValueError:
-            how = f"the process was killed by signal {-proc.returncode}"
-        # Seen on a GPU host whose default CXX was a g++ wrapper with its own -B tool directory: every package it
-        # linked, CPU or CUDA, one Linear layer included, crashed on load; the system g++ made good ones.
-        hint = (f"; a package that crashes its process was usually linked by a C++ toolchain that does not suit "
-                f"this torch build: build it again with CXX set to the system compiler (CXX is "
-                f"{os.environ.get('CXX', 'unset')})")
-    else:
-        how, hint = f"exit status {proc.returncode}", ""
-    raise PipelineError(f"{what} ({how}{hint}):\n{proc.stderr[-3000:]}")
+            name = f"signal {-proc.returncode}"
+        # The usual cause: a C++ toolchain that does not suit this torch build (rebuild_with_system_cxx).
+        raise PackageCrash(f"{what} (the process was killed by {name}; a package that crashes its process was "
+                           f"usually linked by a C++ toolchain that does not suit this torch build: build it "
+                           f"again with CXX set to the system compiler (it was built with "
+                           f"{configured_cxx()})):\n{proc.stderr[-3000:]}", name)
+    raise PipelineError(f"{what} (exit status {proc.returncode}):\n{proc.stderr[-3000:]}")
 
 
 def timed_first_call(predict: Callable, args: tuple) -> float:

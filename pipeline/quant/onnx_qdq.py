@@ -17,7 +17,7 @@ from typing import Callable, Sequence
 
 import numpy as np
 
-from pipeline.core import PipelineError
+from pipeline.core import ConfigError, PipelineError
 from pipeline.integrity import write_digest
 from pipeline.quant.calibration import CalibrationSet
 
@@ -172,10 +172,10 @@ def keep_float_nodes(model_path: Path, patterns: Sequence[str]) -> list[str]:
         try:
             regex = re.compile(pattern)
         except re.error as err:
-            raise PipelineError(f"int8.onnx_qdq.keep_float: '{pattern}' is not a regular expression: {err}") from err
+            raise ConfigError(f"int8.onnx_qdq.keep_float: '{pattern}' is not a regular expression: {err}") from err
         found = [n.name for n in graph.node if regex.search(n.name) or regex.search(module_path(n))]
         if not found:
-            raise PipelineError(f"int8.onnx_qdq.keep_float: '{pattern}' matches no node of {model_path.name}")
+            raise ConfigError(f"int8.onnx_qdq.keep_float: '{pattern}' matches no node of {model_path.name}")
         keep += found
     return list(dict.fromkeys(keep))
 

@@ -1,7 +1,8 @@
 """compile: torch.compile variants of the retriever (catalogue specs listed in conf/compile) and an
 AOTInductor package (.pt2) that a fresh process loads without the model's Python code. Each variant is
-compiled, timed (compile seconds) and checked against fp32 eager on a few test users; a broken one fails
-the stage here rather than in validate, which then measures every variant like the others. Inductor's
+compiled, timed (compile seconds) and checked against fp32 eager on a few test users; one that fails to
+build or falls below the gate is recorded as failed (with the reason) and left out, and the others go on to
+validate, which measures every variant like the others. Inductor's
 caches (FX graph, AOT autograd; TORCHINDUCTOR_CACHE_DIR) keep what is compiled here, so validate's load of
 the same spec finds it."""
 from __future__ import annotations
@@ -14,7 +15,7 @@ import torch
 from pipeline import kernels
 from pipeline.bench.parity import check_parity, load_reference
 from pipeline.catalogue import VariantSpec, build
-from pipeline.core import Context, PipelineError, StageResult, Variant
+from pipeline.core import Context, PipelineError, StageResult, Variant, build_variant
 from pipeline.evaluation import parity
 from pipeline.gates import gate_for
 from pipeline.export import ShapeRange
@@ -41,23 +42,28 @@ def run(ctx: Context) -> StageResult:
     first_batch = _batch(sample, batch_size, device)
 
     metrics: dict[str, float] = {}
-    variants, facts, skipped = [], {}, {}
+    variants, facts, skipped, failures = [], {}, {}, {}
     for spec in specs:
         if spec.kernels == "triton" and not kernels.triton_runs_on(device):
             skipped[spec.name] = "Triton kernels need a CUDA device"
             log.warning("%s skipped: %s", spec.name, skipped[spec.name])
             continue
-        variant, facts[spec.name] = build_inductor(ctx, spec, checkpoint, sample, reference, first_batch, metrics)
-        variants.append(variant)
 
-    if device.type in ccfg.aoti.devices:
+        def inductor_variant() -> Variant:
+            variant, facts[spec.name] = build_inductor(ctx, spec, checkpoint, sample, reference, first_batch, metrics)
+            return variant
+
+        variants.append(build_variant(ctx, spec.name, failures, inductor_variant))
+
+    def aoti_variant() -> Variant:
         spec = VariantSpec("aoti", precision)
         retriever = build_retriever(checkpoint, ccfg.top_k, precision, device)
         width = sample.history.shape[1]
-        package, seconds = package_aoti(
+        package, seconds, cxx = package_aoti(
             retriever, ctx.run_dir / "aoti" / f"retriever-{precision}.pt2",
             ShapeRange(**ccfg.aoti.batch).check("compile.aoti.batch"), ShapeRange(1, width, width), device,
         )
+        ctx.tracker.set_tags({f"{spec.name}_cxx": cxx})
         timestamps = uses_timestamps(retriever)
         agreement = check_parity(spec.name, AotiRetriever(package, device, timestamps), reference, sample,
                                  gate_for(ctx.cfg.gates, precision), batch_size, device)
@@ -65,16 +71,20 @@ def run(ctx: Context) -> StageResult:
         if agreement["fresh_process_topk_overlap"] < 1.0:
             raise PipelineError(f"{spec.name}: reloaded in a fresh process it answers differently "
                                 f"(top-K overlap {agreement['fresh_process_topk_overlap']:.4f} with this process)")
-        facts[spec.name] = {"path": str(package), **_record(metrics, spec.name, seconds, agreement)}
-        variants.append(spec.variant(str(package), "compile", top_k=ccfg.top_k, uses_timestamps=timestamps))
+        facts[spec.name] = {"path": str(package), "cxx": cxx, **_record(metrics, spec.name, seconds, agreement)}
+        return spec.variant(str(package), "compile", top_k=ccfg.top_k, uses_timestamps=timestamps, cxx=cxx)
 
+    if device.type in ccfg.aoti.devices:
+        variants.append(build_variant(ctx, VariantSpec("aoti", precision).name, failures, aoti_variant))
+
+    variants = [v for v in variants if v is not None]
     if skipped:
         ctx.tracker.set_tags({"skipped_variants": "; ".join(f"{n}: {why}" for n, why in skipped.items())[:5000]})
     out = ctx.run_dir / "compile.json"
-    out.write_text(json.dumps({"variants": facts, "skipped": skipped,
+    out.write_text(json.dumps({"variants": facts, "skipped": skipped, "failed": failures,
                                "inductor_cache_dir": inductor_cache_dir()}, indent=2))
     metrics["num_variants"] = len(variants)
-    return StageResult(metrics=metrics, artifacts={"compile_report": str(out)}, variants=variants)
+    return StageResult(metrics=metrics, artifacts={"compile_report": str(out)}, variants=variants, failures=failures)
 
 
 def target_precision(precision: str) -> str:

@@ -14,7 +14,8 @@ calibrating again (int8.calibration.cache). The variants:
 - tensorrt-int8 is not built: see SKIPPED_HERE.
 
 Each variant gets the quick parity check of every stage (top-K overlap and score error of gates.int8 on the
-sample); validate applies all of gates.int8 to every variant and promote takes passing ones only.
+sample); validate applies all of gates.int8 to every variant and promote takes passing ones only. One that
+fails to build, load or pass the quick check is recorded as failed and left out; the others go on.
 """
 from __future__ import annotations
 
@@ -24,11 +25,12 @@ import logging
 import re
 import tempfile
 from pathlib import Path
+from typing import Callable
 
 import torch
 
 from pipeline.bench.parity import check_parity, head, load_reference
-from pipeline.core import Context, PipelineError, StageResult, Variant, file_digest
+from pipeline.core import Context, ConfigError, PipelineError, StageResult, Variant, build_variant, file_digest
 from pipeline.data import load_splits
 from pipeline.evaluation import parity, predict_top_k, top_k_metrics
 from pipeline.export.onnx import CPU, OnnxRetriever
@@ -69,15 +71,23 @@ def run(ctx: Context) -> StageResult:
     artifacts: dict[str, str] = {"calibration_users": str(out_dir / "calibration_users.json")}
     variants: list[Variant] = []
     skipped: dict[str, str] = dict(SKIPPED_HERE)
+    failures: dict[str, str] = {}
 
-    def parity_check(variant: Variant) -> None:
+    def checked(variant: Variant) -> dict[str, float]:
+        """The variant's quick parity check against fp32 eager (the overlap and score-error parts of its gate)."""
         predict = load_variant(variant, ctx.device, icfg.top_k)
         agreement = check_parity(variant.name, predict, reference, sample, gate, cfg.gates.sample.batch_size, ctx.device)
-        metrics.update({f"{key}_{variant.name}": agreement[key]
-                        for key in ("parity_topk_overlap", "parity_max_abs_err", "hr10_delta")})
         log.info("%s: top-K overlap with fp32 eager %.4f, HR@10 %+.4f on %d test users",
                  variant.name, agreement["parity_topk_overlap"], agreement["hr10_delta"], sample.target.shape[0])
-        variants.append(variant)
+        return {f"{key}_{variant.name}": agreement[key] for key in ("parity_topk_overlap", "parity_max_abs_err", "hr10_delta")}
+
+    def build(name: str, make: Callable[[], tuple[Variant, dict[str, float], dict[str, str]]]) -> None:
+        """make() -> (variant, its metrics, its artifacts), kept only when building and checking it succeed."""
+        built = build_variant(ctx, name, failures, make)
+        if built is not None:
+            variants.append(built[0])
+            metrics.update(built[1])
+            artifacts.update(built[2])
 
     # --- ONNX Runtime static INT8 (QDQ) ---
     if icfg.onnx_qdq.enabled:
@@ -86,10 +96,11 @@ def run(ctx: Context) -> StageResult:
             skipped["onnxruntime-int8"] = "needs the onnx stage's fp32 model: run stage=[onnx,int8] (or stage=all)"
             log.warning("onnxruntime-int8 skipped: %s", skipped["onnxruntime-int8"])
         else:
-            variant, facts = _onnx_qdq(ctx, fp32, calib, splits, out_dir)
-            metrics.update(facts["metrics"])
-            artifacts.update(facts["artifacts"])
-            parity_check(variant)
+            def onnx_int8() -> tuple[Variant, dict[str, float], dict[str, str]]:
+                variant, facts = _onnx_qdq(ctx, fp32, calib, splits, out_dir)
+                return variant, {**facts["metrics"], **checked(variant)}, facts["artifacts"]
+
+            build("onnxruntime-int8", onnx_int8)
     else:
         skipped["onnxruntime-int8"] = "int8.onnx_qdq.enabled=false"
 
@@ -99,9 +110,11 @@ def run(ctx: Context) -> StageResult:
         skipped["torchao-int8"] = reason
         log.warning("torchao-int8 skipped: %s", reason)
     else:
-        variant, cache_path = _torchao(ctx, checkpoint, calib, out_dir)
-        artifacts[f"calibration_cache_{torchao_pt2e.KIND}"] = str(cache_path)
-        parity_check(variant)
+        def torchao_int8() -> tuple[Variant, dict[str, float], dict[str, str]]:
+            variant, cache_path = _torchao(ctx, checkpoint, calib, out_dir)
+            return variant, checked(variant), {f"calibration_cache_{torchao_pt2e.KIND}": str(cache_path)}
+
+        build("torchao-int8", torchao_int8)
 
     # --- GPU: the int8 item table with per-row scales, scored by the fused retrieval kernel ---
     # The hook for the GPU part of the issue: built on CUDA only (pipeline/quant/int8_table.py has the loader).
@@ -109,18 +122,19 @@ def run(ctx: Context) -> StageResult:
     if reason:
         skipped[int8_table.SPEC.name] = reason
     else:
-        parity_check(int8_table.SPEC.variant(checkpoint, "int8", top_k=icfg.top_k, table="int8 per-row fp32 scales",
-                                             query="bf16"))
+        table = int8_table.SPEC.variant(checkpoint, "int8", top_k=icfg.top_k, table="int8 per-row fp32 scales",
+                                        query="bf16")
+        build(table.name, lambda: (table, checked(table), {}))
 
     for name, why in skipped.items():
         log.info("%s not built: %s", name, why)
     ctx.tracker.set_tags({"skipped_variants": "; ".join(f"{n}: {why}" for n, why in skipped.items())[:5000]})
     (out_dir / "int8_variants.json").write_text(json.dumps(
-        {"variants": [v.to_dict() for v in variants], "skipped": skipped, "calibration": {
+        {"variants": [v.to_dict() for v in variants], "skipped": skipped, "failed": failures, "calibration": {
             "digest": calib.digest, "num_users": calib.size, "seed": calib.seed, "method": method}}, indent=2))
     artifacts["int8_variants"] = str(out_dir / "int8_variants.json")
     metrics["num_variants"] = len(variants)
-    return StageResult(metrics=metrics, artifacts=artifacts, variants=variants)
+    return StageResult(metrics=metrics, artifacts=artifacts, variants=variants, failures=failures)
 
 
 def _log_calibration_set(ctx: Context, calib: CalibrationSet, out_dir: Path) -> None:
@@ -151,7 +165,7 @@ def _find_cache(ctx: Context, kind: str) -> tuple[Path | None, bool]:
         candidate = path / f"calibration-{kind}.json"
         return (candidate, True) if candidate.is_file() else (None, True)
     if not path.is_file():
-        raise PipelineError(f"int8.calibration.cache={setting}: no such file or folder (auto, off, or a cache path)")
+        raise ConfigError(f"int8.calibration.cache={setting}: no such file or folder (auto, off, or a cache path)")
     return (path, True) if CalibrationCache.load(path).kind == kind else (None, True)
 
 
@@ -167,7 +181,7 @@ def _reuse(ctx: Context, kind: str, model_digest: str, data_digest: str, method:
         cache.check(kind=kind, model_digest=model_digest, data_digest=data_digest, method=method, source=str(path))
     except PipelineError as err:
         if strict:
-            raise
+            raise ConfigError(f"int8.calibration.cache={ctx.cfg.int8.calibration.cache}: {err}") from err
         log.info("not reusing the earlier calibration cache: %s", err)
         ctx.tracker.set_tags({f"calibration_cache_{kind}": f"calibrated (earlier cache not reused: {err})"[:5000]})
         return None
@@ -180,7 +194,7 @@ def _onnx_qdq(ctx: Context, fp32: Variant, calib: CalibrationSet, splits, out_di
     icfg = ctx.cfg.int8
     qcfg, method = icfg.onnx_qdq, icfg.calibration.method
     if fp32.options.get("top_k") != icfg.top_k:
-        raise PipelineError(f"the onnx stage exported top_k={fp32.options.get('top_k')}, int8.top_k is {icfg.top_k}: "
+        raise ConfigError(f"the onnx stage exported top_k={fp32.options.get('top_k')}, int8.top_k is {icfg.top_k}: "
                             "run stage=[onnx,int8] with the same K")
     settings = onnx_qdq.QdqSettings.from_config(qcfg, method)
     source = Path(fp32.artifact)

@@ -2,7 +2,8 @@
 batch and history length) is compiled for the configured shape ranges; a dry run reports which ops run in
 TensorRT and which fall back to PyTorch; the compiled program is saved for torch_tensorrt.load, and the
 whole graph is also serialized as one engine with its config.pbtxt for Triton's tensorrt_plan backend.
-fp32 always, plus the target precision (fp16, bf16). Without CUDA or torch_tensorrt the stage cannot run:
+fp32 always, plus the target precision (fp16, bf16); a precision that fails to build, load or pass its
+parity check is recorded as failed and left out. Without CUDA or torch_tensorrt the stage cannot run:
 skipped in stage=all, exit 2 by name, the reason in both cases.
 
 This stage has never run on hardware (no TensorRT is reachable from this project's machines); the
@@ -15,7 +16,7 @@ import logging
 import time
 
 from pipeline.bench.parity import check_parity, load_reference
-from pipeline.core import Context, PipelineError, StageResult, StageUnavailable, Variant
+from pipeline.core import Context, PipelineError, StageResult, StageUnavailable, Variant, build_variant
 from pipeline.export import example_inputs, export_program, input_names
 from pipeline.export.trt import (
     compile_settings,
@@ -56,52 +57,58 @@ def run(ctx: Context) -> StageResult:
     out_dir = ctx.run_dir / "trt"
     out_dir.mkdir(parents=True, exist_ok=True)
 
-    metrics, variants = {}, []
+    metrics, variants, failures = {}, [], {}
     for precision in precisions:
         name = f"tensorrt-{precision}"
-        retriever = build_retriever(checkpoint, tcfg.top_k, precision, device)
-        names = input_names(retriever)
-        program = export_program(retriever, batch, history, device)
-        inputs = [torch_tensorrt.Input(**spec) for spec in input_specs(names, batch, history)]
-        settings = compile_settings(tcfg, precision, device)
 
-        # torch_tensorrt lowers a program's graph in place: each of its three calls gets its own copy.
-        report = dry_run(torch_tensorrt.dynamo.compile, copy.deepcopy(program), inputs, settings)
-        (out_dir / f"coverage-{precision}.txt").write_text(report)
-        ops = coverage(report)
-        if settings["require_full_compilation"] and ops["trt_ops_supported"] < ops["trt_ops_total"]:
-            raise PipelineError(
-                f"{name}: trt.require_full_compilation=true but these ops fall back to PyTorch: "
-                f"{', '.join(unsupported_ops(report)) or 'see coverage-' + precision + '.txt'}"
-            )
+        def trt_variant() -> Variant:
+            retriever = build_retriever(checkpoint, tcfg.top_k, precision, device)
+            names = input_names(retriever)
+            program = export_program(retriever, batch, history, device)
+            inputs = [torch_tensorrt.Input(**spec) for spec in input_specs(names, batch, history)]
+            settings = compile_settings(tcfg, precision, device)
 
-        start = time.perf_counter()
-        compiled = torch_tensorrt.dynamo.compile(copy.deepcopy(program), arg_inputs=inputs, **settings)
-        build_seconds = time.perf_counter() - start
-        example = example_inputs(retriever, max(batch.opt, 2), max(history.opt, 2), device)  # as export_program
-        path = save_program(compiled, out_dir / f"retriever-{precision}.ep", example, names, batch, history)
+            # torch_tensorrt lowers a program's graph in place: each of its three calls gets its own copy.
+            report = dry_run(torch_tensorrt.dynamo.compile, copy.deepcopy(program), inputs, settings)
+            (out_dir / f"coverage-{precision}.txt").write_text(report)
+            ops = coverage(report)
+            if settings["require_full_compilation"] and ops["trt_ops_supported"] < ops["trt_ops_total"]:
+                raise PipelineError(
+                    f"{name}: trt.require_full_compilation=true but these ops fall back to PyTorch: "
+                    f"{', '.join(unsupported_ops(report)) or 'see coverage-' + precision + '.txt'}"
+                )
 
-        plan = _serialized_engine(torch_tensorrt, program, inputs, settings, name)
-        model_name = f"{tcfg.triton.model_name}_{precision}"
-        model_dir = write_plan_model(out_dir / "triton", model_name, plan,
-                                     plan_config(model_name, engine_io(plan), tcfg.triton))
+            start = time.perf_counter()
+            compiled = torch_tensorrt.dynamo.compile(copy.deepcopy(program), arg_inputs=inputs, **settings)
+            build_seconds = time.perf_counter() - start
+            example = example_inputs(retriever, max(batch.opt, 2), max(history.opt, 2), device)  # as export_program
+            path = save_program(compiled, out_dir / f"retriever-{precision}.ep", example, names, batch, history)
 
-        variant = Variant(name, "tensorrt", precision, str(path), "trt", options={
-            "top_k": tcfg.top_k, "inputs": names, "history_max": history.max,
-            "batch_range": [batch.min, batch.opt, batch.max], "history_range": [history.min, history.opt, history.max],
-            "triton_model": str(model_dir),
-        })
-        agreement = check_parity(name, load_trt_variant(variant, device, tcfg.top_k), reference, sample,
-                                 gate_for(ctx.cfg.gates, precision), ctx.cfg.gates.sample.batch_size, device)
-        metrics.update({f"{key}_{precision}": value for key, value in {**ops, **agreement}.items()})
-        metrics.update({f"trt_build_seconds_{precision}": build_seconds, f"trt_engine_mb_{precision}": len(plan) / 2**20})
-        variants.append(variant)
-        log.info("%s: %d of %d ops in %d TensorRT engine(s), built in %.1f s; top-K overlap %.4f",
-                 name, ops["trt_ops_supported"], ops["trt_ops_total"], ops["trt_engines"], build_seconds,
-                 agreement["parity_topk_overlap"])
+            plan = _serialized_engine(torch_tensorrt, program, inputs, settings, name)
+            model_name = f"{tcfg.triton.model_name}_{precision}"
+            model_dir = write_plan_model(out_dir / "triton", model_name, plan,
+                                         plan_config(model_name, engine_io(plan), tcfg.triton))
+
+            variant = Variant(name, "tensorrt", precision, str(path), "trt", options={
+                "top_k": tcfg.top_k, "inputs": names, "history_max": history.max,
+                "batch_range": [batch.min, batch.opt, batch.max], "history_range": [history.min, history.opt, history.max],
+                "triton_model": str(model_dir),
+            })
+            agreement = check_parity(name, load_trt_variant(variant, device, tcfg.top_k), reference, sample,
+                                     gate_for(ctx.cfg.gates, precision), ctx.cfg.gates.sample.batch_size, device)
+            metrics.update({f"{key}_{precision}": value for key, value in {**ops, **agreement}.items()})
+            metrics.update({f"trt_build_seconds_{precision}": build_seconds, f"trt_engine_mb_{precision}": len(plan) / 2**20})
+            log.info("%s: %d of %d ops in %d TensorRT engine(s), built in %.1f s; top-K overlap %.4f",
+                     name, ops["trt_ops_supported"], ops["trt_ops_total"], ops["trt_engines"], build_seconds,
+                     agreement["parity_topk_overlap"])
+            return variant
+
+        variant = build_variant(ctx, name, failures, trt_variant)
+        if variant is not None:
+            variants.append(variant)
 
     metrics["num_variants"] = len(variants)
-    return StageResult(metrics=metrics, artifacts={"trt_dir": str(out_dir)}, variants=variants)
+    return StageResult(metrics=metrics, artifacts={"trt_dir": str(out_dir)}, variants=variants, failures=failures)
 
 
 def _check_batches(cfg, batch_max: int) -> None:

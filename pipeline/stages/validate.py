@@ -3,20 +3,23 @@ parity with the fp32 eager reference, latency over a batch-size sweep. One neste
 variant (identical metric names, so the UI compares them), each variant's gate result (pipeline.gates), a
 comparison table (with the variants of earlier runs of the same config) and plots, also logged to the
 parent run. The reference itself must score the test HR@10 the train stage measured: a checkpoint that
-changed since (corrupt, swapped) would otherwise be its own yardstick."""
+changed since (corrupt, swapped) would otherwise be its own yardstick. A variant that an earlier stage
+failed to build, or that fails to load or answer here, is a row of the table with gate_passed false and
+the reason (and a FAILED variant run), so promote never takes it."""
 from __future__ import annotations
 
 import csv
 import json
 import logging
 import time
+from functools import partial
 from typing import Callable
 
 import torch
 
 from pipeline.bench.latency import latency_metrics, latency_sweep, sample_inputs
 from pipeline.bench.plots import latency_vs_batch, quality_vs_latency
-from pipeline.core import Context, PipelineError, StageResult
+from pipeline.core import Context, PipelineError, StageResult, Variant, build_variant
 from pipeline.data import load_splits
 from pipeline.evaluation import parity, predict_top_k, top_k_metrics
 from pipeline.gates import REFERENCE, check, gate_for
@@ -27,7 +30,7 @@ log = logging.getLogger(__name__)
 
 TABLE_COLUMNS = ("variant", "backend", "precision", "hr10", "ndcg10", "hr50", "ndcg50",
                  "parity_topk_overlap", "parity_max_abs_err", "latency_p50_ms_b1", "latency_p99_ms_b1",
-                 "compile_seconds", "load_seconds", "gate_passed")
+                 "compile_seconds", "load_seconds", "gate_passed", "gate_reason")
 HISTORY_COLUMNS = ("run", "variant", "backend", "precision", "hr10", "parity_topk_overlap", "gate_passed",
                    "latency_p50_ms_b1", "latency_p99_ms_b1")
 
@@ -42,41 +45,44 @@ def run(ctx: Context) -> StageResult:
     test = load_splits(ctx.cfg).test
     key, parent = lineage_key(ctx.cfg), ctx.tracker.parent_run_id
 
-    reference, rows, latency_rows, results = None, [], [], []
+    reference, rows, latency_rows, results, failures = None, [], [], [], {}
     for variant in variants:
-        with ctx.tracker.run(f"variant:{variant.name}", tags={
-            "variant": variant.name, "backend": variant.backend, "precision": variant.precision, "stage": "validate",
-            "lineage_key": key, "pipeline_run": parent,
-        }):
-            torch._dynamo.reset()  # the previous variant's guards off Retriever's code (Dynamo's recompile limit)
-            predict, load_seconds = _load(variant, device, vcfg.top_k, test, vcfg.eval_batch_size)
-            ids, scores = predict_top_k(predict, test, vcfg.eval_batch_size, device, desc=f"eval {variant.name}")
-            if reference is None:
-                reference = (ids, scores)
-            metrics = top_k_metrics(ids, test.target, ks=(10, 50, 200))
-            if variant.name == REFERENCE:
-                check_reference(metrics["hr10"], ctx.manifest.stages.get("train", {}).get("metrics", {}),
-                                len(test.target), ctx.cfg.gates.reference_hr10_tolerance, variant.artifact)
-            metrics.update(parity(ids, scores, *reference))
-            metrics["hr10_delta"] = metrics["hr10"] - rows[0]["hr10"] if rows else 0.0
-            sweep = latency_sweep(predict, test, vcfg.batch_sizes, device, vcfg.warmup, vcfg.iters, vcfg.num_threads)
-            metrics.update(latency_metrics(sweep))
-            metrics["load_seconds"] = load_seconds
-            compiled = ctx.manifest.metric(f"compile_seconds_{variant.name}")
-            if compiled is not None:
-                metrics["compile_seconds"] = compiled
-            gate = gate_for(ctx.cfg.gates, variant.precision)
-            passed, why = check(metrics, gate)
-            metrics.update(gate.as_metrics())
-            metrics["gate_passed"] = float(passed)
+        tags = {"variant": variant.name, "backend": variant.backend, "precision": variant.precision,
+                "stage": "validate", "lineage_key": key, "pipeline_run": parent}
+        measure = partial(_measure, variant, ctx, test, reference)
+        # Every variant is measured against the reference: without it nothing can be, and the stage fails.
+        measured = measure() if reference is None else build_variant(ctx, variant.name, failures, measure, tags)
+        if measured is None:
+            continue
+        metrics, sweep, answer = measured
+        if reference is None:
+            reference = answer
+            check_reference(metrics["hr10"], ctx.manifest.stages.get("train", {}).get("metrics", {}),
+                            len(test.target), ctx.cfg.gates.reference_hr10_tolerance, variant.artifact)
+        metrics["hr10_delta"] = metrics["hr10"] - rows[0]["hr10"] if rows else 0.0
+        compiled = ctx.manifest.metric(f"compile_seconds_{variant.name}")
+        if compiled is not None:
+            metrics["compile_seconds"] = compiled
+        gate = gate_for(ctx.cfg.gates, variant.precision)
+        passed, why = check(metrics, gate)
+        metrics.update(gate.as_metrics())
+        metrics["gate_passed"] = float(passed)
+        with ctx.tracker.run(f"variant:{variant.name}", tags=tags):
             ctx.tracker.log_metrics(metrics)
             ctx.tracker.set_tags({"status": "ok", "device_name": device_name(device),
                                   "gate_passed": str(passed).lower(), "gate_reason": why})
-        rows.append({"variant": variant.name, "backend": variant.backend, "precision": variant.precision, **metrics})
+        rows.append({"variant": variant.name, "backend": variant.backend, "precision": variant.precision,
+                     **metrics, "gate_reason": why})
         results.append({"variant": variant.to_dict(), "metrics": metrics, "gate_passed": passed, "gate_reason": why})
         latency_rows += [{"variant": variant.name, **r} for r in sweep]
         log.info("%s: hr10=%.4f overlap=%.4f p50(b=1)=%.3f ms", variant.name, metrics["hr10"],
                  metrics["parity_topk_overlap"], metrics.get("latency_p50_ms_b1", float("nan")))
+    measured_rows = list(rows)
+    failed = _failed_variants(ctx, failures, {v.name for v in variants} - set(failures))
+    rows += [{"variant": name, "backend": "", "precision": "", "gate_passed": 0.0, "gate_reason": why}
+             for name, why in failed.items()]
+    results += [{"variant": {"name": name, "backend": "", "precision": ""}, "metrics": {}, "gate_passed": False,
+                 "gate_reason": why, "failed": True} for name, why in failed.items()]
 
     table_csv = ctx.run_dir / "validate_variants.csv"
     _write_csv(table_csv, rows, TABLE_COLUMNS)
@@ -94,18 +100,43 @@ def run(ctx: Context) -> StageResult:
     _write_csv(history_csv, history, HISTORY_COLUMNS)
     history_md.write_text(_markdown(history, HISTORY_COLUMNS))
     latency_key = f"latency_p99_ms_b{min(vcfg.batch_sizes)}"
-    quality_plot = quality_vs_latency(rows, earlier, ctx.run_dir / "quality_vs_latency.png",
+    quality_plot = quality_vs_latency(measured_rows, earlier, ctx.run_dir / "quality_vs_latency.png",
                                       f"quality against latency on {device_name(device)}", latency_key)
     for path in (table_csv, table_md, history_csv, history_md, plot, quality_plot):
         ctx.tracker.log_artifact(path, run_id=parent)
     log.info("gates: %s", ", ".join(f"{r['variant']['name']}={'pass' if r['gate_passed'] else 'FAIL'}" for r in results))
     return StageResult(
-        metrics={"num_variants": len(rows), "num_passing_gates": sum(r["gate_passed"] for r in results)},
+        metrics={"num_variants": len(measured_rows), "num_passing_gates": sum(r["gate_passed"] for r in results),
+                 "num_failed_variants": len(failed)},
         artifacts={"validate_table": str(table_csv), "validate_table_md": str(table_md),
                    "validate_latency": str(latency_csv), "latency_plot": str(plot),
                    "validate_results": str(results_json), "validate_history": str(history_csv),
                    "validate_history_md": str(history_md), "quality_plot": str(quality_plot)},
+        failures=failures,
     )
+
+
+def _measure(variant: Variant, ctx: Context, test, reference: tuple | None) -> tuple[dict[str, float], list[dict], tuple]:
+    """-> (quality, parity with `reference` (None: itself), latency and load seconds; the latency sweep; its
+    top-K answer)."""
+    vcfg, device = ctx.cfg.validate, ctx.device
+    torch._dynamo.reset()  # the previous variant's guards off Retriever's code (Dynamo's recompile limit)
+    predict, load_seconds = _load(variant, device, vcfg.top_k, test, vcfg.eval_batch_size)
+    ids, scores = predict_top_k(predict, test, vcfg.eval_batch_size, device, desc=f"eval {variant.name}")
+    metrics = top_k_metrics(ids, test.target, ks=(10, 50, 200))
+    metrics.update(parity(ids, scores, *(reference or (ids, scores))))
+    sweep = latency_sweep(predict, test, vcfg.batch_sizes, device, vcfg.warmup, vcfg.iters, vcfg.num_threads)
+    metrics.update(latency_metrics(sweep))
+    metrics["load_seconds"] = load_seconds
+    return metrics, sweep, (ids, scores)
+
+
+def _failed_variants(ctx: Context, failed_here: dict[str, str], measured: set[str]) -> dict[str, str]:
+    """Every variant that could not be built (earlier stages) or measured (here): name -> why, for the table."""
+    failed = {name: f"failed in {stage}: {why}" for stage, entry in ctx.manifest.stages.items()
+              for name, why in entry.get("failures", {}).items() if name not in measured}
+    failed.update({name: f"failed in validate: {why}" for name, why in failed_here.items()})
+    return failed
 
 
 def _load(variant, device, top_k: int, test, batch_size: int) -> tuple[Callable, float]:
@@ -146,7 +177,7 @@ def _write_csv(path, rows, columns) -> None:
 
 def _markdown(rows, columns) -> str:
     def fmt(v):
-        return f"{v:.4f}" if isinstance(v, float) else str(v)
+        return f"{v:.4f}" if isinstance(v, float) else str(v).replace("|", "\\|")  # a reason may hold a |
 
     lines = ["| " + " | ".join(columns) + " |", "|" + " --- |" * len(columns)]
     lines += ["| " + " | ".join(fmt(r.get(c, "")) for c in columns) + " |" for r in rows]
