@@ -9,8 +9,6 @@ from omegaconf import DictConfig, ListConfig
 
 from pipeline import PROJECT_ROOT
 
-# Maps whose keys the user chooses (e.g. gates for one more precision): `+` may add keys under them.
-OPEN_MAPS = ("validate.gates.per_precision",)
 # Flags that compose another config: the overrides are then Hydra's to check.
 _OTHER_CONFIG = ("--config-name", "-cn", "--config-path", "-cp", "--config-dir", "-cd")
 
@@ -65,8 +63,6 @@ def _refused(base: DictConfig, key: str, add: bool) -> str | None:
         if not isinstance(node, DictConfig):
             return f"unknown config key '{key}': '{here}' is a value, it has no keys"
         if part not in node:
-            if here in OPEN_MAPS:
-                return None if add else f"'{key}' is not set yet: add it with +{key}=..."
             where = f"{here} has" if here else "the config has"
             return (f"unknown config key '{key}': {where} no key '{part}'; valid keys"
                     f"{' of ' + here if here else ''}: {', '.join(str(k) for k in node.keys())}")
