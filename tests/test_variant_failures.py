@@ -130,8 +130,8 @@ def _crash(signal_name="SIGSEGV"):
 def test_a_crashing_package_is_rebuilt_once_with_the_system_compiler(tmp_path, monkeypatch, caplog):
     builds, probes = [], []
     monkeypatch.setattr(inductor, "system_cxx", lambda exclude: "/usr/bin/g++" if exclude != "/usr/bin/g++" else None)
-    monkeypatch.setattr(torch._inductor.config.cpp, "cxx", (None, "/opt/toolchain/bin/g++-wrapper"))
     monkeypatch.setenv("CXX", "/opt/toolchain/bin/g++-wrapper")
+    wrapper = torch._inductor.config.patch({"cpp.cxx": (None, "/opt/toolchain/bin/g++-wrapper")})
 
     def compile_package(program, path, configs=None):
         builds.append({"configs": configs, "CXX": os.environ.get("CXX"),
@@ -145,7 +145,7 @@ def test_a_crashing_package_is_rebuilt_once_with_the_system_compiler(tmp_path, m
 
     monkeypatch.setattr(inductor, "_compile_package", compile_package)
     monkeypatch.setattr(inductor, "_probe_load", probe)
-    with caplog.at_level("WARNING", logger="pipeline.export.inductor"):
+    with caplog.at_level("WARNING", logger="pipeline.export.inductor"), wrapper:
         package = inductor.package_program("program", tmp_path / "p.pt2", torch.device("cpu"))
     assert package.cxx == "/usr/bin/g++" and len(builds) == 2 and len(probes) == 2
     first, rebuild = builds
@@ -158,12 +158,12 @@ def test_a_crashing_package_is_rebuilt_once_with_the_system_compiler(tmp_path, m
     # a crash of the rebuilt package too is the variant's failure, naming both compilers
     probes.clear()
     monkeypatch.setattr(inductor, "_probe_load", lambda package, device: (_ for _ in ()).throw(_crash()))
-    with pytest.raises(inductor.PackageCrash, match="rebuilt with /usr/bin/g\\+\\+ after it crashed with CXX="):
+    with pytest.raises(inductor.PackageCrash, match="rebuilt with /usr/bin/g\\+\\+ after it crashed with CXX="), wrapper:
         inductor.package_program("program", tmp_path / "p.pt2", torch.device("cpu"))
 
     # with no other compiler there is nothing to rebuild with: the crash as it was
-    monkeypatch.setattr(torch._inductor.config.cpp, "cxx", (None, "/usr/bin/g++"))
-    with pytest.raises(inductor.PackageCrash, match="killed by SIGSEGV") as err:
+    with pytest.raises(inductor.PackageCrash, match="killed by SIGSEGV") as err, \
+            torch._inductor.config.patch({"cpp.cxx": (None, "/usr/bin/g++")}):
         inductor.package_program("program", tmp_path / "p.pt2", torch.device("cpu"))
     assert "rebuilt" not in str(err.value)
 
@@ -190,10 +190,10 @@ case " $* " in *" -shared "*) exec /usr/bin/g++ "$@" {tmp_path / 'crash.o'} ;; e
 exec /usr/bin/g++ "$@"
 """)
     wrapper.chmod(0o755)
-    monkeypatch.setattr(torch._inductor.config.cpp, "cxx", (None, str(wrapper)))
     model = torch.nn.Linear(4, 3).eval()
     program = torch.export.export(model, (torch.randn(2, 4),))
-    with inductor._fresh_inductor_cache():  # so that the wrapper really builds the first package
+    # a fresh cache so that the wrapper really builds the first package
+    with inductor._fresh_inductor_cache(), torch._inductor.config.patch({"cpp.cxx": (None, str(wrapper))}):
         package = inductor.package_program(program, tmp_path / "linear.pt2", torch.device("cpu"))
     assert " -shared " in calls.read_text()  # the wrapper built (and broke) the first package
     assert package.cxx == "/usr/bin/g++"
