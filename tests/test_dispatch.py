@@ -232,6 +232,15 @@ def test_compiled_triton_retriever_serves_a_bucket_by_its_reference_twin_where_f
         timed = len(calls)
         ids, scores = compiled(history[:3], lengths[:3])
     assert len(calls) == timed + (served_by == "triton")
+    # Decided once per shape: later calls of it do not consult the dispatch table (host time per call).
+    lookups = []
+    original = dispatch.choice
+    dispatch.choice = lambda *args: lookups.append(args) or original(*args)
+    try:
+        compiled(history[:3], lengths[:3])
+    finally:
+        dispatch.choice = original
+    assert [op for op, *_ in lookups if op == "retriever"] == []
     [row] = [row for row in kernels.dispatch_log() if row["op"] == "retriever"]
     assert row["algorithm"] == served_by
     with kernels.use("reference"):

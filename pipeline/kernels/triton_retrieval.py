@@ -324,7 +324,7 @@ _CANDIDATES = {
                Config(64, 128, 16, 8, 2, 0, 8, "torch", True), Config(64, 128, 16, 8, 2, 0, 8, "triton", True),
                Config(64, 64, 16, 8, 3, 0, 8, "torch", True), Config(32, 128, 16, 4, 2, 0, 8, "torch", True),
                Config(128, 64, 16, 8, 3, 0, 8, "torch", True)],
-    "large": [Config(128, 32, 32, 8, 3, 0, 8, "torch", True),  # the H200's choice (2026-11-28, session 6)
+    "large": [Config(128, 32, 32, 8, 3, 0, 8, "torch", True),  # the H200's choice (docs/benchmarks-log.md)
               Config(64, 64, 32, 4, 2, 0, 8, "torch", True),  # 0.2% behind it
               Config(128, 64, 16, 8, 3, 0, 8, "torch", True),  # the choice before: 2.09 ms against 1.84
               Config(128, 128, 32, 8, 3), Config(128, 128, 32, 8, 3, 64), Config(128, 128, 128, 8, 3, 64),
@@ -335,7 +335,7 @@ _CANDIDATES = {
               Config(64, 64, 16, 8, 3, 0, 8, "torch", True), Config(64, 64, 32, 4, 3, 0, 8, "torch", True),
               Config(128, 64, 16, 8, 2, 0, 8, "torch", True),
               Config(64, 128, 16, 8, 2, 0, 8, "triton", True),
-              # Around the earlier choice (128, 64, 16, 8 warps, 3 stages); timed 2026-11-28 (session 6).
+              # Around the earlier choice (128, 64, 16, 8 warps, 3 stages); timed on the H200 (docs/benchmarks-log.md).
               Config(128, 64, 16, 8, 4, 0, 8, "torch", True), Config(128, 64, 16, 4, 3, 0, 8, "torch", True),
               Config(256, 32, 16, 8, 3, 0, 8, "torch", True),
               # Two programs per multiprocessor (64 rows, 2 stages: half the registers and shared memory of
