@@ -7,6 +7,8 @@
 #   scripts/gpu_run.sh stash          # with .whl-triton/ present: keeps the tritonserver wheel in $GENREC_GPU_HOME
 #   scripts/gpu_run.sh run [OUT]      # with .whl/ present: installs, runs everything, writes OUT
 #   scripts/gpu_run.sh all [OUT]      # both, when everything is here at once
+#   scripts/gpu_run.sh kernels [OUT]  # our kernels against the reference at 1k..1M items (torch+triton only), and
+#                                     # with ML1M_ROOT (a folder holding ml-1m/) the ML-1M preset's stage=all
 #
 # Environment: GENREC_GPU_HOME (default /tmp/genrec-gpu: installed wheels, the stashed server wheel),
 # PYTHON (default python3), GPU_RUN_ARGS (extra overrides for stage=all, e.g. "model=hstu data=ml-1m"),
@@ -84,9 +86,24 @@ PY
   echo "results in $out"
 }
 
+kernels() {
+  mkdir -p "$out"
+  echo "| step | exit | seconds |" > "$out/steps.md"; echo "| --- | --- | --- |" >> "$out/steps.md"
+  export PYTHONPATH="$home/site:$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
+  step kernels_vs_reference "$py" -m pipeline.bench.kernels_vs_reference --shapes synthetic --specs default+graph \
+    --budget-s 420 --out "$out/kvr"
+  if [ -n "${ML1M_ROOT:-}" ]; then
+    step ml1m_stage_all "$py" -m pipeline stage=all precision=fp16 device=cuda model=hstu data=ml-1m \
+      data.root="$ML1M_ROOT" train.epochs=3 artifacts_dir="$PWD/artifacts/ml-1m"
+    cp "$(ls -td artifacts/ml-1m/runs/*/ | head -1)validate_variants.md" "$out/ml1m_validate_variants.md" 2>/dev/null
+  fi
+  echo "results in $out"
+}
+
 case "$phase" in
   stash) stash ;;
   run) run ;;
   all) stash; run ;;
-  *) echo "usage: scripts/gpu_run.sh stash | run [OUT] | all [OUT]" >&2; exit 2 ;;
+  kernels) kernels ;;
+  *) echo "usage: scripts/gpu_run.sh stash | run [OUT] | all [OUT] | kernels [OUT]" >&2; exit 2 ;;
 esac

@@ -83,6 +83,9 @@ def test_validate_nested_variant_runs(finished_run):
     assert variants["variant:eager-fp16"].data.metrics["parity_topk_overlap"] > 0.8
     artifacts = {a.path for a in client.list_artifacts(validate.info.run_id)}
     assert {"validate_variants.csv", "validate_variants.md", "latency_vs_batch.png"} <= artifacts
+    table = client.download_artifacts(validate.info.run_id, "validate_variants.md", str(tmp))
+    header = open(table).readline()
+    assert "latency_p50_ms_b1 | latency_p99_ms_b1 | latency_p50_ms_b8 |" in header  # every batch of the sweep
     # Hydra wrote nothing into the working directory: everything goes under artifacts_dir.
     assert not (tmp / "outputs").exists()
 

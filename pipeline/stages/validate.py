@@ -31,6 +31,13 @@ log = logging.getLogger(__name__)
 TABLE_COLUMNS = ("variant", "backend", "precision", "hr10", "ndcg10", "hr50", "ndcg50",
                  "parity_topk_overlap", "parity_max_abs_err", "latency_p50_ms_b1", "latency_p99_ms_b1",
                  "compile_seconds", "load_seconds", "gate_passed", "gate_reason")
+
+
+def table_columns(batch_sizes) -> tuple[str, ...]:
+    """TABLE_COLUMNS with the p50 of every other batch size of the sweep after batch 1's latencies."""
+    at = TABLE_COLUMNS.index("latency_p99_ms_b1") + 1
+    more = tuple(f"latency_p50_ms_b{b}" for b in batch_sizes if b != 1)
+    return TABLE_COLUMNS[:at] + more + TABLE_COLUMNS[at:]
 HISTORY_COLUMNS = ("run", "variant", "backend", "precision", "hr10", "parity_topk_overlap", "gate_passed",
                    "latency_p50_ms_b1", "latency_p99_ms_b1")
 
@@ -84,12 +91,12 @@ def run(ctx: Context) -> StageResult:
     results += [{"variant": {"name": name, "backend": "", "precision": ""}, "metrics": {}, "gate_passed": False,
                  "gate_reason": why, "failed": True} for name, why in failed.items()]
 
-    table_csv = ctx.run_dir / "validate_variants.csv"
-    _write_csv(table_csv, rows, TABLE_COLUMNS)
+    table_csv, columns = ctx.run_dir / "validate_variants.csv", table_columns(vcfg.batch_sizes)
+    _write_csv(table_csv, rows, columns)
     latency_csv = ctx.run_dir / "validate_latency.csv"
     _write_csv(latency_csv, latency_rows, ("variant", "batch_size", "p50_ms", "p90_ms", "p99_ms", "mean_ms", "users_per_s"))
     table_md = ctx.run_dir / "validate_variants.md"
-    table_md.write_text(_markdown(rows, TABLE_COLUMNS))
+    table_md.write_text(_markdown(rows, columns))
     plot = latency_vs_batch(latency_rows, ctx.run_dir / "latency_vs_batch.png", f"latency on {device_name(device)}")
     results_json = ctx.run_dir / "validate_variants.json"
     results_json.write_text(json.dumps(results, indent=2))
