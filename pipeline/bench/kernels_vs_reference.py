@@ -28,6 +28,7 @@ import torch
 
 from pipeline import kernels
 from pipeline.bench.latency import summarize, time_calls
+from pipeline.catalogue import DTYPES, VariantSpec
 from pipeline.kernels import dispatch
 
 ITEMS = (1_000, 3_706, 100_000, 1_000_000)
@@ -54,7 +55,14 @@ SHAPES = {
     "ml-1m": Shape("ml-1m", 200, 64, 8, 2, 20, 3_706),
 }
 SMOKE = Shape("smoke", 8, 16, 2, 2, 2, 50)
-DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+PRECISION_OF = {dtype: name for name, dtype in DTYPES.items()}
+
+
+def spec_for(spec: str, kernel_backend: str, dtype: torch.dtype) -> VariantSpec:
+    """The catalogue spec of a --specs entry ("<mode>[+graph]") with the given kernels: rows carry its name,
+    the one validate and the registry use for the same build."""
+    mode, _, graph = spec.partition("+")
+    return VariantSpec("inductor", PRECISION_OF[dtype], kernel_backend, mode, cuda_graph=graph == "graph")
 
 
 def build(shape: Shape, num_items: int, k: int, device: torch.device, dtype: torch.dtype, seed: int = 0):
@@ -80,8 +88,9 @@ def measure(retriever, spec: str, kernel_backend: str, batch_inputs: dict[int, t
     """-> {batch: p50/p90/... of the served call, plus first_call_s (compile and tuning)}."""
     from pipeline.export.inductor import CompiledRetriever
 
-    mode, _, graph = spec.partition("+")
-    predict = CompiledRetriever(retriever, mode, kernel_backend, cuda_graph=graph == "graph", compiler=compiler)
+    variant = spec_for(spec, kernel_backend, next(retriever.parameters()).dtype)
+    predict = CompiledRetriever(retriever, variant.mode, variant.kernels, cuda_graph=variant.cuda_graph,
+                                compiler=compiler)
     out = {}
     for batch, args in batch_inputs.items():
         start = time.perf_counter()
@@ -139,7 +148,7 @@ def _pair(shape: Shape, num_items: int, batches: list[int], specs: list[str], de
                 times[kernel_backend] = {"error": _error(err)}
                 traceback.print_exc()
             torch._dynamo.reset()
-        rows += [_row(base, spec, b, times) for b in batches]
+        rows += [_row(base, spec_for(spec, "triton", dtype).name, b, times) for b in batches]
     choices += [{**base, **c} for c in kernels.dispatch_log()]
     del retriever
     if device.type == "cuda":
@@ -164,7 +173,7 @@ def _error(err: Exception) -> str:
 
 
 def _line(row: dict) -> str:
-    head = f"{row['shape']:>9} {row['items']:>9} {row['spec']:>20} b={row['batch']:<4}"
+    head = f"{row['shape']:>9} {row['items']:>9} {row['spec']:>28} b={row['batch']:<4}"
     if "error" in row:
         return f"{head} FAILED {row['error']}"
     flag = "" if row["speedup"] >= 0.95 else "   <-- ours slower"
