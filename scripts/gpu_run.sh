@@ -6,7 +6,9 @@
 #
 #   scripts/gpu_run.sh stash          # with .whl-triton/ present: keeps the tritonserver wheel in $GENREC_GPU_HOME
 #   scripts/gpu_run.sh run [OUT]      # with .whl/ present: installs, runs everything, writes OUT
-#   scripts/gpu_run.sh all [OUT]      # both, when everything is here at once
+#   scripts/gpu_run.sh build [OUT]    # the first half of run: installs, stage=all, the validate table
+#   scripts/gpu_run.sh serve [OUT]    # the second half: deploy, query, load tests, GPU metrics, summary
+#   scripts/gpu_run.sh all [OUT]      # stash and run, when everything is here at once
 #   scripts/gpu_run.sh kernels [OUT]  # our kernels against the reference at 1k..1M items (torch+triton only), and
 #                                     # with ML1M_ROOT (a folder holding ml-1m/) the ML-1M preset's stage=all
 #
@@ -36,9 +38,9 @@ step() {  # step NAME CMD...: runs CMD, its output to OUT/NAME.log and here; rec
   return "$rc"
 }
 
-run() {
+setup() {  # OUT, its step table, the carried wheels on PYTHONPATH, tritonserver unpacked
   mkdir -p "$out"
-  echo "| step | exit | seconds |" > "$out/steps.md"; echo "| --- | --- | --- |" >> "$out/steps.md"
+  [ -f "$out/steps.md" ] || { echo "| step | exit | seconds |" > "$out/steps.md"; echo "| --- | --- | --- |" >> "$out/steps.md"; }
   if ls .whl/*.whl >/dev/null 2>&1; then
     "$py" -m pip install -q --no-index --no-deps --no-compile --upgrade --target "$home/site" .whl/*.whl || exit 1
   fi
@@ -48,12 +50,15 @@ run() {
     [ -n "$wheel" ] || { echo "no nvidia-pytriton wheel: run 'scripts/gpu_run.sh stash' first" >&2; exit 1; }
     step install_triton "$py" -m pipeline.serving install --wheel-file "$wheel" || exit 1
   fi
+}
+
+build() {
+  setup
   {
     echo "# GPU run $(date -u +%Y-%m-%dT%H:%M:%SZ)"
     echo "commit $(git rev-parse --short HEAD 2>/dev/null || echo unknown)"
     "$py" -c 'import torch, triton; print("torch", torch.__version__, "triton", triton.__version__, torch.cuda.get_device_name(0))'
   } > "$out/summary.md" 2>&1
-  local gpu="serving.instance_group.kind=KIND_GPU"
   # shellcheck disable=SC2086
   step stage_all "$py" -m pipeline stage=all precision=fp16 device=cuda ${GPU_RUN_ARGS:-}
   local run_dir
@@ -61,6 +66,11 @@ run() {
   for f in validate_variants.md validate_latency.csv compile.json manifest.json; do
     [ -f "$run_dir$f" ] && cp "$run_dir$f" "$out/"
   done
+}
+
+serve() {
+  setup
+  local gpu="serving.instance_group.kind=KIND_GPU"
   step deploy "$py" -m pipeline stage=deploy "$gpu"
   step query "$py" -m pipeline.client --check "$gpu"
   local n=${LOAD_REQUESTS:-3000} c=${LOAD_CONCURRENCY:-32}
@@ -102,8 +112,10 @@ kernels() {
 
 case "$phase" in
   stash) stash ;;
-  run) run ;;
-  all) stash; run ;;
+  run) build; serve ;;
+  build) build ;;
+  serve) serve ;;
+  all) stash; build; serve ;;
   kernels) kernels ;;
-  *) echo "usage: scripts/gpu_run.sh stash | run [OUT] | all [OUT] | kernels [OUT]" >&2; exit 2 ;;
+  *) echo "usage: scripts/gpu_run.sh stash | run [OUT] | build [OUT] | serve [OUT] | all [OUT] | kernels [OUT]" >&2; exit 2 ;;
 esac
