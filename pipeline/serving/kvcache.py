@@ -126,20 +126,27 @@ class KVCache:
                 self.counters["misses"] += 1
                 return None, None
             self.counters[f"hits_{tier}"] += 1
-            if tier == HOST_TIER:
+            on_device = CacheEntry(entry.fingerprint, entry.state.to(self.device, non_blocking=True), entry.nbytes)
+            if tier == HOST_TIER and entry.nbytes <= self.budget[DEVICE_TIER]:
                 self._remove(user)
-                entry = CacheEntry(entry.fingerprint, entry.state.to(self.device, non_blocking=True), entry.nbytes)
-                self._insert(user, entry)
-            else:
-                self._tiers[DEVICE_TIER].move_to_end(user)
-            return entry, tier
+                self._make_room(DEVICE_TIER, entry.nbytes)
+                self._add(DEVICE_TIER, user, on_device)
+            else:  # a device hit, or an entry the device tier cannot hold: it stays where it is
+                self._tiers[tier].move_to_end(user)
+            return on_device, tier
 
-    def put(self, user: Hashable, entry: CacheEntry) -> None:
+    def put(self, user: Hashable, entry: CacheEntry, tier: str = DEVICE_TIER) -> None:
         """Store (replacing the user's previous entry) in the device tier, spilling its LRU users to the host;
-        an entry too large for the device tier goes to the host tier, one too large for both is not kept."""
+        an entry too large for the device tier goes to the host tier, one too large for both is not kept.
+        tier="host" stores it in the host tier directly (to warm it, or to measure host hits)."""
+        if tier not in self.budget:
+            raise ValueError(f"unknown cache tier '{tier}'; valid choices: {DEVICE_TIER}, {HOST_TIER}")
         with self._lock:
             self._remove(user)
-            self._insert(user, entry)
+            if tier == HOST_TIER:
+                self._to_host(user, entry)
+            else:
+                self._insert(user, entry)
 
     def invalidate(self, user: Hashable) -> None:
         with self._lock:
