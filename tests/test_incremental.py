@@ -147,20 +147,20 @@ def _row_by_row(q, kc, vc, kn, vn, c, n, ql, weight, max_len):
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_cached_attention_kernel_matches_full_attention(dtype):
-    """Ragged rows: a miss (nothing cached), a row with more keys than a key block, one query vs several,
-    dv != dqk; Triton and the reference against each row's full attention."""
+    """Ragged rows: misses (nothing cached; one longer than a query block), a row with more keys than a key
+    block, one query vs several, dv != dqk; Triton and the reference against each row's full attention."""
     if not _triton_usable():
         pytest.skip("triton was imported before this module without TRITON_INTERPRET=1")
     gen = torch.Generator().manual_seed(3)
     H, dqk, dv, max_len = 2, 8, 12, 40
-    c, n, ql = [0, 21, 5, 33], [3, 1, 5, 2], [3, 1, 1, 2]
+    c, n, ql = [0, 21, 5, 33, 0], [3, 1, 5, 2, 20], [3, 1, 1, 2, 20]  # the last: a miss over two query blocks
     rand = lambda *shape: torch.randn(*shape, generator=gen).to(DEVICE, dtype)  # noqa: E731
     q, kc, vc, kn, vn = rand(sum(ql), H, dqk), rand(sum(c), H, dqk), rand(sum(c), H, dv), rand(sum(n), H, dqk), rand(sum(n), H, dv)
     weight = rand(2 * max_len - 1)
     meta = lambda xs: torch.tensor(xs, device=DEVICE)  # noqa: E731
     offsets = lambda xs: meta([sum(xs[:i]) for i in range(len(xs))])  # noqa: E731
     args = (q, kc, vc, kn, vn, offsets(c), meta(c), offsets(n), meta(n), offsets(ql), meta(ql))
-    widths = dict(position_weight=weight, max_len=max_len, max_keys=max(a + b for a, b in zip(c, n)), max_queries=3)
+    widths = dict(position_weight=weight, max_len=max_len, max_keys=max(a + b for a, b in zip(c, n)), max_queries=20)
     expected = _row_by_row(*(t.float() for t in (q, kc, vc, kn, vn)), c, n, ql, weight.float(), max_len)
     reference = cached_attention_reference(*args, *widths.values())
     with kernels.use("triton", op="hstu_attention"):

@@ -206,8 +206,11 @@ def _hstu_cached_attention_fwd(
                 mask=m_ok[:, None] & (dq < DQK)[None, :], other=0.0)
     acc = tl.zeros((BLOCK_M, BLOCK_DV), dtype=tl.float32)
     # Rows with fewer queries than this block's start have nothing to do (the grid covers the longest row).
+    # New keys after this block's last query are masked anyway: the causal bound ends the loop (a miss's
+    # whole history is all new keys, as in the full kernel).
+    block_end = tl.minimum((pid_m + 1) * BLOCK_M, q_len)
     c_count = tl.where(pid_m * BLOCK_M < q_len, c_len, 0)
-    n_count = tl.where(pid_m * BLOCK_M < q_len, n_len, 0)
+    n_count = tl.where(pid_m * BLOCK_M < q_len, n_len - q_len + block_end, 0)
     acc = _cached_block(acc, q, pos, m_ok, KC, VC, c_off, c_count, 0, h, skcl, skch, svcl, svch, PW, MAX_LEN,
                         inv_max_len, DQK, DV, dq, dv, DOT_PRECISION, UPCAST, FAST, BLOCK_N)
     acc = _cached_block(acc, q, pos, m_ok, KN, VN, n_off, n_count, c_len, h, sknl, sknh, svnl, svnh, PW, MAX_LEN,
@@ -226,6 +229,8 @@ def fused_cached_attention(q: Tensor, k_cache: Tensor, v_cache: Tensor, k_new: T
     q, k_cache, v_cache, k_new, v_new = (t if t.stride(-1) == 1 else t.contiguous()
                                          for t in (q, k_cache, v_cache, k_new, v_new))
     k_cache, v_cache = k_cache.to(k_new.dtype), v_cache.to(v_new.dtype)
+    if k_cache.shape[0] == 0:  # a batch of misses: no cached keys, but the kernel wants real pointers
+        k_cache, v_cache = k_new[:1], v_new[:1]
     out = torch.empty(q.shape[0], H, dv, device=q.device, dtype=v_new.dtype)
     if B == 0 or q.shape[0] == 0:
         return out

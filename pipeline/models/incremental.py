@@ -62,7 +62,7 @@ class UserState:
             if t is None:
                 return None
             if pin:
-                return t.to("cpu").pin_memory()
+                return t if t.is_pinned() else t.to("cpu").pin_memory()
             return t.to(device, non_blocking=non_blocking)
         return UserState(move(self.keys), move(self.values), move(self.query), move(self.timestamps))
 

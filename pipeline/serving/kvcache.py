@@ -51,14 +51,45 @@ class Fingerprint:
     digest: bytes
 
 
+def _positions(items: np.ndarray, timestamps: np.ndarray | None) -> np.ndarray:
+    """int64 [n] or, with timestamps, [n, 2] (item, time) per position: hashed in position order, so the hash
+    of a prefix is a state of the hash of the whole history."""
+    items = np.ascontiguousarray(items, dtype=np.int64)
+    if timestamps is None:
+        return items
+    return np.ascontiguousarray(np.stack([items, np.asarray(timestamps, dtype=np.int64)], axis=1))
+
+
 def fingerprint(items: np.ndarray, timestamps: np.ndarray | None = None, namespace: bytes = b"") -> Fingerprint:
     """items int64 [n] (and their timestamps, for a model with time bias) -> Fingerprint."""
-    h = hashlib.blake2b(namespace, digest_size=16)
-    h.update(np.ascontiguousarray(items, dtype=np.int64).tobytes())
-    if timestamps is not None:
-        h.update(b"t")
-        h.update(np.ascontiguousarray(timestamps, dtype=np.int64).tobytes())
-    return Fingerprint(int(items.shape[0]), h.digest())
+    return HistoryHasher(items, timestamps, namespace).full()
+
+
+class HistoryHasher:
+    """Fingerprints of one request's history: of the prefix a cached entry claims (prefix(n)), then of the
+    whole history (full()), hashing each action once: the whole history's hash continues the prefix's."""
+
+    def __init__(self, items: np.ndarray, timestamps: np.ndarray | None = None, namespace: bytes = b"") -> None:
+        self.data = _positions(items, timestamps)
+        self.length = int(self.data.shape[0])
+        self._hasher = hashlib.blake2b(namespace + (b"t" if timestamps is not None else b"i"), digest_size=16)
+        self._at = 0
+
+    def _advance(self, n: int) -> None:
+        if n < self._at:  # only forward; a shorter prefix restarts from a copy of the namespace state
+            raise ValueError("HistoryHasher prefixes must be asked in increasing order")
+        self._hasher.update(self.data[self._at: n].tobytes())
+        self._at = n
+
+    def prefix(self, n: int) -> Fingerprint | None:
+        """The fingerprint of the first n actions; None when the history is shorter than n."""
+        if n > self.length:
+            return None
+        self._advance(n)
+        return Fingerprint(n, self._hasher.copy().digest())
+
+    def full(self) -> Fingerprint:
+        return self.prefix(self.length)  # type: ignore[return-value]
 
 
 @dataclass(frozen=True, eq=False)
@@ -107,17 +138,17 @@ class KVCache:
         with self._lock:
             return list(self._tiers[tier])
 
-    def lookup(self, user: Hashable, items: np.ndarray, timestamps: np.ndarray | None = None,
+    def lookup(self, user: Hashable, history: np.ndarray | HistoryHasher, timestamps: np.ndarray | None = None,
                namespace: bytes = b"") -> tuple[CacheEntry | None, str | None]:
-        """The user's entry if it encodes a prefix of items (+timestamps), on the device, and the tier it was
-        found in; (None, None) on a miss. A host hit moves the entry to the device tier."""
+        """The user's entry if it encodes a prefix of the request's history (item ids [n] and timestamps, or a
+        HistoryHasher of them), on the device, and the tier it was found in; (None, None) on a miss. A host
+        hit moves the entry to the device tier (when it fits there)."""
+        hasher = history if isinstance(history, HistoryHasher) else HistoryHasher(history, timestamps, namespace)
         with self._lock:
             tier = next((t for t, entries in self._tiers.items() if user in entries), None)
             entry = self._tiers[tier][user] if tier else None
             if entry is not None:
-                n = entry.fingerprint.length
-                valid = n <= len(items) and fingerprint(
-                    items[:n], None if timestamps is None else timestamps[:n], namespace) == entry.fingerprint
+                valid = hasher.prefix(entry.fingerprint.length) == entry.fingerprint
                 if not valid:  # stale or foreign: it can only be replaced
                     self._remove(user)
                     self.counters["stale"] += 1
@@ -267,11 +298,13 @@ class IncrementalRetriever:
         ts_host = timestamps.cpu().numpy() if time_bias else None
         paths = ["no_user"] * B
         rows = [b for b in range(B) if users[b] is not None]
-        states, new_items, new_ts = [], [], []
+        states, new_items, new_ts, hashers = [], [], [], []
         for b in rows:
             items = hist_host[b, : lens[b]]
             ts = ts_host[b, : lens[b]] if time_bias else None
-            entry, tier = self.cache.lookup(users[b], items, ts, self.namespace)
+            hasher = HistoryHasher(items, ts, self.namespace)
+            hashers.append(hasher)
+            entry, tier = self.cache.lookup(users[b], hasher)
             start = 0 if entry is None else entry.fingerprint.length
             paths[b] = "miss" if entry is None else f"{tier}_hit"
             states.append(None if entry is None else entry.state)
@@ -285,9 +318,7 @@ class IncrementalRetriever:
             queries[rows] = encoded.to(queries.device)
             for i, b in enumerate(rows):
                 if new_items[i].numel():  # a row appending nothing keeps its entry as it is
-                    n = lens[b]
-                    fp = fingerprint(hist_host[b, :n], ts_host[b, :n] if time_bias else None, self.namespace)
-                    self.cache.put(users[b], CacheEntry(fp, new_states[i], new_states[i].nbytes))
+                    self.cache.put(users[b], CacheEntry(hashers[i].full(), new_states[i], new_states[i].nbytes))
         others = [b for b in range(B) if users[b] is None]
         if others:  # exactly today's path for rows without a user id
             index = torch.tensor(others, device=history.device)
