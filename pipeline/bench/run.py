@@ -7,6 +7,7 @@ build of that name in the pipeline's validate table: the same spec, built by the
     python -m pipeline.bench.run bench.workload=retrieval-1m --out DIR # the standard GPU workload
     python -m pipeline.bench.run --variants eager-fp32 inductor-fp32 bench.iters=50
     python -m pipeline.bench.run --parts --gpu-tests ...               # halves of the call; GPU kernel tests first
+    python -m pipeline.bench.run bench.workload=incremental-1m         # the user-state cache (pipeline.bench.incremental)
 
 Settings come from the pipeline's Hydra config (conf/bench/default.yaml): `key=value` arguments override it.
 A variant that fails is reported and the run goes on; variants left when bench.budget_s runs out are skipped.
@@ -148,6 +149,11 @@ def main(argv: list[str] | None = None) -> int:
     try:
         cfg = _config(args.overrides)
         bcfg = cfg.bench
+        if bcfg.workload is not None and str(bcfg.workload).startswith("incremental"):
+            # Incremental inference (docs/INCREMENTAL.md) times cache paths, not catalogue variants.
+            from pipeline.bench import incremental
+
+            return incremental.main([*args.overrides, *(["--out", str(args.out)] if args.out else [])])
         if bcfg.workload is not None and bcfg.workload not in WORKLOADS:
             raise PipelineError(f"unknown bench.workload '{bcfg.workload}'; valid choices: {', '.join(sorted(WORKLOADS))}")
         chosen: list[VariantSpec | Part] = [*chosen_specs(args.variants, bench_specs(bcfg, device)),

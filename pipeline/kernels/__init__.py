@@ -68,6 +68,10 @@ def wants_triton(op: str, device: torch.device) -> bool:
 
 
 from pipeline.kernels.hstu_attention import hstu_attention, hstu_attention_reference  # noqa: E402
+from pipeline.kernels.hstu_cached_attention import (  # noqa: E402
+    cached_attention_reference,
+    hstu_cached_attention,
+)
 from pipeline.kernels.ln_gate import layer_norm_gate, layer_norm_gate_reference  # noqa: E402
 from pipeline.kernels.dispatch import dispatch_log  # noqa: E402
 from pipeline.kernels.retrieval import (  # noqa: E402
@@ -82,10 +86,12 @@ __all__ = [
     "BACKENDS",
     "OPS",
     "backend",
+    "cached_attention_reference",
     "dispatch_log",
     "fix_unsure",
     "hstu_attention",
     "hstu_attention_reference",
+    "hstu_cached_attention",
     "layer_norm_gate",
     "layer_norm_gate_reference",
     "needs_check",

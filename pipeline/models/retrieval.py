@@ -90,7 +90,10 @@ class Retriever(nn.Module):
 
     def score_all(self, history: Tensor, lengths: Tensor, timestamps: Tensor | None = None) -> Tensor:
         """-> [B, N+1] scores of every item, column 0 and history items at -inf (for full-ranking evaluation)."""
-        query = self.query(history, lengths, timestamps)
+        return self.score_all_for(self.query(history, lengths, timestamps), history)
+
+    def score_all_for(self, query: Tensor, history: Tensor) -> Tensor:
+        """score_all for queries computed elsewhere (query(), or incremental encoding) -> [B, N+1]."""
         if self.table_scales is not None:
             scores = ((query.float() @ self.table(query.dtype).float().T) * self.table_scales).to(query.dtype)
         else:
@@ -101,7 +104,10 @@ class Retriever(nn.Module):
         """-> (ids, scores, unsure [B], query): forward() before its exactness check. With the Triton
         retrieval kernel, rows marked unsure may miss a top-k item (finish() fixes them); nothing here
         synchronizes with the host, so compiled callers can capture it whole in a CUDA graph."""
-        query = self.query(history, lengths, timestamps)
+        return self.candidates_for(self.query(history, lengths, timestamps), history)
+
+    def candidates_for(self, query: Tensor, history: Tensor):
+        """candidates() for queries computed elsewhere."""
         table, scales = self.table(query.dtype), self.table_scales
         if kernels.backend("retrieval") == "triton":
             scores, ids, unsure = kernels.retrieval_top_k_candidates(query, table, history, self.k, scales)
@@ -129,4 +135,14 @@ class Retriever(nn.Module):
             ids, scores, unsure, query = self.candidates(history, lengths, timestamps)
             return self.finish(history, ids, scores, unsure, query)
         scores, ids = top_k(self.score_all(history, lengths, timestamps), self.k)
+        return padded_ids(ids, scores), scores
+
+    def rank(self, query: Tensor, history: Tensor) -> tuple[Tensor, Tensor]:
+        """forward() from the query on: queries [B, D] (already L2-normalized if l2_norm, as query() returns
+        them) and the histories to filter -> (item ids [B, k], scores [B, k]). For callers that obtain the
+        query another way (pipeline.serving.kvcache: incremental encoding)."""
+        if kernels.backend("retrieval") == "triton":
+            ids, scores, unsure, query = self.candidates_for(query, history)
+            return self.finish(history, ids, scores, unsure, query)
+        scores, ids = top_k(self.score_all_for(query, history), self.k)
         return padded_ids(ids, scores), scores

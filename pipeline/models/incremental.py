@@ -1,0 +1,229 @@
+"""Exact incremental encoding for HSTU: a user's per-layer keys and values, kept from an earlier request, let
+a later request that appends actions encode only the new positions.
+
+Why it is exact. HSTU is causal and everything else is per position: position i's input is its item
+embedding plus the learned absolute position embedding of i; each layer's layer norm, projections, U-gating
+and output projection act on position i alone; its attention reads keys j <= i with a bias indexed by j - i
+(plus, with time_bias, a bucket of |t_i - t_j|, t_i being i's own action time) and divides by the constant
+max_len, never by the history's length. So appending actions at positions n.. changes nothing at positions
+< n: their keys and values (and the last query's embedding) are those of a full recompute of the longer
+history, and the new positions, attending to cached + new keys with the same bias and normalisation, are
+too. Results agree with a full recompute up to floating-point summation order (matmuls of different shapes).
+
+When it cannot be exact (the caller recomputes the full history and re-seeds, see pipeline.serving.kvcache):
+- the history is longer than max_len: clients send the most recent max_len actions, so once the window
+  slides every action moves to another position (another position embedding, other offsets). The request's
+  prefix no longer matches what was cached, so the fingerprint check sends it to a recompute;
+- the prefix changed (an action removed or edited, another user's history under the same id): likewise;
+- timestamps: supported exactly. The time-gap bias of a pair involves only the two actions' own times, so
+  cached pairs keep theirs; the cached prefix's timestamps are part of the state (and of the fingerprint);
+- training mode (dropout): refused, the cache is for inference;
+- SASRec: not supported (its causal softmax attention could be cached the same way, but its encoder has no
+  such path here); callers recompute every request.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from pipeline.kernels import hstu_cached_attention, layer_norm_gate
+from pipeline.models.hstu import HSTU
+
+
+@dataclass(frozen=True, eq=False)
+class UserState:
+    """What a user's first `length` actions leave behind: per layer the SiLU-activated keys and values of
+    every position, the last layer's output at position length-1 (the query before the retrieval head's L2
+    norm, so a request that appends nothing costs nothing), and the actions' timestamps if the model has a
+    time bias. Immutable: an append builds a new state, so a reader never sees one half-written."""
+
+    keys: Tensor                   # [num_layers, length, H, attn_dim]
+    values: Tensor                 # [num_layers, length, H, hidden_dim]
+    query: Tensor                  # [dim]
+    timestamps: Tensor | None      # [length] int64, with time_bias only
+
+    @property
+    def length(self) -> int:
+        return self.keys.shape[1]
+
+    @property
+    def nbytes(self) -> int:
+        tensors = [self.keys, self.values, self.query] + ([self.timestamps] if self.timestamps is not None else [])
+        return sum(t.numel() * t.element_size() for t in tensors)
+
+    def to(self, device: torch.device, non_blocking: bool = False, pin: bool = False) -> UserState:
+        """A copy on `device` (pinned host memory with pin=True, for the host tier's asynchronous copies)."""
+        def move(t: Tensor | None) -> Tensor | None:
+            if t is None:
+                return None
+            if pin:
+                return t if t.is_pinned() else t.to("cpu").pin_memory()
+            return t.to(device, non_blocking=non_blocking)
+        return UserState(move(self.keys), move(self.values), move(self.query), move(self.timestamps))
+
+
+def unsupported_reason(model: torch.nn.Module) -> str | None:
+    """Why this encoder cannot be encoded incrementally (None: it can)."""
+    if not isinstance(model, HSTU):
+        return f"incremental encoding is implemented for HSTU only, not {type(model).__name__}: every request recomputes"
+    if model.training:
+        return "the model is in training mode (dropout): call .eval() before incremental encoding"
+    return None
+
+
+class IncrementalEncoder:
+    """encode(states, new_items) -> the query of each row after its new actions, and the rows' new states.
+
+    A row with state None encodes its whole history (a miss; the state it returns seeds the cache). A row
+    may append nothing (then its cached query is returned). Rows differ freely in cached and new lengths:
+    they run as one ragged batch (pipeline.kernels.hstu_cached_attention).
+    """
+
+    def __init__(self, model: HSTU) -> None:
+        reason = unsupported_reason(model)
+        if reason:
+            raise ValueError(reason)
+        self.model = model
+        first = model.layers[0]
+        self.max_len = first.max_len
+        self.num_layers = len(model.layers)
+        self.heads, self.attn_dim, self.hidden_dim = first.num_heads, first.attn_dim, first.hidden_dim
+
+    @property
+    def device(self) -> torch.device:
+        return self.model.item_embedding.weight.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.model.item_embedding.weight.dtype
+
+    def state_bytes(self, length: int) -> int:
+        """Bytes of one cached user with `length` actions (what the cache's budgets count)."""
+        size = torch.empty((), dtype=self.dtype).element_size()
+        per_position = self.num_layers * self.heads * (self.attn_dim + self.hidden_dim) * size
+        dim = self.model.item_embedding.embedding_dim
+        return length * per_position + dim * size + (8 * length if self.model.time_bias else 0)
+
+    @torch.no_grad()
+    def encode(self, states: Sequence[UserState | None], new_items: Sequence[Tensor],
+               new_timestamps: Sequence[Tensor] | None = None) -> tuple[Tensor, list[UserState]]:
+        """states[b]: row b's cached state or None; new_items[b]: int64 [m_b] the actions after it (the whole
+        history for None); new_timestamps[b]: their times (time_bias only). -> (queries [B, dim], states)."""
+        model = self.model
+        if model.training:
+            raise ValueError("the model is in training mode (dropout): call .eval() before incremental encoding")
+        if len(states) != len(new_items):
+            raise ValueError(f"{len(states)} states for {len(new_items)} rows of new items")
+        if model.time_bias and new_timestamps is None:
+            raise ValueError("this HSTU was built with time_bias=True and needs the new actions' timestamps")
+        B = len(states)
+        c_lens = [0 if s is None else s.length for s in states]
+        m_lens = [int(items.numel()) for items in new_items]
+        for b, (c, m) in enumerate(zip(c_lens, m_lens)):
+            if c + m > self.max_len:
+                raise ValueError(f"row {b}: {c} cached + {m} new actions exceed max_len={self.max_len}; the window "
+                                 "slides there, so the history must be recomputed from its last max_len actions")
+            if c + m == 0:
+                raise ValueError(f"row {b}: no cached state and no actions; an empty history has no query")
+        active = [b for b in range(B) if m_lens[b] > 0]
+        queries: list[Tensor | None] = [None if m_lens[b] else states[b].query for b in range(B)]
+        out_states: list[UserState] = list(states)  # type: ignore[arg-type]
+        if active:
+            new_q, new_s = self._encode_active([states[b] for b in active], [new_items[b] for b in active],
+                                               None if new_timestamps is None else [new_timestamps[b] for b in active])
+            for i, b in enumerate(active):
+                queries[b], out_states[b] = new_q[i], new_s[i]
+        if B == 0:
+            return torch.empty(0, model.item_embedding.embedding_dim, device=self.device, dtype=self.dtype), []
+        return torch.stack([q.to(self.device) for q in queries]), out_states
+
+    def _encode_active(self, states: list[UserState | None], new_items: list[Tensor],
+                       new_timestamps: list[Tensor] | None) -> tuple[Tensor, list[UserState]]:
+        model, device, dtype = self.model, self.device, self.dtype
+        H, dqk, dv = self.heads, self.attn_dim, self.hidden_dim
+        B = len(states)
+        c_lens = [0 if s is None else s.length for s in states]
+        m_lens = [int(items.numel()) for items in new_items]
+        c_off_list = [0] + list(_cumsum(c_lens))[:-1]
+        n_off_list = [0] + list(_cumsum(m_lens))[:-1]
+        as_tensor = lambda xs: torch.tensor(xs, dtype=torch.long, device=device)  # noqa: E731
+        c_len, m_len, c_off, n_off = as_tensor(c_lens), as_tensor(m_lens), as_tensor(c_off_list), as_tensor(n_off_list)
+        last_off, last_len = torch.arange(B, device=device), torch.ones(B, dtype=torch.long, device=device)
+        max_keys = max(c + m for c, m in zip(c_lens, m_lens))
+        cached = [s for s in states if s is not None and s.length]
+        L = self.num_layers
+        if cached:
+            k_cache = torch.cat([s.keys.to(device, non_blocking=True) for s in cached], dim=1)
+            v_cache = torch.cat([s.values.to(device, non_blocking=True) for s in cached], dim=1)
+        else:
+            k_cache = torch.empty(L, 0, H, dqk, device=device, dtype=dtype)
+            v_cache = torch.empty(L, 0, H, dv, device=device, dtype=dtype)
+        items = torch.cat([t.reshape(-1) for t in new_items]).to(device, torch.long)
+        positions = torch.cat([torch.arange(c, c + m) for c, m in zip(c_lens, m_lens)]).to(device)
+        ts_cache = ts_new = None
+        time_bias = model.time_bias
+        if time_bias:
+            ts_cache = torch.cat([s.timestamps.to(device) for s in cached]) if cached else \
+                torch.empty(0, dtype=torch.long, device=device)
+            ts_new = torch.cat([t.reshape(-1) for t in new_timestamps]).to(device, torch.long)
+            if ts_new.numel() != items.numel():
+                raise ValueError("new_timestamps must give one time per new action")
+        # embed_history's arithmetic, per position (dropout is off in eval; padding rows do not exist here).
+        emb = model.item_embedding
+        x = emb(items) * math.sqrt(emb.embedding_dim) + model.position_embedding.weight[positions]
+        last_rows = torch.as_tensor(_cumsum(m_lens), device=device) - 1   # each row's latest action, flat
+        new_keys, new_values = [], []
+        for index, layer in enumerate(model.layers):
+            last = index == L - 1
+            D = x.shape[-1]
+            normed = F.layer_norm(x, (D,), eps=layer.eps)
+            weight = layer.uvqk.weight  # rows: u, v, q, k
+            v = F.silu(F.linear(normed, weight[H * dv: 2 * H * dv])).view(-1, H, dv)
+            k = F.silu(F.linear(normed, weight[2 * H * dv + H * dqk:])).view(-1, H, dqk)
+            if last:  # the last layer's output is needed at each row's latest action only (as in forward_last)
+                x_sel, normed_sel = x[last_rows], normed[last_rows]
+                q_off, q_len, max_queries = last_off, last_len, 1
+            else:
+                x_sel, normed_sel = x, normed
+                q_off, q_len, max_queries = n_off, m_len, max(m_lens)
+            uq = F.linear(normed_sel, weight[: 2 * H * dv + H * dqk])
+            u, q = uq[:, : H * dv], F.silu(uq[:, 2 * H * dv:]).view(-1, H, dqk)
+            bias = layer.relative_bias
+            out = hstu_cached_attention(
+                q, k_cache[index], v_cache[index], k, v, c_off, c_len, n_off, m_len, q_off, q_len,
+                position_weight=bias.position_weight, max_len=layer.max_len, max_keys=max_keys,
+                max_queries=max_queries, time_weight=bias.time_weight if time_bias else None,
+                ts_cache=ts_cache, ts_new=ts_new,
+            ).reshape(-1, H * dv)
+            gated = layer_norm_gate(out, u, layer.eps, silu_u=True)
+            x = x_sel + layer.out(gated)
+            new_keys.append(k)
+            new_values.append(v)
+        k_new, v_new = torch.stack(new_keys), torch.stack(new_values)    # [L, Nn, H, d]
+        out_states = []
+        for b, state in enumerate(states):
+            sl = slice(n_off_list[b], n_off_list[b] + m_lens[b])
+            keys, values = k_new[:, sl], v_new[:, sl]
+            ts = ts_new[sl] if time_bias else None
+            if state is not None and state.length:
+                keys = torch.cat([state.keys.to(device), keys], dim=1)
+                values = torch.cat([state.values.to(device), values], dim=1)
+                ts = torch.cat([state.timestamps.to(device), ts]) if time_bias else None
+            else:  # own storage, not a view into the batch's tensors (which a cache would otherwise keep whole)
+                keys, values = keys.clone(), values.clone()
+                ts = ts.clone() if ts is not None else None
+            out_states.append(UserState(keys, values, x[b].clone(), ts))
+        return x, out_states
+
+
+def _cumsum(xs: Sequence[int]) -> list[int]:
+    out, total = [], 0
+    for x in xs:
+        total += x
+        out.append(total)
+    return out
