@@ -83,14 +83,19 @@ def _pipeline(env, *extra):
     return result.returncode, result.stdout + result.stderr
 
 
-def _pipeline_answers(env, version: str, users: int, k: int):
-    """The pipeline's own top-k for the first test users, from the variant of the run that promoted `version`."""
+def _promoted_variant(env, version: str):
+    """The variant that registry `version` promoted, loaded on the CPU by the pipeline's own loader."""
     tmp, cfg, registry = env[0], env[2], env[5]
     tags = registry.get_model_version("genrec", version).tags
     manifest = Manifest.load(tmp / "artifacts" / "runs" / tags["source_run"] / "manifest.json")
     variant = next(v for v in manifest.variants() if v.name == tags["variant"])
-    predict = load_variant(variant, torch.device("cpu"), cfg.validate.top_k)
-    test = load_splits(cfg).test
+    return load_variant(variant, torch.device("cpu"), cfg.validate.top_k)
+
+
+def _pipeline_answers(env, version: str, users: int, k: int):
+    """The pipeline's own top-k for the first test users, from the variant of the run that promoted `version`."""
+    predict = _promoted_variant(env, version)
+    test = load_splits(env[2]).test
     with torch.inference_mode():
         ids, scores = predict(test.history[:users], test.lengths[:users], None)
     histories = [test.history[u, : test.lengths[u]].tolist() for u in range(users)]  # synthetic: raw ids = model ids
@@ -275,7 +280,9 @@ def compiled_run(env):
 @pytest.mark.parametrize("backend", ["inductor", "aoti"])  # onnxruntime and eager: the tests above
 def test_champion_of_each_backend_deploys_and_answers_as_the_pipeline(env, compiled_run, backend):
     tmp, args, _, server, _, registry = env
-    code, output = _pipeline(env, "stage=[promote,deploy]", f"from_run={compiled_run}", f"promote.backends=[{backend}]")
+    # Batches run at a bucket of 4 rows: the 3-row request below is padded to 4 and cut back.
+    code, output = _pipeline(env, "stage=[promote,deploy]", f"from_run={compiled_run}", f"promote.backends=[{backend}]",
+                             "serving.batch_buckets=[4]")
     assert code == 0, output
     version = deployed(server.root)["version"]
     assert registry.get_model_version("genrec", version).tags["backend"] == backend
@@ -283,3 +290,12 @@ def test_champion_of_each_backend_deploys_and_answers_as_the_pipeline(env, compi
                          cwd=tmp, env={**os.environ, "PYTHONPATH": str(ROOT)}, capture_output=True, text=True, timeout=300)
     assert out.returncode == 0 and "MATCH" in out.stdout, out.stdout + out.stderr
     assert f'"model_version": "{version}"' in out.stdout
+    assert "(batch buckets: [4])" in (server.root / "server.log").read_text()
+    rows = np.array([[3, 4, 5, 6], [9, 8, 7, 6], [11, 2, 30, 4]])
+    answer = env[4].infer(rows, np.full((3, 1), 10, dtype=np.int64))
+    padded = torch.zeros(3, load_splits(env[2]).test.history.shape[1], dtype=torch.int64)
+    padded[:, :4] = torch.from_numpy(rows)
+    with torch.inference_mode():
+        want_ids, want_scores = _promoted_variant(env, version)(padded, torch.full((3,), 4), None)
+    assert np.asarray(answer.item_ids).tolist() == want_ids[:, :10].tolist()
+    np.testing.assert_allclose(answer.scores, want_scores[:, :10].numpy(), atol=1e-4)

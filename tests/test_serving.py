@@ -267,3 +267,50 @@ def test_after_a_failed_deploy_the_next_promote_keeps_the_serving_version_as_pre
     assert aliases() == {"champion": "1", "failed": "2"}
     tracker.make_champion("genrec", "3")
     assert aliases() == {"champion": "3", "previous": "1", "failed": "2"}
+
+
+def test_metrics_of_gpu_instances_are_counted():
+    # Lines as tritonserver 2.x prints them on a GPU host (H200): a KIND_GPU instance's counters carry
+    # gpu_uuid before model=, and the plain label set of the same model stays 0.
+    from pipeline.serving.loadtest import parse_metrics
+
+    text = "\n".join([
+        "# HELP nv_inference_count Number of inferences performed",
+        'nv_inference_count{gpu_uuid="GPU-535cca4f",model="genrec_v1_engine",version="1"} 2609',
+        'nv_inference_count{model="genrec_v1_engine",version="1"} 0',
+        'nv_inference_count{model="genrec",version="1"} 2605',
+        'nv_inference_exec_count{gpu_uuid="GPU-535cca4f",model="genrec_v1_engine",version="1"} 1210',
+        'nv_inference_exec_count{model="genrec_v1_engine",version="2"} 5',
+        'nv_gpu_utilization{gpu_uuid="GPU-535cca4f"} 0',
+    ])
+    values = parse_metrics(text)
+    assert values[("count", "genrec_v1_engine")] == 2609
+    assert values[("exec_count", "genrec_v1_engine")] == 1215
+    assert values[("count", "genrec")] == 2605
+    assert not any(model is None for _, model in values)
+
+
+def test_batch_buckets_pad_a_batch_to_the_smallest_bucket_that_holds_it():
+    from pipeline.serving.models.common import batch_buckets, bucket_for, pad_rows
+
+    assert batch_buckets("auto", 64, gpu=True) == [1, 2, 4, 8, 16, 32, 64]
+    assert batch_buckets("auto", 48, gpu=True) == [1, 2, 4, 8, 16, 32, 48]
+    assert batch_buckets("auto", 64, gpu=False) == []
+    assert batch_buckets("8,1", 64, gpu=False) == [1, 8]
+    assert [bucket_for(n, [1, 8, 64]) for n in (1, 2, 8, 9, 64)] == [1, 8, 8, 64, 64]
+    assert bucket_for(5, []) == 5
+    rows = np.array([[3, 4, 0], [5, 0, 0]])
+    assert pad_rows(rows, 4).tolist() == [[3, 4, 0], [5, 0, 0], [3, 4, 0], [3, 4, 0]]
+    with pytest.raises(ValueError, match=r"must lie in 1..64"):
+        batch_buckets("0,8", 64, gpu=True)
+    with pytest.raises(ValueError, match="must be 'auto' or comma-separated sizes"):
+        batch_buckets("eight", 64, gpu=True)
+
+
+def test_bad_batch_buckets_are_refused_at_deploy(tmp_path):
+    from pipeline.serving.repository import _buckets_param
+
+    cfg = load_config(["serving.batch_buckets=[1,128]"])
+    with pytest.raises(PipelineError, match=r"serving.batch_buckets: batch_buckets \[1, 128\] must lie in 1..64"):
+        _buckets_param(cfg.serving)
+    assert _buckets_param(load_config(["serving.batch_buckets=[8,1]"]).serving) == "8,1"

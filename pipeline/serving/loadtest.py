@@ -23,7 +23,10 @@ import numpy as np
 from pipeline.core import PipelineError
 from pipeline.serving.client import GenrecClient, RequestRejected
 
-_SAMPLE = re.compile(r'^(nv_inference_\w+)\{model="([^"]+)",version="([^"]*)"\} ([0-9.e+-]+)$')
+# A sample line: name{label="value",...} number. On a GPU host an instance on a GPU adds gpu_uuid="..." before
+# model=, and its counters appear only under that label set (the plain one stays 0): labels in any order.
+_SAMPLE = re.compile(r'^(nv_inference_\w+)\{([^}]*)\} ([0-9.e+-]+)$')
+_LABEL = re.compile(r'(\w+)="([^"]*)"')
 _COUNTERS = ("request_success", "request_failure", "count", "exec_count", "queue_duration_us",
              "compute_infer_duration_us", "request_duration_us")
 
@@ -70,13 +73,19 @@ def run_load(url: str, model: str, histories: list[list[int]], k: int, requests:
 
 
 def scrape(metrics_url: str) -> dict[tuple[str, str], float]:
-    """The server's per-model inference counters: {(counter, model): value}, summed over versions."""
+    """The server's per-model inference counters: {(counter, model): value}, summed over versions and GPUs."""
     with urllib.request.urlopen(metrics_url, timeout=10) as response:
-        text = response.read().decode()
+        return parse_metrics(response.read().decode())
+
+
+def parse_metrics(text: str) -> dict[tuple[str, str], float]:
+    """Prometheus text -> {(counter, model): value}, summed over every label set of a model."""
     values: dict[tuple[str, str], float] = defaultdict(float)
     for line in text.splitlines():
         if m := _SAMPLE.match(line):
-            values[(m.group(1).removeprefix("nv_inference_"), m.group(2))] += float(m.group(4))
+            model = dict(_LABEL.findall(m.group(2))).get("model")
+            if model is not None:
+                values[(m.group(1).removeprefix("nv_inference_"), model)] += float(m.group(3))
     return values
 
 

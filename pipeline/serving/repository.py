@@ -263,7 +263,22 @@ def _engine(scfg: DictConfig, name: str, engine: Engine, package: Package, kind:
     config.parameters["max_k"].string_value = str(scfg.max_k)
     config.parameters["max_len"].string_value = str(package.max_len)
     config.parameters["threads"].string_value = str(scfg.threads)
+    if python:
+        config.parameters["batch_buckets"].string_value = _buckets_param(scfg)
     return config
+
+
+def _buckets_param(scfg: DictConfig) -> str:
+    """serving.batch_buckets as the engine's parameter ("auto" or "1,2,4"), checked here, at deploy."""
+    from pipeline.serving.models.common import batch_buckets
+
+    value = scfg.get("batch_buckets", "auto")
+    spec = value if isinstance(value, str) else str(value) if isinstance(value, int) else ",".join(map(str, value))
+    try:
+        batch_buckets(spec, int(scfg.max_batch_size), gpu=True)
+    except ValueError as err:
+        raise PipelineError(f"serving.batch_buckets: {err}") from None
+    return spec
 
 
 def _postprocess(scfg: DictConfig, name: str, engine: Engine) -> mc.ModelConfig:

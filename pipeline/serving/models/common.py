@@ -71,6 +71,37 @@ def pad(model_ids: np.ndarray, max_len: int) -> tuple[np.ndarray, np.ndarray]:
     return padded, np.full((batch, 1), length, dtype=np.int64)
 
 
+def batch_buckets(spec: str, max_batch: int, gpu: bool) -> list[int]:
+    """The batch sizes the engine runs, from its `batch_buckets` parameter: "auto" is the powers of two up to
+    max_batch (and max_batch) on a GPU instance, where every new batch size costs a CUDA-graph capture and a
+    kernel choice at the first call, and none on a CPU one (each batch runs at its own size); else a
+    comma-separated list. A batch runs at the smallest bucket that holds it, padded; all are warmed at load."""
+    if spec.strip() == "auto":
+        if not gpu:
+            return []
+        sizes = [1 << i for i in range(max_batch.bit_length()) if 1 << i < max_batch] + [max_batch]
+    else:
+        try:
+            sizes = [int(b) for b in spec.split(",") if b.strip()]
+        except ValueError:
+            raise ValueError(f"batch_buckets must be 'auto' or comma-separated sizes, got {spec!r}") from None
+    if any(not 1 <= b <= max_batch for b in sizes):
+        raise ValueError(f"batch_buckets {sizes} must lie in 1..{max_batch} (max_batch_size)")
+    return sorted(set(sizes))
+
+
+def bucket_for(rows: int, buckets: list[int]) -> int:
+    """The batch size `rows` requests run at: the smallest bucket >= rows, else rows itself."""
+    return next((b for b in buckets if b >= rows), rows)
+
+
+def pad_rows(array: np.ndarray, rows: int) -> np.ndarray:
+    """`array` [n, ...] grown to `rows` rows by repeating its first row (a valid input: no padding-only row)."""
+    if rows == len(array):
+        return array
+    return np.concatenate([array, np.repeat(array[:1], rows - len(array), axis=0)])
+
+
 def from_triton(tensor) -> np.ndarray:
     # The stubs in the nvidia-pytriton wheel are built against numpy 1: with numpy 2, as_numpy() misreads
     # the dtype (int64 [1, 2, 3] reads back as [1, 1, 1]) and Tensor(name, array) sends no data.

@@ -2,10 +2,11 @@
 whatever pipeline.variants knows), so the server answers exactly as validate measured it.
 
 Needs this project importable by the stub's Python: the local server names it in PYTHONPATH.
-Requests queued together by the dynamic batcher run as one batch. initialize() calls the variant once per
-batch shape (1 and >1) so that whatever compiles at the first call (torch.compile: a hit in Inductor's
-on-disk caches the pipeline filled, when they are shared) does so while the model loads, never under a
-request.
+Requests queued together by the dynamic batcher run as one batch, padded to the smallest of the engine's
+batch buckets that holds it (genrec_common.batch_buckets). initialize() calls the variant at every bucket
+(with none, at batch 1 and 2) so that whatever happens at the first call of a shape (torch.compile: a hit in
+Inductor's on-disk caches the pipeline filled; a CUDA-graph capture; the kernels' choice per shape) does so
+while the model loads, never under a request.
 """
 import json
 import locale
@@ -37,7 +38,7 @@ sys.path[:0] = [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if
 
 import torch  # noqa: E402  (after the locale: torch._inductor reads files at import)
 import triton_python_backend_utils as pb_utils  # noqa: E402
-from genrec_common import from_triton, to_triton  # noqa: E402
+from genrec_common import batch_buckets, bucket_for, from_triton, pad_rows, to_triton  # noqa: E402
 
 
 class TritonPythonModel:
@@ -52,14 +53,17 @@ class TritonPythonModel:
         gpu = args["model_instance_kind"] == "GPU"
         self.device = torch.device(f"cuda:{args['model_instance_device_id']}" if gpu else "cpu")
         torch.set_num_threads(int(params["threads"]))
+        config = json.loads(args["model_config"])
+        self.buckets = batch_buckets(params.get("batch_buckets", "auto"), int(config["max_batch_size"]), gpu)
         start = time.perf_counter()
         self.predict = load_variant(Variant(**spec), self.device, int(params["max_k"]))
         self._warm(int(params["max_len"]))
         pb_utils.Logger.log_info(f"{args['model_name']}: {spec['name']} loaded and warmed in "
-                                 f"{time.perf_counter() - start:.1f} s on {self.device}")
+                                 f"{time.perf_counter() - start:.1f} s on {self.device} "
+                                 f"(batch buckets: {self.buckets or 'none'})")
 
     def _warm(self, max_len: int) -> None:
-        for batch in (1, 2):
+        for batch in self.buckets or (1, 2):
             history = torch.ones(batch, max_len, dtype=torch.int64, device=self.device)
             with torch.inference_mode():
                 self.predict(history, torch.ones(batch, dtype=torch.int64, device=self.device), None)
@@ -69,13 +73,15 @@ class TritonPythonModel:
     def execute(self, requests):
         history = [from_triton(pb_utils.get_input_tensor_by_name(r, "HISTORY")) for r in requests]
         lengths = [from_triton(pb_utils.get_input_tensor_by_name(r, "LENGTHS")) for r in requests]
+        batch, rows_in = np.concatenate(history), np.concatenate(lengths).reshape(-1)
+        rows = bucket_for(len(batch), self.buckets)
         try:
             with torch.inference_mode():
-                ids, scores = self.predict(torch.from_numpy(np.concatenate(history)).to(self.device),
-                                           torch.from_numpy(np.concatenate(lengths).reshape(-1)).to(self.device), None)
+                ids, scores = self.predict(torch.from_numpy(pad_rows(batch, rows)).to(self.device),
+                                           torch.from_numpy(pad_rows(rows_in, rows)).to(self.device), None)
         except Exception as err:  # the whole batch fails alike; the server keeps serving
             return [pb_utils.InferenceResponse(error=pb_utils.TritonError(f"engine failed: {err}")) for _ in requests]
-        ids, scores = ids.cpu().numpy(), scores.float().cpu().numpy()
+        ids, scores = ids[: len(batch)].cpu().numpy(), scores[: len(batch)].float().cpu().numpy()
         bounds = np.cumsum([len(h) for h in history])[:-1]
         return [pb_utils.InferenceResponse([to_triton(pb_utils, "TOP_IDS", i), to_triton(pb_utils, "TOP_SCORES", s)])
                 for i, s in zip(np.split(ids, bounds), np.split(scores, bounds))]
