@@ -133,14 +133,17 @@ def budget_s() -> float:
 
 
 def choose(op: str, key: tuple, device: torch.device, reference: Option, options: Sequence[Option],
-           penalty: Callable[[Option, float], float] | None = None, timer: Timer | None = None) -> Choice:
+           penalty: Callable[[Option, float], float] | None = None, timer: Timer | None = None,
+           rounds: int = 1) -> Choice:
     """The option to run for (op, key): cached; else, where tuning runs (tunes_on), the reference and then
     `options` in order (the first is the default) are timed, and the cheapest wins (the reference on a tie).
     penalty(option, reference ms) -> extra ms, e.g. the exactness check's recomputation when the option
     left rows unsure. An option that fails (out of shared memory, say) is not a candidate.
     timer: how to time the options (default: as the calls are served, see served_by_graph); an injected
     timer (timed_by) takes precedence. Where nothing is timed, or inside a CUDA-graph capture (not recorded
-    then), options[0] runs untimed."""
+    then), options[0] runs untimed.
+    rounds: how many times each option is timed, round-robin, keeping its fastest: a first timing can carry
+    one-off costs that later calls never pay (Inductor's CUDA graphs record at a shape's second call)."""
     cached = choice(op, key)
     if cached is not None:
         return cached
@@ -153,13 +156,25 @@ def choose(op: str, key: tuple, device: torch.device, reference: Option, options
         return untimed
     timer = _timer or timer or (graph_replay_ms if _graphed else launch_ms)
     start, limit = time.perf_counter(), budget_s()
-    reference_ms = _cost(op, key, reference, timer, None, math.inf)
-    costs: dict[int, float] = {}
+    reference_ms = _time(op, key, reference, timer)
+    timings: dict[int, float] = {}
     for i, option in enumerate(options):
         if i > 0 and time.perf_counter() - start > limit:
             log.info("%s %s: tuning budget of %.0f s spent; %d options untimed", op, key, limit, len(options) - i)
             break
-        costs[i] = _cost(op, key, option, timer, penalty, reference_ms)
+        timings[i] = _time(op, key, option, timer)
+    for _ in range(rounds - 1):
+        reference_ms = min(reference_ms, _time(op, key, reference, timer))
+        for i, ms in timings.items():
+            if math.isfinite(ms):
+                timings[i] = min(ms, _time(op, key, options[i], timer))
+    TUNING_LOG.append((op, key, reference.algorithm, reference.config, reference_ms, 0.0))
+    costs: dict[int, float] = {}
+    for i, ms in timings.items():
+        option = options[i]
+        extra = penalty(option, reference_ms) if penalty is not None and math.isfinite(ms) else 0.0
+        TUNING_LOG.append((op, key, option.algorithm, option.config, ms if math.isfinite(ms) else math.nan, extra))
+        costs[i] = ms + extra
     best = min(costs, key=costs.get, default=0)
     picked, ms = (options[best], costs[best]) if costs and costs[best] < reference_ms else (reference, reference_ms)
     chosen = Choice(op, key, _graphed, picked.algorithm, picked.config, picked.exact, ms, reference_ms,
@@ -170,16 +185,13 @@ def choose(op: str, key: tuple, device: torch.device, reference: Option, options
     return chosen
 
 
-def _cost(op: str, key: tuple, option: Option, timer: Timer, penalty, reference_ms: float) -> float:
+def _time(op: str, key: tuple, option: Option, timer: Timer) -> float:
+    """ms per call of option; inf where it fails (e.g. out of shared memory for this GPU: not a candidate)."""
     try:
-        ms = timer(option.label, option.run)
-    except Exception as err:  # e.g. out of shared memory for this GPU: not a candidate here
+        return timer(option.label, option.run)
+    except Exception as err:
         log.info("%s %s: %s failed, not a candidate: %s", op, key, option.label, err)
-        TUNING_LOG.append((op, key, option.algorithm, option.config, math.nan, 0.0))
         return math.inf
-    extra = penalty(option, reference_ms) if penalty is not None else 0.0
-    TUNING_LOG.append((op, key, option.algorithm, option.config, ms, extra))
-    return ms + extra
 
 
 def graph_replay_ms(label: str, fn: Callable[[], object], reps: int = 5) -> float:
