@@ -66,6 +66,7 @@ class TritonPythonModel:
         config = json.loads(args["model_config"])
         self.buckets = batch_buckets(params.get("batch_buckets", "auto"), int(config["max_batch_size"]), gpu)
         start = time.perf_counter()
+        self.variant = spec["name"]
         self.predict = load_variant(Variant(**spec), self.device, int(params["max_k"]))
         self._warm(int(params["max_len"]))
         self.incremental, self.metrics, why = self._incremental(params, args["model_name"])
@@ -84,7 +85,7 @@ class TritonPythonModel:
             return None, None, "serving.cache.enabled=false"
         form = eager_form(self.predict)
         if form is None:
-            return None, None, f"{type(self.predict).__name__} is an exported artifact, not the model's modules"
+            return None, None, f"{self.variant} runs an exported artifact: the engine cannot reach the model's modules"
         retriever, self.kernel_choice = form
         cache = KVCache(int(params["cache_gpu_bytes"]), int(params["cache_host_bytes"]), self.device)
         incremental = IncrementalRetriever(retriever, cache, namespace=name)
