@@ -449,3 +449,30 @@ def test_engine_batches_hits_misses_and_rows_without_a_user_together(monkeypatch
     assert engine._incremental({"cache_enabled": "true"}, "m")[2] == (
         "eager-fp32 runs an exported artifact: the engine cannot reach the model's modules")
     assert engine._incremental({"cache_enabled": "false"}, "m")[2] == "serving.cache.enabled=false"
+
+
+def test_cache_metrics_are_read_per_engine_over_an_interval():
+    from pipeline.serving.loadtest import cache_side, parse_cache_metrics, report
+
+    def text(hits, misses, rows_hit, us_hit):
+        return "\n".join([
+            "# HELP genrec_cache_hits Rows answered from the user-state cache, by tier",
+            f'genrec_cache_hits{{model="genrec_v2_engine",tier="device"}} {hits}',
+            'genrec_cache_hits{model="genrec_v2_engine",tier="host"} 1',
+            f'genrec_cache_misses{{model="genrec_v2_engine"}} {misses}',
+            'genrec_cache_bytes{model="genrec_v2_engine",tier="device"} 2097152',
+            f'genrec_cache_path_rows{{model="genrec_v2_engine",path="device_hit"}} {rows_hit}',
+            f'genrec_cache_path_duration_us{{model="genrec_v2_engine",path="device_hit"}} {us_hit}',
+            'nv_inference_count{model="genrec",version="2"} 9',
+        ])
+
+    before, after = parse_cache_metrics(text(3, 1, 3, 300)), parse_cache_metrics(text(13, 4, 13, 2300))
+    got = cache_side(before, after)["genrec_v2_engine"]
+    assert (got["hits_device"], got["hits_host"], got["misses"], got["bytes_device"]) == (10, 0, 3, 2097152)
+    assert got["paths"]["device_hit"] == {"rows": 10, "mean_ms": 0.2}
+    assert got["paths"]["miss"] == {"rows": 0, "mean_ms": None}
+    client = {"ok": 13, "requests": 13, "errors": 0, "concurrency": 2, "protocol": "http", "k": 10,
+              "throughput_rps": 50.0, "p50_ms": 1.0, "p90_ms": 2.0, "p99_ms": 3.0, "first_errors": []}
+    lines = report({"version": "2", "variant": "eager-fp32", "client": client, "server": {},
+                    "returning_users": {"users": 100, "visited": 9, "cache": cache_side(before, after)}})
+    assert "hits device 10, host 0; misses 3" in lines and "device_hit        10 rows, engine 0.200 ms" in lines
