@@ -9,6 +9,7 @@ import re
 import socket
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -22,7 +23,7 @@ from pipeline.core import Manifest
 from pipeline.data import load_splits
 from pipeline.serving.client import GenrecClient, RequestRejected
 from pipeline.serving.config import load_config
-from pipeline.serving.loadtest import cache_side, run_load, scrape, scrape_cache, server_side
+from pipeline.serving.loadtest import ReturningUsers, cache_side, run_load, scrape, scrape_cache, server_side
 from pipeline.serving.package import read_package
 from pipeline.serving.repository import compile_python, write_repository
 from pipeline.serving.rollout import RolledBack, deployed, rollout
@@ -286,7 +287,8 @@ def test_returning_user_is_answered_from_its_cached_state(env):
     version = deployed(server.root)["version"]
     assert registry.get_model_version("genrec", version).tags["backend"] == "eager"
     engine = f"genrec_v{version}_engine"
-    assert "user-state cache {'device'" in (server.root / "server.log").read_text()
+    assert f"genrec_v{version}_engine: eager-fp32 loaded" in (server.root / "server.log").read_text()
+    assert "); user-state cache of {'device'" in (server.root / "server.log").read_text()
     test = load_splits(cfg).test
     user = next(u for u in range(len(test.lengths)) if 3 <= test.lengths[u] < test.history.shape[1])
     longer = test.history[user, : test.lengths[user]].tolist()  # synthetic: raw ids = model ids
@@ -320,6 +322,24 @@ def test_returning_user_is_answered_from_its_cached_state(env):
             client.infer(rows, k, user_id)
     assert client.recommend([3, 4, 5], 5, user_id=1234).item_ids.shape == (5,)  # another history: a miss
 
+    # The load test's returning users, beside requests without USER_ID: every request answered, and hits.
+    items = read_package(Path(deployed(server.root)["package"])).vocabulary.raw[1:]
+    visits = ReturningUsers(8, [longer], items, test.history.shape[1], seed=1)
+    before, results = scrape_cache(server.metrics_url), {}
+    loads = [threading.Thread(target=lambda: results.update(users=run_load(
+                 server.url, "genrec", [], 10, 40, 4, visits=visits))),
+             threading.Thread(target=lambda: results.update(plain=run_load(server.url, "genrec", [longer], 10, 20, 2)))]
+    for load in loads:
+        load.start()
+    for load in loads:
+        load.join()
+    assert results["users"]["errors"] == results["plain"]["errors"] == 0, results
+    counted = _cache_counts(server, engine, before, {"no_user": 20})
+    assert counted == {"no_user": 20}
+    cache = cache_side(before, scrape_cache(server.metrics_url))[engine]
+    assert cache["hits_device"] > 0 and cache["misses"] >= 1
+    assert cache["hits_device"] + cache["hits_host"] + cache["misses"] == 40
+
 
 @pytest.fixture(scope="module")
 def compiled_run(env):
@@ -343,7 +363,12 @@ def test_champion_of_each_backend_deploys_and_answers_as_the_pipeline(env, compi
                          cwd=tmp, env={**os.environ, "PYTHONPATH": str(ROOT)}, capture_output=True, text=True, timeout=300)
     assert out.returncode == 0 and "MATCH" in out.stdout, out.stdout + out.stderr
     assert f'"model_version": "{version}"' in out.stdout
-    assert "(batch buckets: [4])" in (server.root / "server.log").read_text()
+    log = (server.root / "server.log").read_text()
+    assert "(batch buckets: [4])" in log
+    # The compiled variant's eager modules serve returning users; an AOTInductor package has none to reach.
+    cache = {"inductor": "(batch buckets: [4]); user-state cache of {'device'",
+             "aoti": "(batch buckets: [4]); no user-state cache: aoti-fp32 runs an exported artifact"}[backend]
+    assert cache in log
     rows = np.array([[3, 4, 5, 6], [9, 8, 7, 6], [11, 2, 30, 4]])
     answer = env[4].infer(rows, np.full((3, 1), 10, dtype=np.int64))
     padded = torch.zeros(3, load_splits(env[2]).test.history.shape[1], dtype=torch.int64)

@@ -70,11 +70,11 @@ class TritonPythonModel:
         self.predict = load_variant(Variant(**spec), self.device, int(params["max_k"]))
         self._warm(int(params["max_len"]))
         self.incremental, self.metrics, why = self._incremental(params, args["model_name"])
-        cache = (f"user-state cache {self.incremental.cache.budget}" if self.incremental
+        cache = (f"user-state cache of {self.incremental.cache.budget} bytes" if self.incremental
                  else f"no user-state cache: {why}")
         pb_utils.Logger.log_info(f"{args['model_name']}: {spec['name']} loaded and warmed in "
                                  f"{time.perf_counter() - start:.1f} s on {self.device} "
-                                 f"(batch buckets: {self.buckets or 'none'}; {cache})")
+                                 f"(batch buckets: {self.buckets or 'none'}); {cache}")
 
     def _incremental(self, params, name):
         """-> (IncrementalRetriever, CacheMetrics, None), or (None, None, why rows are served without a cache)."""
