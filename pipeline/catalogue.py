@@ -17,7 +17,9 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass, fields
-from typing import TYPE_CHECKING, Any, Callable
+from functools import partial
+from types import FunctionType
+from typing import TYPE_CHECKING, Any, Callable, ContextManager
 
 import torch
 
@@ -222,4 +224,22 @@ def build(spec: VariantSpec, retriever: torch.nn.Module, device: torch.device) -
         with kernel_choice(spec.kernels, spec.reference_ops):
             return retriever(history, lengths, timestamps)
 
+    # What CompiledRetriever carries too: eager_form reads them.
+    predict.retriever, predict.kernels, predict.reference_ops = retriever, spec.kernels, spec.reference_ops
     return predict
+
+
+def eager_form(predict: Callable) -> tuple[torch.nn.Module, Callable[[], ContextManager]] | None:
+    """For a variant build() made (eager or inductor): its eager retriever (on the variant's device, in its
+    precision, frozen as the variant is) and a context manager factory holding the variant's kernel choice,
+    for callers that run the model's modules another way (incremental serving, pipeline.serving.kvcache).
+    None for a variant loaded from an exported artifact (ONNX, AOTInductor, TensorRT, torchao, int8_table):
+    it has no modules to reach."""
+    from pipeline.export.inductor import CompiledRetriever, kernel_choice
+
+    if not (isinstance(predict, CompiledRetriever) or isinstance(predict, FunctionType)):
+        return None
+    retriever = getattr(predict, "retriever", None)
+    if not isinstance(retriever, torch.nn.Module):
+        return None
+    return retriever, partial(kernel_choice, predict.kernels, tuple(predict.reference_ops))

@@ -2,12 +2,14 @@
 train -> onnx -> validate -> promote -> deploy on a tiny config; the server answers as the pipeline does;
 bad requests get clear errors while the server keeps serving; a release that fails to load (its engine
 raising or its stub killed) or to answer correctly never replaces the serving one; a server killed during
-a deploy comes back on the last good release; the aliases follow what serves."""
+a deploy comes back on the last good release; the aliases follow what serves; a returning user (USER_ID)
+is answered from its cached encoder state as the pipeline answers its whole history."""
 import os
 import re
 import socket
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -21,7 +23,7 @@ from pipeline.core import Manifest
 from pipeline.data import load_splits
 from pipeline.serving.client import GenrecClient, RequestRejected
 from pipeline.serving.config import load_config
-from pipeline.serving.loadtest import run_load, scrape, server_side
+from pipeline.serving.loadtest import ReturningUsers, cache_side, run_load, scrape, scrape_cache, server_side
 from pipeline.serving.package import read_package
 from pipeline.serving.repository import compile_python, write_repository
 from pipeline.serving.rollout import RolledBack, deployed, rollout
@@ -268,6 +270,77 @@ def test_failed_smoke_test_rolls_back_then_second_deploy_moves_champion(env):
     assert (alias("champion"), alias("previous")) == ("1", "2")
 
 
+def _cache_counts(server, engine: str, before: dict, want: dict) -> dict:
+    """The engine's genrec_cache_* counters since `before`, once they reach `want` (or after 10 s)."""
+    deadline = time.monotonic() + 10
+    while True:
+        counted = cache_side(before, scrape_cache(server.metrics_url)).get(engine, {})
+        got = {key: counted.get(key, counted.get("paths", {}).get(key, {}).get("rows")) for key in want}
+        if got == want or time.monotonic() > deadline:
+            return got
+
+
+def test_returning_user_is_answered_from_its_cached_state(env):
+    tmp, args, cfg, server, client, registry = env
+    code, output = _pipeline(env, "stage=deploy", "deploy.alias=previous")  # version 2: the eager HSTU
+    assert code == 0, output
+    version = deployed(server.root)["version"]
+    assert registry.get_model_version("genrec", version).tags["backend"] == "eager"
+    engine = f"genrec_v{version}_engine"
+    assert f"genrec_v{version}_engine: eager-fp32 loaded" in (server.root / "server.log").read_text()
+    assert "); user-state cache of {'device'" in (server.root / "server.log").read_text()
+    test = load_splits(cfg).test
+    user = next(u for u in range(len(test.lengths)) if 3 <= test.lengths[u] < test.history.shape[1])
+    longer = test.history[user, : test.lengths[user]].tolist()  # synthetic: raw ids = model ids
+    history = longer[:-1]
+    padded = torch.zeros(2, test.history.shape[1], dtype=torch.int64)
+    padded[0, : len(history)], padded[1, : len(longer)] = torch.tensor(history), torch.tensor(longer)
+    with torch.inference_mode():
+        want_ids, want_scores = _promoted_variant(env, version)(padded, torch.tensor([len(history), len(longer)]), None)
+
+    before = scrape_cache(server.metrics_url)
+    first = client.recommend(history, 10, user_id=1234)
+    second = client.recommend(longer, 10, user_id=1234)  # one new action: only it is encoded
+    for answer, ids, scores in ((first, want_ids[0], want_scores[0]), (second, want_ids[1], want_scores[1])):
+        assert answer.model_version == version
+        assert answer.item_ids.tolist() == ids[:10].tolist()
+        np.testing.assert_allclose(answer.scores, scores[:10].numpy(), atol=1e-5)
+    assert _cache_counts(server, engine, before, {"misses": 1, "hits_device": 1, "hits_host": 0, "miss": 1,
+                                                  "device_hit": 1}) == {"misses": 1, "hits_device": 1, "hits_host": 0,
+                                                                        "miss": 1, "device_hit": 1}
+    # Without USER_ID: the variant's own call, as before; the cache is not touched.
+    plain = client.recommend(longer, 10)
+    assert plain.item_ids.tolist() == want_ids[1, :10].tolist()
+    assert _cache_counts(server, engine, before, {"misses": 1, "hits_device": 1, "no_user": 1}) == {
+        "misses": 1, "hits_device": 1, "no_user": 1}
+    # A bad USER_ID is refused with what was wrong; the server keeps serving.
+    rows, k = np.array([[3, 4, 5]]), np.array([[5]])
+    for user_id, message in ((np.array([[-3]]), "negative USER_ID: -3"),
+                             (np.array([[7]], np.int32), "data-type is 'INT32', but model 'genrec' expects 'INT64'"),
+                             (np.array([[7, 8]]), "unexpected shape for input 'USER_ID'")):
+        with pytest.raises(RequestRejected, match=message):
+            client.infer(rows, k, user_id)
+    assert client.recommend([3, 4, 5], 5, user_id=1234).item_ids.shape == (5,)  # another history: a miss
+
+    # The load test's returning users, beside requests without USER_ID: every request answered, and hits.
+    items = read_package(Path(deployed(server.root)["package"])).vocabulary.raw[1:]
+    visits = ReturningUsers(8, [longer], items, test.history.shape[1], seed=1)
+    before, results = scrape_cache(server.metrics_url), {}
+    loads = [threading.Thread(target=lambda: results.update(users=run_load(
+                 server.url, "genrec", [], 10, 40, 4, visits=visits))),
+             threading.Thread(target=lambda: results.update(plain=run_load(server.url, "genrec", [longer], 10, 20, 2)))]
+    for load in loads:
+        load.start()
+    for load in loads:
+        load.join()
+    assert results["users"]["errors"] == results["plain"]["errors"] == 0, results
+    counted = _cache_counts(server, engine, before, {"no_user": 20})
+    assert counted == {"no_user": 20}
+    cache = cache_side(before, scrape_cache(server.metrics_url))[engine]
+    assert cache["hits_device"] > 0 and cache["misses"] >= 1
+    assert cache["hits_device"] + cache["hits_host"] + cache["misses"] == 40
+
+
 @pytest.fixture(scope="module")
 def compiled_run(env):
     """The first run's checkpoint compiled once: the CPU's torch.compile entry and an AOTInductor package."""
@@ -290,7 +363,12 @@ def test_champion_of_each_backend_deploys_and_answers_as_the_pipeline(env, compi
                          cwd=tmp, env={**os.environ, "PYTHONPATH": str(ROOT)}, capture_output=True, text=True, timeout=300)
     assert out.returncode == 0 and "MATCH" in out.stdout, out.stdout + out.stderr
     assert f'"model_version": "{version}"' in out.stdout
-    assert "(batch buckets: [4])" in (server.root / "server.log").read_text()
+    log = (server.root / "server.log").read_text()
+    assert "(batch buckets: [4])" in log
+    # The compiled variant's eager modules serve returning users; an AOTInductor package has none to reach.
+    cache = {"inductor": "(batch buckets: [4]); user-state cache of {'device'",
+             "aoti": "(batch buckets: [4]); no user-state cache: aoti-fp32 runs an exported artifact"}[backend]
+    assert cache in log
     rows = np.array([[3, 4, 5, 6], [9, 8, 7, 6], [11, 2, 30, 4]])
     answer = env[4].infer(rows, np.full((3, 1), 10, dtype=np.int64))
     padded = torch.zeros(3, load_splits(env[2]).test.history.shape[1], dtype=torch.int64)

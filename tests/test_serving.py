@@ -314,3 +314,165 @@ def test_bad_batch_buckets_are_refused_at_deploy(tmp_path):
     with pytest.raises(PipelineError, match=r"serving.batch_buckets: batch_buckets \[1, 128\] must lie in 1..64"):
         _buckets_param(cfg.serving)
     assert _buckets_param(load_config(["serving.batch_buckets=[8,1]"]).serving) == "8,1"
+
+
+def test_local_repository_takes_an_optional_user_id_and_hands_the_engine_one_per_row(tmp_path):
+    checkpoint = tmp_path / "model.pt"
+    checkpoint.write_bytes(b"weights")
+    package = _package(tmp_path, Variant("eager-fp32", "eager", "fp32", str(checkpoint), "train"))
+    cfg = _cfg(tmp_path, "serving.cache.gpu_bytes=1000", "serving.cache.host_bytes=0")
+    configs = _configs(write_repository(package, cfg.serving, tmp_path / "repo", 3, "local"))
+    inputs = lambda name: {i.name: i for i in configs[name].input}  # noqa: E731
+    assert inputs("genrec")["USER_ID"].optional and inputs("genrec_v3_preprocess")["USER_ID"].optional
+    engine = inputs("genrec_v3_engine")["USER_ID"]
+    assert not engine.optional and list(engine.dims) == [1]  # every engine request carries it: they batch together
+    preprocess, engine_step = configs["genrec"].ensemble_scheduling.step[:2]
+    assert preprocess.input_map["USER_ID"] == "USER_ID" and engine_step.input_map["USER_ID"] == "user_ids"
+    params = {k: v.string_value for k, v in configs["genrec_v3_engine"].parameters.items()}
+    assert (params["cache_enabled"], params["cache_gpu_bytes"], params["cache_host_bytes"]) == ("true", "1000", "0")
+    off = _configs(write_repository(package, _cfg(tmp_path, "serving.cache.enabled=false").serving,
+                                    tmp_path / "off", 3, "local"))["genrec_v3_engine"]
+    assert off.parameters["cache_enabled"].string_value == "false"
+    with pytest.raises(PipelineError, match=r"serving.cache.host_bytes=-1: a budget is >= 0 bytes"):
+        write_repository(package, _cfg(tmp_path, "serving.cache.host_bytes=-1").serving, tmp_path / "bad", 3, "local")
+
+
+def test_user_ids_are_one_non_negative_id_per_row():
+    from pipeline.serving.models.common import NO_USER, user_ids
+
+    assert user_ids(None, 2).tolist() == [[NO_USER], [NO_USER]]
+    assert user_ids(np.array([[7], [0]]), 2).tolist() == [[7], [0]]
+    with pytest.raises(RequestError, match=r"negative USER_ID: -3; user ids are >= 0"):
+        user_ids(np.array([[-3]]), 1)
+    with pytest.raises(RequestError, match=r"USER_ID must be \[batch, 1\], one id per row of HISTORY \(2 rows\)"):
+        user_ids(np.array([[7]]), 2)
+
+
+class _FakeBackend:
+    """What engine_torch uses of triton_python_backend_utils: requests, responses, custom metrics."""
+
+    class Metric:
+        def __init__(self, family, labels):
+            self.family, self.labels, self.value = family, labels, 0.0
+
+        def increment(self, value):
+            self.value += value
+
+        def set(self, value):
+            self.value = value
+
+    class MetricFamily:
+        COUNTER, GAUGE = "counter", "gauge"
+        made: list = []
+
+        def __init__(self, name, description, kind):
+            self.name, self.metrics = name, []
+            _FakeBackend.MetricFamily.made.append(self)
+
+        def Metric(self, labels):  # noqa: N802 (the backend's name)
+            self.metrics.append(_FakeBackend.Metric(self, labels))
+            return self.metrics[-1]
+
+    class InferenceResponse:
+        def __init__(self, outputs=None, error=None):
+            self.outputs, self.error = dict(outputs or []), error
+
+    TritonError = str
+
+    @staticmethod
+    def get_input_tensor_by_name(request, name):
+        return request.get(name)
+
+    @classmethod
+    def value(cls, name, **labels) -> float:
+        return sum(m.value for f in cls.MetricFamily.made if f.name == name for m in f.metrics
+                   if labels.items() <= m.labels.items())
+
+
+def test_engine_batches_hits_misses_and_rows_without_a_user_together(monkeypatch):
+    """One execute() of requests the dynamic batcher queued together: a returning user (hit), a new one (miss)
+    and a request without USER_ID; each answered as the variant answers, the metrics counting each path."""
+    import importlib.util
+    import sys
+
+    import torch
+
+    from pipeline.catalogue import VariantSpec, build
+    from pipeline.models import HSTU, Retriever
+    from pipeline.serving.models import common
+    from pipeline.serving.kvcache import IncrementalRetriever, KVCache
+
+    monkeypatch.setitem(sys.modules, "triton_python_backend_utils", _FakeBackend)
+    monkeypatch.setitem(sys.modules, "genrec_common", common)
+    spec = importlib.util.spec_from_file_location("genrec_engine_torch", ROOT / "pipeline/serving/models/engine_torch.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    monkeypatch.setattr(module, "to_triton", lambda pb_utils, name, array: (name, array))
+
+    torch.manual_seed(0)
+    max_len = 8
+    retriever = Retriever(HSTU(40, max_len, dim=16, num_layers=2, num_heads=2, dropout=0.0, linear_dropout=0.0), k=5).eval()
+    engine = module.TritonPythonModel()
+    engine.device, engine.buckets, engine.variant = torch.device("cpu"), [], "eager-fp32"
+    engine.predict = build(VariantSpec("eager", "fp32"), retriever, engine.device)
+    engine.incremental, engine.metrics, why = engine._incremental(
+        {"cache_enabled": "true", "cache_gpu_bytes": "100000", "cache_host_bytes": "0", "max_len": str(max_len)}, "m_v1_engine")
+    assert why is None
+
+    def request(history, user=None):
+        padded = np.zeros((1, max_len), np.int64)
+        padded[0, : len(history)] = history
+        return {"HISTORY": padded, "LENGTHS": np.array([[len(history)]]),
+                "USER_ID": np.array([[common.NO_USER if user is None else user]])}
+
+    first = engine.execute([request([3, 4, 5], user=1)])
+    assert first[0].error is None
+    batch = [request([3, 4, 5, 6], user=1), request([7, 8], user=2), request([9, 10, 11])]
+    responses = engine.execute(batch)
+    rows = np.concatenate([r["HISTORY"] for r in batch])
+    with torch.inference_mode():
+        want_ids, want_scores = retriever(torch.from_numpy(rows), torch.tensor([4, 2, 3]))
+    for response, ids, scores in zip(responses, want_ids, want_scores):
+        assert response.error is None
+        assert response.outputs["TOP_IDS"].tolist() == [ids.tolist()]
+        np.testing.assert_allclose(response.outputs["TOP_SCORES"][0], scores.numpy(), atol=1e-5)
+    value = _FakeBackend.value
+    assert value("genrec_cache_hits", model="m_v1_engine", tier="device") == 1
+    assert value("genrec_cache_misses", model="m_v1_engine") == 2
+    assert [value("genrec_cache_path_rows", model="m_v1_engine", path=p) for p in ("miss", "device_hit", "no_user")] == [2, 1, 1]
+    assert value("genrec_cache_path_duration_us", model="m_v1_engine", path="device_hit") > 0
+    assert value("genrec_cache_entries", model="m_v1_engine", tier="device") == 2
+    assert value("genrec_cache_bytes", model="m_v1_engine", tier="device") == engine.incremental.cache.stats()["bytes_device"] > 0
+
+    # An engine that cannot reach the model's modules serves every row with the variant's own call.
+    engine.predict = lambda history, lengths, timestamps: retriever(history, lengths)
+    assert engine._incremental({"cache_enabled": "true"}, "m")[2] == (
+        "eager-fp32 runs an exported artifact: the engine cannot reach the model's modules")
+    assert engine._incremental({"cache_enabled": "false"}, "m")[2] == "serving.cache.enabled=false"
+
+
+def test_cache_metrics_are_read_per_engine_over_an_interval():
+    from pipeline.serving.loadtest import cache_side, parse_cache_metrics, report
+
+    def text(hits, misses, rows_hit, us_hit):
+        return "\n".join([
+            "# HELP genrec_cache_hits Rows answered from the user-state cache, by tier",
+            f'genrec_cache_hits{{model="genrec_v2_engine",tier="device"}} {hits}',
+            'genrec_cache_hits{model="genrec_v2_engine",tier="host"} 1',
+            f'genrec_cache_misses{{model="genrec_v2_engine"}} {misses}',
+            'genrec_cache_bytes{model="genrec_v2_engine",tier="device"} 2097152',
+            f'genrec_cache_path_rows{{model="genrec_v2_engine",path="device_hit"}} {rows_hit}',
+            f'genrec_cache_path_duration_us{{model="genrec_v2_engine",path="device_hit"}} {us_hit}',
+            'nv_inference_count{model="genrec",version="2"} 9',
+        ])
+
+    before, after = parse_cache_metrics(text(3, 1, 3, 300)), parse_cache_metrics(text(13, 4, 13, 2300))
+    got = cache_side(before, after)["genrec_v2_engine"]
+    assert (got["hits_device"], got["hits_host"], got["misses"], got["bytes_device"]) == (10, 0, 3, 2097152)
+    assert got["paths"]["device_hit"] == {"rows": 10, "mean_ms": 0.2}
+    assert got["paths"]["miss"] == {"rows": 0, "mean_ms": None}
+    client = {"ok": 13, "requests": 13, "errors": 0, "concurrency": 2, "protocol": "http", "k": 10,
+              "throughput_rps": 50.0, "p50_ms": 1.0, "p90_ms": 2.0, "p99_ms": 3.0, "first_errors": []}
+    lines = report({"version": "2", "variant": "eager-fp32", "client": client, "server": {},
+                    "returning_users": {"users": 100, "visited": 9, "cache": cache_side(before, after)}})
+    assert "hits device 10, host 0; misses 3" in lines and "device_hit        10 rows, engine 0.200 ms" in lines

@@ -3,6 +3,7 @@
     python -m pipeline.client 3 17 42 -k 10      # make query ARGS="3 17 42 -k 10"
     python -m pipeline.client --check            # a packaged test history; compares with the pipeline's answer
     python -m pipeline.client --protocol grpc 3 17 42 serving.grpc_port=8011
+    python -m pipeline.client 3 17 42 --user-id 7   # a returning user: the server keeps user 7's encoder state
 """
 from __future__ import annotations
 
@@ -43,17 +44,21 @@ class GenrecClient:
         self._tc, self._timeout_s = tc, timeout_s
         self.model, self.protocol = model, protocol
 
-    def recommend(self, history: Sequence[int], k: int) -> Recommendation:
-        """One user's history (oldest first) -> the top k."""
-        answer = self.infer(np.asarray([history], dtype=np.int64), np.asarray([[k]], dtype=np.int64))
+    def recommend(self, history: Sequence[int], k: int, user_id: int | None = None) -> Recommendation:
+        """One user's history (oldest first) -> the top k. With user_id (>= 0) the server may reuse what it
+        encoded of this user's earlier history (docs/INCREMENTAL.md); the answer is the same."""
+        users = None if user_id is None else np.asarray([[user_id]], dtype=np.int64)
+        answer = self.infer(np.asarray([history], dtype=np.int64), np.asarray([[k]], dtype=np.int64), users)
         return Recommendation(answer.item_ids[0], answer.scores[0], answer.model_version)
 
-    def infer(self, history: np.ndarray, k: np.ndarray) -> Recommendation:
-        """The raw call: HISTORY and K exactly as given (any dtype or shape, to test what the server accepts)."""
+    def infer(self, history: np.ndarray, k: np.ndarray, user_id: np.ndarray | None = None) -> Recommendation:
+        """The raw call: HISTORY, K and USER_ID (left out when None) exactly as given (any dtype or shape, to
+        test what the server accepts)."""
         from tritonclient.utils import InferenceServerException, np_to_triton_dtype
 
         inputs = []
-        for name, array in (("HISTORY", history), ("K", k)):
+        given = (("HISTORY", history), ("K", k)) + ((("USER_ID", user_id),) if user_id is not None else ())
+        for name, array in given:
             tensor = self._tc.InferInput(name, list(array.shape), np_to_triton_dtype(array.dtype))
             tensor.set_data_from_numpy(array)
             inputs.append(tensor)
@@ -99,6 +104,8 @@ def main() -> int:
     parser.add_argument("--example", type=int, default=0, help="without items: which packaged test history")
     parser.add_argument("--protocol", choices=("http", "grpc"), default="http")
     parser.add_argument("--check", action="store_true", help="also compute the pipeline's own answer and compare")
+    parser.add_argument("--user-id", type=int, default=None,
+                        help="the user's id (>= 0): the server keeps a returning user's encoder state")
     args = parser.parse_intermixed_args()
     overrides = [a for a in args.items if "=" in a]
     try:
@@ -120,10 +127,10 @@ def main() -> int:
     url = server.url if args.protocol == "http" else server.grpc_url
     client = GenrecClient(url, cfg.serving.model_name, args.protocol)
     try:
-        answer = client.recommend(history, args.k)
+        answer = client.recommend(history, args.k, args.user_id)
     finally:
         client.close()
-    print(json.dumps({"history": history, "k": args.k, "model_version": answer.model_version,
+    print(json.dumps({"history": history, "k": args.k, "user_id": args.user_id, "model_version": answer.model_version,
                       "item_ids": answer.item_ids.tolist(), "scores": [round(float(s), 6) for s in answer.scores]}))
     if args.check:
         from pipeline.serving.repository import engine_device

@@ -6,6 +6,15 @@ Sends --requests requests, --concurrency at a time (one user's history each, dra
 package's test histories), and reports what the client saw (throughput, p50/p99 latency, errors) beside
 what the server counted for the same interval (Prometheus metrics: requests, batches, queue and compute
 time per model). Results go to <serving.root>/loadtest.json too.
+
+    make loadtest ARGS="--returning-users --users 1000 --requests 5000"
+
+--returning-users: a population of users who come back (Zipf: a few often, most rarely). Each user starts
+from a short history (a packaged test history cut to a few actions, or random known items), each visit
+appends 1-5 random known items and sends the whole history (its last max_len actions) with the user's
+USER_ID. Beside the client's numbers it reports the engine's user-state cache over the interval (the
+server's genrec_cache_* metrics): hits per tier, misses, evictions, and the engine time per path. A history
+that outgrows max_len slides its window: every visit from then on is a miss (docs/INCREMENTAL.md).
 """
 from __future__ import annotations
 
@@ -27,13 +36,43 @@ from pipeline.serving.client import GenrecClient, RequestRejected
 # model=, and its counters appear only under that label set (the plain one stays 0): labels in any order.
 _SAMPLE = re.compile(r'^(nv_inference_\w+)\{([^}]*)\} ([0-9.e+-]+)$')
 _LABEL = re.compile(r'(\w+)="([^"]*)"')
+_CACHE_SAMPLE = re.compile(r'^(genrec_cache_\w+)\{([^}]*)\} ([0-9.e+-]+)$')
 _COUNTERS = ("request_success", "request_failure", "count", "exec_count", "queue_duration_us",
              "compute_infer_duration_us", "request_duration_us")
 
 
+class ReturningUsers:
+    """Visits of a user population: next() -> (user id, the history to send). Thread-safe."""
+
+    def __init__(self, users: int, starts: list[list[int]], items: np.ndarray, max_len: int, seed: int = 0,
+                 zipf: float = 1.1, max_start: int = 4, max_new: int = 5) -> None:
+        if users < 1:
+            raise PipelineError(f"--users must be >= 1, got {users}")
+        self.rng, self.items, self.max_len, self.max_new = np.random.default_rng(seed), np.asarray(items), max_len, max_new
+        weights = 1.0 / np.arange(1, users + 1) ** zipf
+        self.p = weights / weights.sum()
+        self.order = self.rng.permutation(users)  # which user ids are the frequent ones
+        self.histories: dict[int, list[int]] = {}
+        self.starts, self.max_start = [s for s in starts if s] or [[int(self.rng.choice(self.items))]], max_start
+        self.lock = threading.Lock()
+
+    def next(self) -> tuple[int, list[int]]:
+        with self.lock:
+            user = int(self.order[self.rng.choice(len(self.p), p=self.p)])
+            history = self.histories.get(user)
+            if history is None:  # a first visit: a short start, so that many visits fit in max_len
+                start = self.starts[int(self.rng.integers(len(self.starts)))]
+                history = list(start[: int(self.rng.integers(1, self.max_start + 1))])
+            else:
+                history = history + [int(i) for i in self.rng.choice(self.items, int(self.rng.integers(1, self.max_new + 1)))]
+            self.histories[user] = history = history[-self.max_len:]  # past max_len the window slides
+            return user, history
+
+
 def run_load(url: str, model: str, histories: list[list[int]], k: int, requests: int, concurrency: int,
-             protocol: str = "http") -> dict:
-    """-> client-side results: requests, errors, seconds, throughput, latency percentiles."""
+             protocol: str = "http", visits: ReturningUsers | None = None) -> dict:
+    """-> client-side results: requests, errors, seconds, throughput, latency percentiles. With `visits`,
+    each request is a returning user's next visit (its history and USER_ID) instead of a packaged history."""
     latencies: list[float] = []
     errors: list[str] = []
     lock, issued = threading.Lock(), iter(range(requests))
@@ -46,9 +85,10 @@ def run_load(url: str, model: str, histories: list[list[int]], k: int, requests:
                     i = next(issued, None)
                 if i is None:
                     return
+                user, history = visits.next() if visits else (None, histories[i % len(histories)])
                 start = time.perf_counter()
                 try:
-                    client.recommend(histories[i % len(histories)], k)
+                    client.recommend(history, k, user)
                 except RequestRejected as err:
                     with lock:
                         errors.append(str(err))
@@ -89,6 +129,45 @@ def parse_metrics(text: str) -> dict[tuple[str, str], float]:
     return values
 
 
+def scrape_cache(metrics_url: str) -> dict[tuple[str, str, str], float]:
+    with urllib.request.urlopen(metrics_url, timeout=10) as response:
+        return parse_cache_metrics(response.read().decode())
+
+
+def parse_cache_metrics(text: str) -> dict[tuple[str, str, str], float]:
+    """The engines' genrec_cache_* metrics: {(metric, model, tier or path or ""): value}."""
+    values: dict[tuple[str, str, str], float] = defaultdict(float)
+    for line in text.splitlines():
+        if m := _CACHE_SAMPLE.match(line):
+            labels = dict(_LABEL.findall(m.group(2)))
+            key = (m.group(1).removeprefix("genrec_cache_"), labels.get("model", ""),
+                   labels.get("tier", labels.get("path", "")))
+            values[key] += float(m.group(3))
+    return values
+
+
+def cache_side(before: dict, after: dict) -> dict[str, dict]:
+    """Per engine over the interval: hits per tier, misses, stale, evictions per tier, bytes and users held
+    now, and rows and mean engine time (ms) per path."""
+    out: dict[str, dict] = {}
+    for model in sorted({model for _, model, _ in after}):
+        def delta(name: str, label: str = "") -> float:
+            return after.get((name, model, label), 0.0) - before.get((name, model, label), 0.0)
+
+        paths = {}
+        for path in ("device_hit", "host_hit", "miss", "no_user"):
+            rows = delta("path_rows", path)
+            paths[path] = {"rows": rows, "mean_ms": delta("path_duration_us", path) / rows / 1e3 if rows else None}
+        out[model] = {"hits_device": delta("hits", "device"), "hits_host": delta("hits", "host"),
+                      "misses": delta("misses"), "stale": delta("stale"),
+                      "evictions_device": delta("evictions", "device"), "evictions_host": delta("evictions", "host"),
+                      "bytes_device": after.get(("bytes", model, "device"), 0.0),
+                      "bytes_host": after.get(("bytes", model, "host"), 0.0),
+                      "users_device": after.get(("entries", model, "device"), 0.0),
+                      "users_host": after.get(("entries", model, "host"), 0.0), "paths": paths}
+    return out
+
+
 def server_side(before: dict, after: dict) -> dict[str, dict[str, float]]:
     """Per model over the interval: requests, batches executed, mean batch size, mean queue and compute time."""
     models = sorted({model for _, model in after})
@@ -118,20 +197,30 @@ def main() -> int:
     parser.add_argument("-k", type=int, default=10)
     parser.add_argument("--protocol", choices=("http", "grpc"), default="http")
     parser.add_argument("--warmup", type=int, default=50, help="requests sent first, not counted")
+    parser.add_argument("--returning-users", action="store_true",
+                        help="users who come back with a few new actions, sent with their USER_ID")
+    parser.add_argument("--users", type=int, default=1000, help="with --returning-users: the population")
+    parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_intermixed_args()
     cfg = load_config(args.overrides)
     server = LocalServer(cfg.serving)
     record = deployed(server.root)
     if record is None or not server.is_live():
         raise PipelineError(f"nothing serves on {server.url}: run `make deploy` first")
-    histories = read_package(Path(record["package"])).examples
+    package = read_package(Path(record["package"]))
+    histories = package.examples
+    visits = (ReturningUsers(args.users, histories, package.vocabulary.raw[1:], package.max_len, args.seed)
+              if args.returning_users else None)
     url = server.url if args.protocol == "http" else server.grpc_url
     model = cfg.serving.model_name
-    run_load(url, model, histories, args.k, args.warmup, args.concurrency, args.protocol)
-    before = scrape(server.metrics_url)
-    client = run_load(url, model, histories, args.k, args.requests, args.concurrency, args.protocol)
+    run_load(url, model, histories, args.k, args.warmup, args.concurrency, args.protocol, visits)
+    before, cache_before = scrape(server.metrics_url), scrape_cache(server.metrics_url)
+    client = run_load(url, model, histories, args.k, args.requests, args.concurrency, args.protocol, visits)
     result = {"version": record["version"], "variant": record["variant"], "client": client,
               "server": server_side(before, scrape(server.metrics_url)), "time": time.strftime("%Y-%m-%d %H:%M:%S")}
+    if visits:
+        result["returning_users"] = {"users": args.users, "visited": len(visits.histories),
+                                     "cache": cache_side(cache_before, scrape_cache(server.metrics_url))}
     (server.root / "loadtest.json").write_text(json.dumps(result, indent=2))
     print(report(result))
     return 1 if client["errors"] else 0
@@ -148,6 +237,20 @@ def report(result: dict) -> str:
     for model, s in result["server"].items():
         lines.append(f"  {model:<22} {s['requests']:>9.0f} {s['batches']:>8.0f} {s['mean_batch']:>10.2f} "
                      f"{s['queue_ms']:>9.3f} {s['compute_ms']:>10.3f}")
+    if "returning_users" in result:
+        r = result["returning_users"]
+        lines.append(f"returning users: {r['visited']} of {r['users']} came; failed requests {c['errors']}")
+        if not r["cache"]:
+            lines.append("  no genrec_cache_* metrics: the engine keeps no user-state cache (its log at load says why)")
+        for model, m in r["cache"].items():
+            lines.append(f"  {model}: hits device {m['hits_device']:.0f}, host {m['hits_host']:.0f}; misses "
+                         f"{m['misses']:.0f} (stale {m['stale']:.0f}); evictions device {m['evictions_device']:.0f}, "
+                         f"host {m['evictions_host']:.0f}; holds {m['users_device']:.0f} users "
+                         f"({m['bytes_device'] / 2**20:.1f} MiB) on the device, {m['users_host']:.0f} "
+                         f"({m['bytes_host'] / 2**20:.1f} MiB) on the host")
+            for path, p in m["paths"].items():
+                if p["rows"]:
+                    lines.append(f"    {path:<11} {p['rows']:>8.0f} rows, engine {p['mean_ms']:.3f} ms per row's batch")
     lines += [f"  first errors: {e}" for e in c["first_errors"]]
     return "\n".join(lines)
 

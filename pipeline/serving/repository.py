@@ -1,9 +1,12 @@
 """The Triton model repository of a champion package (registry version N): one ensemble that clients call,
 
-    <name>                  ensemble: HISTORY [B, L] raw item ids + K [B, 1] -> ITEM_IDS [B, k] raw ids, SCORES [B, k]
+    <name>                  ensemble: HISTORY [B, L] raw item ids + K [B, 1] (+ USER_ID [B, 1], optional)
+                            -> ITEM_IDS [B, k] raw ids, SCORES [B, k]
     <name>_vN               the same ensemble under the release's own name (deploy smoke-tests it first)
-    <name>_vN_preprocess    python: checks the request, raw ids -> model ids, right-padded to max_len, lengths
-    <name>_vN_engine        the variant: top-K model ids and scores for a batch (dynamic batching, instance groups)
+    <name>_vN_preprocess    python: checks the request, raw ids -> model ids, right-padded to max_len, lengths,
+                            user ids (-1 for a request without USER_ID)
+    <name>_vN_engine        the variant: top-K model ids and scores for a batch (dynamic batching, instance groups);
+                            the torch engine keeps returning users' encoder state (docs/INCREMENTAL.md)
     <name>_vN_postprocess   python: the first k, model ids -> raw ids
 
 each `<model>/config.pbtxt` + `<model>/N/`. The steps carry the version in their names so that two releases,
@@ -12,6 +15,11 @@ follows the variant and the target: `local` runs it in the python backend (ONNX 
 variant, the pipeline's own loader for the others), `production` writes native onnxruntime or
 tensorrt_plan configs for a full Triton image. Every config is built with tritonclient's model_config_pb2
 and parsed back before it is written.
+
+USER_ID is optional for clients. Preprocess always hands the python engines a user id per row (-1: none),
+so that every request reaches the engine with the same inputs: Triton's dynamic batcher batches only
+requests that carry the same set of inputs, and hits, misses and requests without a user must run together.
+A native engine (production target) takes no user id; there USER_ID is checked and ignored.
 """
 from __future__ import annotations
 
@@ -43,6 +51,7 @@ class Io:
     dtype: str
     dims: tuple[int, ...]
     reshape: tuple[int, ...] | None = None
+    optional: bool = False
 
 
 @dataclass(frozen=True)
@@ -52,6 +61,11 @@ class Engine:
     kind: str
     inputs: tuple[Io, Io]    # history, lengths
     outputs: tuple[Io, Io]   # item ids, scores
+    user_ids: Io | None = None  # one user id per row (-1: none); python engines only
+
+
+CLIENT_USER_ID = Io("USER_ID", "TYPE_INT64", (1,), optional=True)   # what a client may send, one id per row
+ENGINE_USER_ID = Io("USER_ID", "TYPE_INT64", (1,))                  # what a python engine always gets
 
 
 def release_models(name: str, version: int | str) -> dict[str, str]:
@@ -119,7 +133,7 @@ def choose_engine(package: Package, target: str, max_k: int) -> Engine:
         return Engine("onnxruntime", *_onnx_io(Path(package.variant.artifact), max_len, max_k))
     if target == "production" and backend == "tensorrt":
         return Engine("tensorrt_plan", *_plan_io(package, max_k))
-    return Engine("python_onnxruntime" if backend == "onnxruntime" else "python_torch", *python_io)
+    return Engine("python_onnxruntime" if backend == "onnxruntime" else "python_torch", *python_io, ENGINE_USER_ID)
 
 
 def write_repository(package: Package, scfg: DictConfig, dst: Path, version: int, target: str,
@@ -199,6 +213,8 @@ def _add(tensors, io: Io) -> None:
     tensor = tensors.add(name=io.name, data_type=mc.DataType.Value(io.dtype), dims=list(io.dims))
     if io.reshape is not None:
         tensor.reshape.shape[:] = list(io.reshape)
+    if io.optional:
+        tensor.optional = True
 
 
 def _base(scfg: DictConfig, name: str, backend: str) -> mc.ModelConfig:
@@ -214,17 +230,19 @@ def _cpu_instances(config: mc.ModelConfig) -> None:
 def _ensemble(name: str, scfg: DictConfig, names: dict[str, str], engine: Engine, version: int) -> mc.ModelConfig:
     """Each step pinned to `version`: the ensemble never mixes steps of two releases."""
     config = mc.ModelConfig(name=name, platform="ensemble", max_batch_size=scfg.max_batch_size)
-    for io in (Io("HISTORY", "TYPE_INT64", (-1,)), Io("K", "TYPE_INT64", (1,))):
+    for io in (Io("HISTORY", "TYPE_INT64", (-1,)), Io("K", "TYPE_INT64", (1,)), CLIENT_USER_ID):
         _add(config.input, io)
     for io in (Io("ITEM_IDS", "TYPE_INT64", (-1,)), Io("SCORES", "TYPE_FP32", (-1,))):
         _add(config.output, io)
     steps = config.ensemble_scheduling.step
+    users = {"USER_IDS": "user_ids"} if engine.user_ids else {}
     steps.add(model_name=names["preprocess"], model_version=version,
-              input_map={"HISTORY": "HISTORY", "K": "K"},
-              output_map={"HISTORY_PADDED": "history_padded", "LENGTHS": "lengths"})
+              input_map={"HISTORY": "HISTORY", "K": "K", "USER_ID": "USER_ID"},
+              output_map={"HISTORY_PADDED": "history_padded", "LENGTHS": "lengths", **users})
     (history, lengths), (ids, scores) = engine.inputs, engine.outputs
     steps.add(model_name=names["engine"], model_version=version,
-              input_map={history.name: "history_padded", lengths.name: "lengths"},
+              input_map={history.name: "history_padded", lengths.name: "lengths",
+                         **({engine.user_ids.name: "user_ids"} if engine.user_ids else {})},
               output_map={ids.name: "top_ids", scores.name: "top_scores"})
     steps.add(model_name=names["postprocess"], model_version=version,
               input_map={"TOP_IDS": "top_ids", "TOP_SCORES": "top_scores", "K": "K"},
@@ -236,8 +254,10 @@ def _preprocess(scfg: DictConfig, name: str, package: Package) -> mc.ModelConfig
     config = _base(scfg, name, "python")
     _add(config.input, Io("HISTORY", "TYPE_INT64", (-1,)))
     _add(config.input, Io("K", "TYPE_INT64", (1,)))
+    _add(config.input, CLIENT_USER_ID)
     _add(config.output, Io("HISTORY_PADDED", "TYPE_INT64", (package.max_len,)))
     _add(config.output, Io("LENGTHS", "TYPE_INT64", (1,)))
+    _add(config.output, Io("USER_IDS", "TYPE_INT64", (1,)))
     config.parameters["max_len"].string_value = str(package.max_len)
     config.parameters["max_k"].string_value = str(scfg.max_k)
     _cpu_instances(config)
@@ -250,7 +270,7 @@ def _engine(scfg: DictConfig, name: str, engine: Engine, package: Package, kind:
     if not python:
         config.backend, config.platform = "", {"onnxruntime": "onnxruntime_onnx", "tensorrt_plan": "tensorrt_plan"}[engine.kind]
         config.default_model_filename = PLAN_FILE if engine.kind == "tensorrt_plan" else package.artifact_name
-    for io in engine.inputs:
+    for io in (*engine.inputs, *([engine.user_ids] if engine.user_ids else [])):
         _add(config.input, io)
     for io in engine.outputs:
         _add(config.output, io)
@@ -265,6 +285,13 @@ def _engine(scfg: DictConfig, name: str, engine: Engine, package: Package, kind:
     config.parameters["threads"].string_value = str(scfg.threads)
     if python:
         config.parameters["batch_buckets"].string_value = _buckets_param(scfg)
+        cache = scfg.get("cache") or {}
+        config.parameters["cache_enabled"].string_value = str(bool(cache.get("enabled", False))).lower()
+        for key in ("gpu_bytes", "host_bytes"):
+            value = int(cache.get(key, 0))
+            if value < 0:
+                raise PipelineError(f"serving.cache.{key}={value}: a budget is >= 0 bytes (0 turns the tier off)")
+            config.parameters[f"cache_{key}"].string_value = str(value)
     return config
 
 

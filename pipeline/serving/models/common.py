@@ -63,6 +63,23 @@ def check_request(history: np.ndarray, k: np.ndarray, max_len: int, max_k: int) 
     return value
 
 
+NO_USER = -1  # the user id preprocess hands the engine for a request without USER_ID
+
+
+def user_ids(user_id: np.ndarray | None, batch: int) -> np.ndarray:
+    """A request's USER_ID [B, 1] (None when it sent none) -> [B, 1] int64 for the engine, NO_USER for none.
+    Raises RequestError for a negative id or a shape that is not one id per row of HISTORY."""
+    if user_id is None:
+        return np.full((batch, 1), NO_USER, dtype=np.int64)
+    if user_id.shape != (batch, 1):
+        raise RequestError(f"USER_ID must be [batch, 1], one id per row of HISTORY ({batch} rows), "
+                           f"got shape {list(user_id.shape)}")
+    if (user_id < 0).any():
+        raise RequestError(f"negative USER_ID: {', '.join(str(u) for u in np.unique(user_id[user_id < 0])[:10])}; "
+                           "user ids are >= 0 (leave USER_ID out for a request without a user)")
+    return np.array(user_id, dtype=np.int64)  # a copy: the input is read-only, and DLPack cannot export that
+
+
 def pad(model_ids: np.ndarray, max_len: int) -> tuple[np.ndarray, np.ndarray]:
     """[B, L] model ids (every row full) -> (history [B, max_len] right-padded with 0, lengths [B, 1])."""
     batch, length = model_ids.shape

@@ -2,7 +2,8 @@
 onnxruntime-gpu is installed, else the CPU provider). Needs only numpy and onnxruntime.
 
 The graph answers like every variant: inputs (history [B, L], lengths [B]) -> outputs (item ids [B, K],
-scores [B, K]), in that order. Requests queued together by the dynamic batcher run as one batch.
+scores [B, K]), in that order. Requests queued together by the dynamic batcher run as one batch. The
+USER_ID each row comes with is not used: a graph has no per-user state to keep (docs/INCREMENTAL.md).
 """
 import json
 import time
@@ -29,7 +30,8 @@ class TritonPythonModel:
         self.inputs = [i.name for i in self.session.get_inputs()[:2]]
         self.max_k = int(params["max_k"])
         pb_utils.Logger.log_info(f"{args['model_name']}: {spec['name']} loaded in {time.perf_counter() - start:.1f} s "
-                                 f"({self.session.get_providers()[0]})")
+                                 f"({self.session.get_providers()[0]}; no user-state cache: an ONNX graph "
+                                 "has no encoder state to keep, USER_ID is not used)")
 
     def execute(self, requests):
         history = [from_triton(pb_utils.get_input_tensor_by_name(r, "HISTORY")) for r in requests]

@@ -7,12 +7,22 @@ batch buckets that holds it (genrec_common.batch_buckets). initialize() calls th
 (with none, at batch 1 and 2) so that whatever happens at the first call of a shape (torch.compile: a hit in
 Inductor's on-disk caches the pipeline filled; a CUDA-graph capture; the kernels' choice per shape) does so
 while the model loads, never under a request.
+
+Returning users (docs/INCREMENTAL.md): each row comes with a user id (-1: none, preprocess fills it in). With
+serving.cache on and an HSTU variant whose modules the engine can reach (eager, inductor), rows with a user id
+are answered by IncrementalRetriever over the instance's KVCache (its device tier on the instance's device),
+encoding only the actions appended since the user's last request; rows without one take the variant's own
+call, as without a cache. Any other variant (ONNX, AOTInductor, SASRec, ...) serves every row with its own
+call and the log says why once. The cache is per instance: with instance_group.count > 1 a user's requests
+may land on another instance's cache. Counters, bytes and engine time per path are exported as genrec_cache_*
+metrics on the server's metrics endpoint.
 """
 import json
 import locale
 import os
 import sys
 import time
+from collections import Counter
 from pathlib import Path
 
 import numpy as np
@@ -56,11 +66,46 @@ class TritonPythonModel:
         config = json.loads(args["model_config"])
         self.buckets = batch_buckets(params.get("batch_buckets", "auto"), int(config["max_batch_size"]), gpu)
         start = time.perf_counter()
+        self.variant = spec["name"]
         self.predict = load_variant(Variant(**spec), self.device, int(params["max_k"]))
         self._warm(int(params["max_len"]))
+        self.incremental, self.metrics, why = self._incremental(params, args["model_name"])
+        cache = (f"user-state cache of {self.incremental.cache.budget} bytes" if self.incremental
+                 else f"no user-state cache: {why}")
         pb_utils.Logger.log_info(f"{args['model_name']}: {spec['name']} loaded and warmed in "
                                  f"{time.perf_counter() - start:.1f} s on {self.device} "
-                                 f"(batch buckets: {self.buckets or 'none'})")
+                                 f"(batch buckets: {self.buckets or 'none'}); {cache}")
+
+    def _incremental(self, params, name):
+        """-> (IncrementalRetriever, CacheMetrics, None), or (None, None, why rows are served without a cache)."""
+        from pipeline.catalogue import eager_form
+        from pipeline.serving.kvcache import IncrementalRetriever, KVCache
+
+        if params.get("cache_enabled", "false") != "true":
+            return None, None, "serving.cache.enabled=false"
+        form = eager_form(self.predict)
+        if form is None:
+            return None, None, f"{self.variant} runs an exported artifact: the engine cannot reach the model's modules"
+        retriever, self.kernel_choice = form
+        cache = KVCache(int(params["cache_gpu_bytes"]), int(params["cache_host_bytes"]), self.device)
+        incremental = IncrementalRetriever(retriever, cache, namespace=name)
+        if incremental.reason:
+            return None, None, incremental.reason
+        self._warm_incremental(incremental, int(params["max_len"]))
+        return incremental, CacheMetrics(name, cache.stats()), None
+
+    def _warm_incremental(self, incremental, max_len: int) -> None:
+        """A miss and a hit of one throwaway user on a cache of its own, so that whatever the incremental path
+        does at its first call (a kernel's compile) happens while the model loads."""
+        from pipeline.serving.kvcache import IncrementalRetriever, KVCache
+
+        length = max(1, max_len // 2)
+        budget = 2 * incremental.bytes_per_user(max_len)
+        warm = IncrementalRetriever(incremental.retriever, KVCache(budget, 0, self.device), incremental.namespace.decode())
+        history = torch.ones(1, max_len, dtype=torch.int64, device=self.device)
+        with torch.inference_mode(), self.kernel_choice():
+            for n in (length, min(length + 1, max_len)):
+                warm.recommend(history, torch.tensor([n], device=self.device), ["warm"])
 
     def _warm(self, max_len: int) -> None:
         for batch in self.buckets or (1, 2):
@@ -71,17 +116,101 @@ class TritonPythonModel:
             torch.cuda.synchronize(self.device)
 
     def execute(self, requests):
+        start = time.perf_counter()
         history = [from_triton(pb_utils.get_input_tensor_by_name(r, "HISTORY")) for r in requests]
         lengths = [from_triton(pb_utils.get_input_tensor_by_name(r, "LENGTHS")) for r in requests]
-        batch, rows_in = np.concatenate(history), np.concatenate(lengths).reshape(-1)
-        rows = bucket_for(len(batch), self.buckets)
+        users = np.concatenate([from_triton(pb_utils.get_input_tensor_by_name(r, "USER_ID")) for r in requests])
+        batch, rows_in, users = np.concatenate(history), np.concatenate(lengths).reshape(-1), users.reshape(-1)
         try:
             with torch.inference_mode():
-                ids, scores = self.predict(torch.from_numpy(pad_rows(batch, rows)).to(self.device),
-                                           torch.from_numpy(pad_rows(rows_in, rows)).to(self.device), None)
+                if self.incremental is None or (users < 0).all():
+                    ids, scores = self._predict(batch, rows_in)
+                    paths = ["no_user"] * len(batch)
+                else:
+                    ids, scores, paths = self._with_cache(batch, rows_in, users)
         except Exception as err:  # the whole batch fails alike; the server keeps serving
             return [pb_utils.InferenceResponse(error=pb_utils.TritonError(f"engine failed: {err}")) for _ in requests]
-        ids, scores = ids[: len(batch)].cpu().numpy(), scores[: len(batch)].float().cpu().numpy()
+        if self.metrics is not None:
+            self.metrics.update(self.incremental.cache.stats(), paths, (time.perf_counter() - start) * 1e6)
         bounds = np.cumsum([len(h) for h in history])[:-1]
         return [pb_utils.InferenceResponse([to_triton(pb_utils, "TOP_IDS", i), to_triton(pb_utils, "TOP_SCORES", s)])
                 for i, s in zip(np.split(ids, bounds), np.split(scores, bounds))]
+
+    def _predict(self, batch: np.ndarray, lengths: np.ndarray):
+        """The variant's own call, at the smallest batch bucket that holds the rows -> numpy (ids, scores)."""
+        rows = bucket_for(len(batch), self.buckets)
+        ids, scores = self.predict(torch.from_numpy(pad_rows(batch, rows)).to(self.device),
+                                   torch.from_numpy(pad_rows(lengths, rows)).to(self.device), None)
+        return ids[: len(batch)].cpu().numpy(), scores[: len(batch)].float().cpu().numpy()
+
+    def _with_cache(self, batch: np.ndarray, lengths: np.ndarray, users: np.ndarray):
+        """Rows with a user id through the cache (hits and misses in one ragged batch), the others through the
+        variant's own call, exactly as without a cache -> numpy (ids, scores), each row's path."""
+        known = np.flatnonzero(users >= 0)
+        history = torch.from_numpy(batch[known]).to(self.device)
+        with self.kernel_choice():
+            ids, scores, paths = self.incremental.recommend_detailed(
+                history, torch.from_numpy(lengths[known]).to(self.device), torch.from_numpy(users[known]))
+        if len(known) == len(batch):
+            return ids.cpu().numpy(), scores.float().cpu().numpy(), paths
+        others = np.flatnonzero(users < 0)
+        other_ids, other_scores = self._predict(batch[others], lengths[others])
+        all_ids = np.empty((len(batch), ids.shape[1]), dtype=np.int64)
+        all_scores = np.empty((len(batch), ids.shape[1]), dtype=np.float32)
+        all_ids[known], all_scores[known] = ids.cpu().numpy(), scores.float().cpu().numpy()
+        all_ids[others], all_scores[others] = other_ids, other_scores
+        every = ["no_user"] * len(batch)
+        for row, path in zip(known, paths):
+            every[row] = path
+        return all_ids, all_scores, every
+
+
+class CacheMetrics:
+    """The cache's counters and bytes, and the engine's time per path, as genrec_cache_* metrics (the python
+    backend's custom metrics, on the server's metrics endpoint), labelled with the engine's model name. A row's
+    time is its whole batch's time in execute(): what the row waited for."""
+
+    TIERS = ("device", "host")
+    PATHS = ("device_hit", "host_hit", "miss", "no_user")
+
+    def __init__(self, model: str, stats: dict) -> None:
+        counter, gauge = pb_utils.MetricFamily.COUNTER, pb_utils.MetricFamily.GAUGE
+
+        def family(name, kind, description):
+            made = pb_utils.MetricFamily(name=name, description=description, kind=kind)
+            self._families.append(made)  # a family must outlive its metrics
+            return made
+
+        self._families = []
+        hits = family("genrec_cache_hits", counter, "Rows answered from the user-state cache, by tier")
+        misses = family("genrec_cache_misses", counter, "Rows with a user id that encoded their whole history")
+        stale = family("genrec_cache_stale", counter, "Misses whose cached entry did not match the history's prefix")
+        evictions = family("genrec_cache_evictions", counter, "Users pushed out of a cache tier")
+        nbytes = family("genrec_cache_bytes", gauge, "Bytes the cache holds, by tier")
+        entries = family("genrec_cache_entries", gauge, "Users the cache holds, by tier")
+        rows = family("genrec_cache_path_rows", counter, "Rows served, by path (device_hit, host_hit, miss, no_user)")
+        micros = family("genrec_cache_path_duration_us", counter,
+                        "Engine time of the batches rows ran in, summed per row, by path (microseconds)")
+        label = {"model": model}
+        self.counters = {f"hits_{t}": hits.Metric(labels={**label, "tier": t}) for t in self.TIERS}
+        self.counters.update({f"evictions_{t}": evictions.Metric(labels={**label, "tier": t}) for t in self.TIERS})
+        self.counters["misses"] = misses.Metric(labels=label)
+        self.counters["stale"] = stale.Metric(labels=label)
+        self.gauges = {f"bytes_{t}": nbytes.Metric(labels={**label, "tier": t}) for t in self.TIERS}
+        self.gauges.update({f"entries_{t}": entries.Metric(labels={**label, "tier": t}) for t in self.TIERS})
+        self.rows = {p: rows.Metric(labels={**label, "path": p}) for p in self.PATHS}
+        self.micros = {p: micros.Metric(labels={**label, "path": p}) for p in self.PATHS}
+        self.last = dict(stats)
+
+    def update(self, stats: dict, paths: list, micros: float) -> None:
+        """Each metric is a message to the server: only what changed is sent."""
+        for key, metric in self.counters.items():
+            if stats[key] != self.last[key]:
+                metric.increment(stats[key] - self.last[key])
+        for key, metric in self.gauges.items():
+            if stats[key] != self.last[key]:
+                metric.set(stats[key])
+        for path, count in Counter(paths).items():
+            self.rows[path].increment(count)
+            self.micros[path].increment(count * micros)
+        self.last = dict(stats)

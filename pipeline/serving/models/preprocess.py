@@ -1,14 +1,16 @@
 """Triton python model: a request's history of raw item ids -> the engine's padded model ids and lengths.
 
-Checks every request (empty, too long, negative or unknown ids, k out of range) and answers a bad one
-with an error naming what was wrong; the other requests of the batch are served as usual.
+Checks every request (empty, too long, negative or unknown ids, k out of range, a negative USER_ID) and
+answers a bad one with an error naming what was wrong; the other requests of the batch are served as usual.
+USER_ID is optional: a request without it hands the engine NO_USER (-1) per row, so that the engine's
+requests all carry the same inputs and batch together.
 """
 import json
 from pathlib import Path
 
 import numpy as np
 import triton_python_backend_utils as pb_utils
-from genrec_common import RequestError, Vocabulary, check_request, from_triton, pad, to_triton
+from genrec_common import RequestError, Vocabulary, check_request, from_triton, pad, to_triton, user_ids
 
 
 class TritonPythonModel:
@@ -28,7 +30,10 @@ class TritonPythonModel:
             k = from_triton(pb_utils.get_input_tensor_by_name(request, "K"))
             check_request(history, k, self.max_len, self.max_k)
             padded, lengths = pad(self.vocabulary.encode(history), self.max_len)
+            user = pb_utils.get_input_tensor_by_name(request, "USER_ID")
+            users = user_ids(None if user is None else from_triton(user), history.shape[0])
         except RequestError as err:
             return pb_utils.InferenceResponse(error=pb_utils.TritonError(f"bad request: {err}"))
         return pb_utils.InferenceResponse([to_triton(pb_utils, "HISTORY_PADDED", padded),
-                                           to_triton(pb_utils, "LENGTHS", lengths)])
+                                           to_triton(pb_utils, "LENGTHS", lengths),
+                                           to_triton(pb_utils, "USER_IDS", users)])
