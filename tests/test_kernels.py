@@ -32,6 +32,22 @@ def interpreter_without_gpu():
         os.environ["TRITON_INTERPRET"] = _INTERPRET_BEFORE
 
 
+@pytest.fixture(autouse=True)
+def kernels_untuned_on_gpu(request, monkeypatch):
+    """The GPU tests check our kernels at full shapes. With the tuner on, an op could be served by its
+    reference (leaving the kernel unchecked) and each shape would spend its tuning budget compiling configs;
+    off, every op runs its kernel's default config, and the whole compiled call runs ours, not its twin."""
+    if request.node.get_closest_marker("gpu") is None:
+        yield
+        return
+    from pipeline.kernels import dispatch
+
+    monkeypatch.setenv("GENREC_AUTOTUNE", "0")
+    dispatch.reset()
+    yield
+    dispatch.reset()
+
+
 def _fused_top_k(*args):
     with kernels.use("triton", op="retrieval"):
         return kernels.retrieval_top_k(*args)
