@@ -245,3 +245,35 @@ def test_train_on_a_log_saves_the_vocabulary_and_logs_the_report(tmp_path):
     vocabulary_path.write_text(vocabulary_path.read_text().replace("item-1", "item-X"))
     with pytest.raises(IntegrityError):
         read_vocabulary(vocabulary_path)
+
+
+# ---------------------------------------------------------------- the public datasets as presets
+
+
+def test_grouplens_presets_read_through_the_log_reader_as_before(tmp_path):
+    from conftest import shared_data
+    from pipeline.data import interactions_from_ratings, read_grouplens_ratings
+    from pipeline.data.download import _read, DATASETS
+
+    u_data = shared_data() / "ml-100k" / "u.data"
+    if not u_data.is_file():
+        pytest.skip(f"{u_data} is not here; set GENREC_SHARED_DATA to the shared data folder")
+    text = "".join(line.replace("\t", "::") for line in u_data.read_text().splitlines(keepends=True)[:20_000])
+    ratings_dat = write(tmp_path, text, "ratings.dat")
+    for file, path in ((DATASETS["ml-100k"].official, u_data), (DATASETS["ml-1m"].official, ratings_dat)):
+        for min_rating in (None, 4):
+            new = _read("x", file, path, min_rating)
+            old = interactions_from_ratings("x", *read_grouplens_ratings(path, file.sep), min_rating=min_rating)
+            assert new.raw_user_ids.tolist() == old.raw_user_ids.tolist()
+            assert new.raw_item_ids.tolist() == old.raw_item_ids.tolist()
+            assert [s.tolist() for s in new.sequences] == [s.tolist() for s in old.sequences]
+            assert [t.tolist() for t in new.timestamps] == [t.tolist() for t in old.timestamps]
+
+
+def test_grouplens_preset_bad_line(tmp_path):
+    from pipeline.data.download import _read, DATASETS
+
+    path = write(tmp_path, "1::10::5::3\n1::20::1\n", "ratings.dat")
+    with pytest.raises(DataError) as error:
+        _read("ml-1m", DATASETS["ml-1m"].official, path, None)
+    assert str(error.value) == f"{path}:2: expected 7 fields separated by ':', found 5: '1::20::1'"

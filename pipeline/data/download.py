@@ -11,6 +11,10 @@ GENREC_DATA_ROOT at it works):
 A missing file is downloaded from its official source when allowed, checked against a pinned
 checksum (so a changed or corrupted release is noticed, not trained on) and written atomically (so
 an interrupted download never leaves a partial file that a later run would trust).
+
+The GroupLens ratings files are read by the same reader as a user's own log (`data=interactions`,
+pipeline.data.interactions): one path from a table to `Interactions`. The one-user-per-line sequence
+files are not tables and keep their own reader.
 """
 
 import contextlib
@@ -352,9 +356,19 @@ def _read(name: str, file: DataFile, path: Path, min_rating: int | None) -> Inte
     if file.sep is None:
         users, sequences = read_user_sequences(path)
         return interactions_from_sequences(name, users, sequences)
-    return interactions_from_ratings(
-        name, *read_grouplens_ratings(path, file.sep), min_rating=min_rating
-    )
+    return read_interactions(ratings_spec(path, file.sep), name, min_rating=min_rating, min_actions=1)
+
+
+def ratings_spec(path: Path, sep: str) -> TableSpec:
+    """A GroupLens ratings file (user, item, rating, timestamp; no header) as a table the log reader reads.
+
+    ML-1M's "::" is read as ":" with an empty column between the fields (pyarrow's delimiter is one byte);
+    the ids are integers, so no field holds a ":"."""
+    names = ("user", "item", "rating", "timestamp")
+    if sep == "::":
+        sep, names = ":", ("user", "_1", "item", "_2", "rating", "_3", "timestamp")
+    return TableSpec(path=str(path), format="csv", user="user", item="item", timestamp="timestamp",
+                     rating="rating", header=False, column_names=names, delimiter=sep)
 
 
 def _option(cfg: Any, key: str, default: Any) -> Any:

@@ -56,6 +56,7 @@ class TableSpec:
         header: the first line of a CSV/TSV names the columns; when False, `column_names` does.
         delimiter: the field separator of a CSV/TSV (default "," and tab).
         on_bad_rows: "error" (a DataError at the first bad row) or "skip" (dropped and counted).
+        rating: a numeric column to filter on (read_interactions' min_rating), or None.
     """
 
     path: str
@@ -67,6 +68,7 @@ class TableSpec:
     column_names: tuple[str, ...] | None = None
     delimiter: str | None = None
     on_bad_rows: str = "error"
+    rating: str | None = None
 
 
 @dataclass
@@ -76,6 +78,7 @@ class _Log:
     user: np.ndarray  # int64 codes into user_vocab
     item: np.ndarray
     timestamp: np.ndarray | None  # int64 unix seconds
+    rating: np.ndarray | None  # float64, when spec.rating names a column
     user_vocab: np.ndarray  # sorted distinct raw ids (int64, or object array of str)
     item_vocab: np.ndarray
     bad_rows: int
@@ -99,8 +102,15 @@ def file_format(spec: TableSpec) -> str:
 
 
 def read_interactions(spec: TableSpec, name: str, *, drop_duplicates: bool = False,
-                      min_user_interactions: int = 1, min_item_interactions: int = 1) -> Interactions:
-    """Reads, filters and orders an interaction log (the module's docstring lists the steps)."""
+                      min_user_interactions: int = 1, min_item_interactions: int = 1,
+                      min_rating: float | None = None, min_actions: int = MIN_ACTIONS) -> Interactions:
+    """Reads, filters and orders an interaction log (the module's docstring lists the steps).
+
+    Args:
+        min_rating: keep only rows whose spec.rating column is >= min_rating (before the other filters).
+        min_actions: users with fewer actions after the filters are dropped and counted (1 keeps everyone:
+            the public datasets' presets leave that to leave_one_out, as they always did).
+    """
     if spec.on_bad_rows not in ON_BAD_ROWS:
         raise DataError(f"unknown data.on_bad_rows {spec.on_bad_rows!r}; valid: {', '.join(ON_BAD_ROWS)}")
     for key, value in (("min_user_interactions", min_user_interactions),
@@ -116,7 +126,17 @@ def read_interactions(spec: TableSpec, name: str, *, drop_duplicates: bool = Fal
         raise DataError(f"{path}: the file is empty")
     fmt = file_format(spec)
     log = _read_parquet(path, spec) if fmt == "parquet" else _read_csv(path, spec, fmt)
-    return _build(name, log, drop_duplicates, int(min_user_interactions), int(min_item_interactions))
+    if min_rating is not None:
+        if log.rating is None:
+            raise DataError(f"{path}: min_rating={min_rating} needs a rating column")
+        keep = log.rating >= min_rating
+        if not keep.any():
+            raise DataError(f"{name}: no rating is >= min_rating={min_rating} (its ratings run from "
+                            f"{log.rating.min():g} to {log.rating.max():g}); lower min_rating or set it to null")
+        log.user, log.item = log.user[keep], log.item[keep]
+        log.timestamp = None if log.timestamp is None else log.timestamp[keep]
+    return _build(name, log, drop_duplicates, int(min_user_interactions), int(min_item_interactions),
+                  int(min_actions))
 
 
 # ---------------------------------------------------------------- reading
@@ -139,6 +159,8 @@ def _columns(spec: TableSpec) -> dict[str, str]:
     roles = {"user": spec.user, "item": spec.item}
     if spec.timestamp:
         roles["timestamp"] = spec.timestamp
+    if spec.rating:
+        roles["rating"] = spec.rating
     return roles
 
 
@@ -272,7 +294,7 @@ def _convert(table: pa.Table, spec: TableSpec, rows: _Rows, skipped: int) -> _Lo
     empty_line = np.logical_and.reduce(nulls)
     flag(empty_line, lambda i: "empty line")
     for role, is_null in zip(columns, nulls):
-        label = "timestamp" if role == "timestamp" else f"{role} id"
+        label = role if role in ("timestamp", "rating") else f"{role} id"
         flag(is_null & ~empty_line, lambda i, label=label, role=role: f"the {label} (column {roles[role]!r}) is empty")
     for role, column in columns.items():
         if pa.types.is_binary(column.type) or pa.types.is_large_binary(column.type):
@@ -286,6 +308,13 @@ def _convert(table: pa.Table, spec: TableSpec, rows: _Rows, skipped: int) -> _Lo
         flag(unparseable & ~bad, lambda i: (
             f"timestamp {_text(columns['timestamp'][i])!r} (column {roles['timestamp']!r}) is neither integer "
             "epoch seconds nor an ISO-8601 date-time"))
+    rating = None
+    if "rating" in columns:
+        numeric = pa.types.is_integer(columns["rating"].type) or pa.types.is_floating(columns["rating"].type)
+        flag(np.full(n, not numeric) & ~bad, lambda i: (
+            f"rating {_text(columns['rating'][i])!r} (column {roles['rating']!r}) is not a number"))
+        if numeric:
+            rating = columns["rating"].cast(pa.float64()).fill_null(0).to_numpy()
     if problems:
         if spec.on_bad_rows == "error":
             first, message = min(problems)
@@ -298,6 +327,7 @@ def _convert(table: pa.Table, spec: TableSpec, rows: _Rows, skipped: int) -> _Lo
         mask = pa.array(keep)
         columns = {role: column.filter(mask) for role, column in columns.items()}
         times = None if times is None else times[keep]
+        rating = None if rating is None else rating[keep]
     elif skipped:
         logger.warning("%s: skipped %d rows with the wrong number of fields (data.on_bad_rows=skip)",
                        rows.path, skipped)
@@ -305,7 +335,7 @@ def _convert(table: pa.Table, spec: TableSpec, rows: _Rows, skipped: int) -> _Lo
         raise DataError(f"{rows.path}: no valid rows: all {n + skipped} rows are bad")
     user, user_vocab = _encode(columns["user"])
     item, item_vocab = _encode(columns["item"])
-    return _Log(user=user, item=item, timestamp=times, user_vocab=user_vocab, item_vocab=item_vocab,
+    return _Log(user=user, item=item, timestamp=times, rating=rating, user_vocab=user_vocab, item_vocab=item_vocab,
                 bad_rows=int(bad.sum()) + skipped)
 
 
@@ -389,7 +419,8 @@ def _encode(column: pa.ChunkedArray) -> tuple[np.ndarray, np.ndarray]:
 # ---------------------------------------------------------------- filters, order, remap
 
 
-def _build(name: str, log: _Log, drop_duplicates: bool, min_user: int, min_item: int) -> Interactions:
+def _build(name: str, log: _Log, drop_duplicates: bool, min_user: int, min_item: int,
+           min_actions: int = MIN_ACTIONS) -> Interactions:
     rows_read = len(log.user) + log.bad_rows
     user, item, times = log.user, log.item, log.timestamp
     report = {"rows_read": rows_read, "bad_rows_skipped": log.bad_rows, "duplicates_dropped": 0}
@@ -409,14 +440,14 @@ def _build(name: str, log: _Log, drop_duplicates: bool, min_user: int, min_item:
     keep, rounds = _k_core(user, item, len(log.user_vocab), len(log.item_vocab), min_user, min_item)
     report.update(kcore_rows_dropped=int(before - keep.sum()), kcore_rounds=rounds)
     counts = np.bincount(user[keep], minlength=len(log.user_vocab))
-    short = (counts > 0) & (counts < MIN_ACTIONS)
+    short = (counts > 0) & (counts < min_actions)
     short_rows = keep & short[user]
     report.update(short_users_dropped=int(short.sum()), short_user_rows_dropped=int(short_rows.sum()))
     keep &= ~short_rows
     user, item = user[keep], item[keep]
     times = None if times is None else times[keep]
     if len(user) == 0:
-        raise DataError(f"{name}: no user is left with {MIN_ACTIONS} actions after the filters "
+        raise DataError(f"{name}: no user is left with {max(min_actions, 1)} actions after the filters "
                         f"({_describe(report)}); lower data.min_user_interactions / data.min_item_interactions")
     order = np.argsort(user, kind="stable") if times is None else np.lexsort((times, user))
     user, item = user[order], item[order]
