@@ -89,6 +89,11 @@ def test_drop_duplicates_keeps_the_first(tmp_path):
     data = read(path, drop_duplicates=True)
     assert raw_sequences(data) == {"u": ["a", "b", "a", "c"]}  # the same item at another time is no duplicate
     assert data.report["duplicates_dropped"] == 1
+    # Equal times: the duplicate need not follow its twin; the tie keeps file order (b before the first a).
+    path = write(tmp_path, HEADER + "u,b,1\nu,a,1\nu,c,1\nu,a,1\nu,b,0\n")
+    assert raw_sequences(read(path, drop_duplicates=True)) == {"u": ["b", "b", "a", "c"]}
+    path = write(tmp_path, "user_id,item_id\nu,b\nu,a\nu,b\nu,c\n")
+    assert raw_sequences(read(path, timestamp=None, drop_duplicates=True)) == {"u": ["b", "a", "c"]}
 
 
 def test_k_core_iterates_to_a_fixpoint(tmp_path):

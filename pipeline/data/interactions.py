@@ -421,41 +421,30 @@ def _encode(column: pa.ChunkedArray) -> tuple[np.ndarray, np.ndarray]:
 
 def _build(name: str, log: _Log, drop_duplicates: bool, min_user: int, min_item: int,
            min_actions: int = MIN_ACTIONS) -> Interactions:
-    rows_read = len(log.user) + log.bad_rows
     user, item, times = log.user, log.item, log.timestamp
-    report = {"rows_read": rows_read, "bad_rows_skipped": log.bad_rows, "duplicates_dropped": 0}
+    report = {"rows_read": len(user) + log.bad_rows, "bad_rows_skipped": log.bad_rows, "duplicates_dropped": 0}
+    order = _time_order(user, times)  # the one sort of the rows: every filter below is a mask
+    keep = np.ones(len(user), dtype=bool)
     if drop_duplicates:
-        keys = (item, user) if times is None else (times, item, user)
-        order = np.lexsort(keys)  # stable: among equal rows the first in the file comes first
-        same = np.ones(len(order), dtype=bool)
-        same[0] = False
-        for key in keys:
-            same[1:] &= key[order[1:]] == key[order[:-1]]
-        keep = np.ones(len(user), dtype=bool)
-        keep[order[same]] = False
+        keep[_duplicates(user, item, times, order)] = False
         report["duplicates_dropped"] = int((~keep).sum())
-        user, item = user[keep], item[keep]
-        times = None if times is None else times[keep]
-    before = len(user)
-    keep, rounds = _k_core(user, item, len(log.user_vocab), len(log.item_vocab), min_user, min_item)
-    report.update(kcore_rows_dropped=int(before - keep.sum()), kcore_rounds=rounds)
+    before = int(keep.sum())
+    keep, rounds = _k_core(user, item, keep, len(log.user_vocab), len(log.item_vocab), min_user, min_item)
+    report.update(kcore_rows_dropped=before - int(keep.sum()), kcore_rounds=rounds)
     counts = np.bincount(user[keep], minlength=len(log.user_vocab))
     short = (counts > 0) & (counts < min_actions)
     short_rows = keep & short[user]
     report.update(short_users_dropped=int(short.sum()), short_user_rows_dropped=int(short_rows.sum()))
     keep &= ~short_rows
-    user, item = user[keep], item[keep]
-    times = None if times is None else times[keep]
-    if len(user) == 0:
+    if not keep.any():
         raise DataError(f"{name}: no user is left with {max(min_actions, 1)} actions after the filters "
                         f"({_describe(report)}); lower data.min_user_interactions / data.min_item_interactions")
-    order = np.argsort(user, kind="stable") if times is None else np.lexsort((times, user))
+    order = order[keep[order]]
     user, item = user[order], item[order]
     times = None if times is None else times[order]
     present = np.zeros(len(log.item_vocab), dtype=bool)
     present[item] = True
-    new_id = np.cumsum(present)  # code -> 1..N, ascending raw id
-    item = new_id[item]
+    item = np.cumsum(present)[item]  # code -> 1..N, ascending raw id
     starts = np.flatnonzero(np.diff(user)) + 1
     item_vocab = log.item_vocab[present]
     pad = np.array([-1], dtype=np.int64) if item_vocab.dtype != object else np.array([None], dtype=object)
@@ -473,10 +462,47 @@ def _build(name: str, log: _Log, drop_duplicates: bool, min_user: int, min_item:
     )
 
 
-def _k_core(user: np.ndarray, item: np.ndarray, num_users: int, num_items: int, min_user: int,
-            min_item: int) -> tuple[np.ndarray, int]:
-    """The rows of the k-core (every user >= min_user rows, every item >= min_item) and the rounds it took."""
-    keep = np.ones(len(user), dtype=bool)
+def _time_order(user: np.ndarray, times: np.ndarray | None) -> np.ndarray:
+    """The permutation sorting rows by (user, time), ties in file order: one stable argsort of a combined int64
+    key (several times faster than np.lexsort on millions of rows); lexsort only when the key would overflow."""
+    if times is None:
+        return np.argsort(user, kind="stable")
+    users = int(user.max()) + 1
+    offset = times - times.min()
+    span = int(offset.max()) + 1
+    if users * span >= 2**63:  # times too far apart: their ranks instead
+        distinct, offset = np.unique(times, return_inverse=True)
+        offset, span = offset.reshape(-1), len(distinct)
+        if users * span >= 2**63:
+            return np.lexsort((times, user))
+    return np.argsort(user.astype(np.int64) * span + offset, kind="stable")
+
+
+def _duplicates(user: np.ndarray, item: np.ndarray, times: np.ndarray | None, order: np.ndarray) -> np.ndarray:
+    """The rows equal (user, item, time) to an earlier row of the file. Only runs of equal (user, time) in
+    `order` can hold duplicates; those rows alone are sorted again by item (stably: file order kept)."""
+    u = user[order]
+    same = u[1:] == u[:-1]
+    if times is not None:
+        t = times[order]
+        same &= t[1:] == t[:-1]
+    in_run = np.zeros(len(order), dtype=bool)
+    in_run[1:] |= same
+    in_run[:-1] |= same
+    positions = np.flatnonzero(in_run)
+    run = np.cumsum(np.concatenate(([True], ~same)))[positions]
+    rows = order[positions]
+    by_item = np.lexsort((item[rows], run))  # stable: within equal (run, item), file order
+    rows, run, items = rows[by_item], run[by_item], item[rows][by_item]
+    repeat = np.zeros(len(rows), dtype=bool)
+    repeat[1:] = (run[1:] == run[:-1]) & (items[1:] == items[:-1])
+    return rows[repeat]
+
+
+def _k_core(user: np.ndarray, item: np.ndarray, keep: np.ndarray, num_users: int, num_items: int,
+            min_user: int, min_item: int) -> tuple[np.ndarray, int]:
+    """The rows of `keep` in the k-core (every user >= min_user rows, every item >= min_item) and the rounds
+    it took."""
     rounds = 0
     if min_user <= 1 and min_item <= 1:
         return keep, rounds
