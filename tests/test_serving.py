@@ -15,7 +15,8 @@ from tritonclient.grpc import model_config_pb2 as mc
 from conftest import ROOT
 from pipeline.core import PipelineError, Variant
 from pipeline.serving.config import load_config
-from pipeline.serving.models.common import RequestError, Vocabulary, check_request, pad
+from pipeline.integrity import write_digest
+from pipeline.serving.models.common import RequestError, Vocabulary, check_request, pack_text, pad, unpack_text
 from pipeline.serving.package import read_package, variant_digest, write_package
 from pipeline.serving.repository import instance_kind, write_repository
 from pipeline.serving.server import LocalServer, ServerError, TritonInstall
@@ -29,6 +30,39 @@ def test_vocabulary_maps_raw_ids_both_ways():
     assert vocab.decode(np.array([2, 4, 1, 0])).tolist() == [10, 40, 30, -1]
     with pytest.raises(RequestError, match=r"unknown item ids \(2\): 11, 99"):
         vocab.encode(np.array([[10, 99, 11]]))
+
+
+def test_vocabulary_of_text_ids_and_their_packing():
+    vocab = Vocabulary(np.array([None, "b", "a10", "a9"], dtype=object))  # as data=interactions gives text ids
+    assert vocab.text and vocab.encode(np.array([["a9", "b"]])).tolist() == [[3, 1]]
+    assert vocab.decode(np.array([2, 0])).tolist() == ["a10", ""]
+    with pytest.raises(RequestError, match=r"unknown item ids \(1\): a1; the model knows 3 items"):
+        vocab.encode(np.array([["a1", "b"]]))
+    packed = pack_text([["b", "ünï"], ["a9", ""]])
+    assert packed.dtype == np.uint8 and packed.shape == (2, len("b\nünï".encode()))
+    assert unpack_text(packed).tolist() == [["b", "ünï"], ["a9", ""]]
+    with pytest.raises(RequestError, match=r"same number of ids, got \[2, 1\]"):
+        unpack_text(pack_text([["a", "b"], ["c"]]))
+    with pytest.raises(RequestError, match="must be UTF-8 text"):
+        unpack_text(np.array([[0x61, 0xFF]], dtype=np.uint8))
+    with pytest.raises(RequestError, match=r"UINT8 tensor \[batch, bytes\], got int64"):
+        unpack_text(np.array([[1, 2]]))
+
+
+def test_text_vocabulary_makes_uint8_ids_in_the_ensemble(tmp_path):
+    checkpoint = tmp_path / "model.pt"
+    checkpoint.write_bytes(b"x")
+    write_digest(checkpoint)
+    package = write_package(tmp_path / "pkg", Variant("eager-fp32", "eager", "fp32", str(checkpoint), "train"),
+                            model_config={"name": "hstu", "max_len": 8}, top_k=20,
+                            raw_item_ids=np.array([None, "x", "y"], dtype=object), examples=[["x", "y"]],
+                            info={"metrics": {}})
+    assert read_package(package.root).examples == [["x", "y"]] and package.vocabulary.text
+    configs = _configs(write_repository(package, _cfg(tmp_path).serving, tmp_path / "repo", 1, "local"))
+    kinds = {(m, t.name): mc.DataType.Name(t.data_type) for m, c in configs.items() for t in (*c.input, *c.output)}
+    assert kinds[("genrec", "HISTORY")] == kinds[("genrec", "ITEM_IDS")] == "TYPE_UINT8"
+    assert kinds[("genrec_v1_preprocess", "HISTORY")] == kinds[("genrec_v1_postprocess", "ITEM_IDS")] == "TYPE_UINT8"
+    assert kinds[("genrec_v1_preprocess", "HISTORY_PADDED")] == "TYPE_INT64"
 
 
 @pytest.mark.parametrize("history, k, message", [

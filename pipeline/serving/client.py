@@ -43,9 +43,13 @@ class GenrecClient:
         self._tc, self._timeout_s = tc, timeout_s
         self.model, self.protocol = model, protocol
 
-    def recommend(self, history: Sequence[int], k: int) -> Recommendation:
-        """One user's history (oldest first) -> the top k."""
-        answer = self.infer(np.asarray([history], dtype=np.int64), np.asarray([[k]], dtype=np.int64))
+    def recommend(self, history: Sequence[int] | Sequence[str], k: int) -> Recommendation:
+        """One user's history (oldest first; integer ids, or text ids for a model trained on them) -> the top k."""
+        from pipeline.serving.models.common import pack_text
+
+        text = any(isinstance(i, str) for i in history)
+        ids = pack_text([history]) if text else np.asarray([history], dtype=np.int64)
+        answer = self.infer(ids, np.asarray([[k]], dtype=np.int64))
         return Recommendation(answer.item_ids[0], answer.scores[0], answer.model_version)
 
     def infer(self, history: np.ndarray, k: np.ndarray) -> Recommendation:
@@ -65,7 +69,12 @@ class GenrecClient:
             raise RequestRejected(err.message() or str(err)) from err
         response = result.get_response()
         version = response["model_version"] if isinstance(response, dict) else response.model_version
-        return Recommendation(result.as_numpy("ITEM_IDS"), result.as_numpy("SCORES"), str(version))
+        ids = result.as_numpy("ITEM_IDS")
+        if ids.dtype == np.uint8:  # text ids: each row UTF-8, newline-separated
+            from pipeline.serving.models.common import unpack_text
+
+            ids = unpack_text(ids)
+        return Recommendation(ids, result.as_numpy("SCORES"), str(version))
 
     def close(self) -> None:
         self._client.close()
@@ -101,20 +110,23 @@ def main() -> int:
     parser.add_argument("--check", action="store_true", help="also compute the pipeline's own answer and compare")
     args = parser.parse_intermixed_args()
     overrides = [a for a in args.items if "=" in a]
-    try:
-        history = [int(a) for a in args.items if "=" not in a]
-    except ValueError as err:
-        raise PipelineError(f"item ids are integers: {err}") from err
     cfg = load_config(overrides)
     server = LocalServer(cfg.serving)
     record = deployed(server.root)
     package = None
-    if args.check or not history:
-        if record is None:
-            raise PipelineError(f"nothing deployed from {server.root}: run `make deploy` first, or pass a history")
+    history = [a for a in args.items if "=" not in a]
+    if record is not None:
         from pipeline.serving.package import read_package
 
         package = read_package(Path(record["package"]))
+    if package is None or not package.vocabulary.text:  # a model trained on text ids takes them as they are
+        try:
+            history = [int(a) for a in history]
+        except ValueError as err:
+            raise PipelineError(f"item ids are integers for this model: {err}") from err
+    if args.check or not history:
+        if record is None:
+            raise PipelineError(f"nothing deployed from {server.root}: run `make deploy` first, or pass a history")
         if not history:
             history = package.examples[args.example % len(package.examples)]
     url = server.url if args.protocol == "http" else server.grpc_url

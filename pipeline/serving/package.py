@@ -5,7 +5,8 @@
     <artifact>      the variant's files: checkpoint, .onnx (+ its external data), .pt2, TensorRT program,
                     with their digest <artifact>.sha256 (pipeline.integrity)
     plan/           a TensorRT variant's Triton model (config.pbtxt, 1/model.plan), when the trt stage made one
-    item_ids.npy    the raw item id of each model item id (index 0 is padding: -1)
+    item_ids.npy    the raw item id of each model item id (index 0 is padding: -1); a str array when the ids
+                    are text (a log read by data=interactions with string ids): requests then send strings
     examples.json   a few test-split histories (raw ids) for the smoke test, `make query` and the load test
 """
 from __future__ import annotations
@@ -35,7 +36,7 @@ class Package:
     model_config: dict[str, Any]
     top_k: int                # the most items one answer can hold
     info: dict[str, Any]      # metrics, fingerprint, where it came from
-    examples: list[list[int]]
+    examples: list[list[int | str]]
     vocabulary: Vocabulary
 
     @property
@@ -64,7 +65,7 @@ class Package:
 
 
 def write_package(dst: Path, variant: Variant, *, model_config: dict, top_k: int, raw_item_ids: np.ndarray,
-                  examples: list[list[int]], info: dict[str, Any]) -> Package:
+                  examples: list[list[int | str]], info: dict[str, Any]) -> Package:
     dst = Path(dst)
     if dst.exists():
         shutil.rmtree(dst)
@@ -76,8 +77,8 @@ def write_package(dst: Path, variant: Variant, *, model_config: dict, top_k: int
         spec["options"] = {**variant.options, "triton_model": PLAN_DIR}
     manifest = {"variant": spec, "model_config": model_config, "top_k": top_k, "info": info}
     (dst / PACKAGE_FILE).write_text(json.dumps(manifest, indent=2, default=str))
-    np.save(dst / ITEM_IDS_FILE, np.asarray(raw_item_ids, dtype=np.int64))
-    (dst / EXAMPLES_FILE).write_text(json.dumps([[int(i) for i in h] for h in examples]))
+    np.save(dst / ITEM_IDS_FILE, Vocabulary(raw_item_ids).raw)  # int64, or a str array for text ids
+    (dst / EXAMPLES_FILE).write_text(json.dumps([[i if isinstance(i, str) else int(i) for i in h] for h in examples]))
     return read_package(dst)
 
 

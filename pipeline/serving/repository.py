@@ -1,6 +1,8 @@
 """The Triton model repository of a champion package (registry version N): one ensemble that clients call,
 
     <name>                  ensemble: HISTORY [B, L] raw item ids + K [B, 1] -> ITEM_IDS [B, k] raw ids, SCORES [B, k]
+                            (ids INT64; for a vocabulary of text ids UINT8 [B, bytes]: each row's ids as
+                            UTF-8 text separated by newlines, right-padded with zero bytes)
     <name>_vN               the same ensemble under the release's own name (deploy smoke-tests it first)
     <name>_vN_preprocess    python: checks the request, raw ids -> model ids, right-padded to max_len, lengths
     <name>_vN_engine        the variant: top-K model ids and scores for a batch (dynamic batching, instance groups)
@@ -140,9 +142,9 @@ def write_repository(package: Package, scfg: DictConfig, dst: Path, version: int
     folders = {
         names["preprocess"]: _write(dst, _preprocess(scfg, names["preprocess"], package), version),
         names["engine"]: _write(dst, _engine(scfg, names["engine"], engine, package, kind), version),
-        names["postprocess"]: _write(dst, _postprocess(scfg, names["postprocess"], engine), version),
-        names["ensemble"]: _write(dst, _ensemble(names["ensemble"], scfg, names, engine, version), version),
-        scfg.model_name: _write(dst, _ensemble(scfg.model_name, scfg, names, engine, version), version),
+        names["postprocess"]: _write(dst, _postprocess(scfg, names["postprocess"], engine, package), version),
+        names["ensemble"]: _write(dst, _ensemble(names["ensemble"], scfg, names, engine, version, package), version),
+        scfg.model_name: _write(dst, _ensemble(scfg.model_name, scfg, names, engine, version, package), version),
     }
     for step in ("preprocess", "postprocess"):
         step_dir = folders[names[step]] / str(version)
@@ -211,12 +213,20 @@ def _cpu_instances(config: mc.ModelConfig) -> None:
     config.dynamic_batching.max_queue_delay_microseconds = 0
 
 
-def _ensemble(name: str, scfg: DictConfig, names: dict[str, str], engine: Engine, version: int) -> mc.ModelConfig:
+def _id_type(package: Package) -> str:
+    """The Triton type of raw item ids in requests and answers: for a vocabulary of text ids, UINT8 [B, bytes],
+    each row the ids as UTF-8 text separated by newlines (genrec_common.pack_text)."""
+    return "TYPE_UINT8" if package.vocabulary.text else "TYPE_INT64"
+
+
+def _ensemble(name: str, scfg: DictConfig, names: dict[str, str], engine: Engine, version: int,
+              package: Package) -> mc.ModelConfig:
     """Each step pinned to `version`: the ensemble never mixes steps of two releases."""
     config = mc.ModelConfig(name=name, platform="ensemble", max_batch_size=scfg.max_batch_size)
-    for io in (Io("HISTORY", "TYPE_INT64", (-1,)), Io("K", "TYPE_INT64", (1,))):
+    ids = _id_type(package)
+    for io in (Io("HISTORY", ids, (-1,)), Io("K", "TYPE_INT64", (1,))):
         _add(config.input, io)
-    for io in (Io("ITEM_IDS", "TYPE_INT64", (-1,)), Io("SCORES", "TYPE_FP32", (-1,))):
+    for io in (Io("ITEM_IDS", ids, (-1,)), Io("SCORES", "TYPE_FP32", (-1,))):
         _add(config.output, io)
     steps = config.ensemble_scheduling.step
     steps.add(model_name=names["preprocess"], model_version=version,
@@ -234,7 +244,7 @@ def _ensemble(name: str, scfg: DictConfig, names: dict[str, str], engine: Engine
 
 def _preprocess(scfg: DictConfig, name: str, package: Package) -> mc.ModelConfig:
     config = _base(scfg, name, "python")
-    _add(config.input, Io("HISTORY", "TYPE_INT64", (-1,)))
+    _add(config.input, Io("HISTORY", _id_type(package), (-1,)))
     _add(config.input, Io("K", "TYPE_INT64", (1,)))
     _add(config.output, Io("HISTORY_PADDED", "TYPE_INT64", (package.max_len,)))
     _add(config.output, Io("LENGTHS", "TYPE_INT64", (1,)))
@@ -266,13 +276,13 @@ def _engine(scfg: DictConfig, name: str, engine: Engine, package: Package, kind:
     return config
 
 
-def _postprocess(scfg: DictConfig, name: str, engine: Engine) -> mc.ModelConfig:
+def _postprocess(scfg: DictConfig, name: str, engine: Engine, package: Package) -> mc.ModelConfig:
     config = _base(scfg, name, "python")
     ids, scores = engine.outputs
     _add(config.input, Io("TOP_IDS", ids.dtype, ids.dims))
     _add(config.input, Io("TOP_SCORES", scores.dtype, scores.dims))
     _add(config.input, Io("K", "TYPE_INT64", (1,)))
-    _add(config.output, Io("ITEM_IDS", "TYPE_INT64", (-1,)))
+    _add(config.output, Io("ITEM_IDS", _id_type(package), (-1,)))
     _add(config.output, Io("SCORES", "TYPE_FP32", (-1,)))
     _cpu_instances(config)
     return config

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import numpy as np
 import triton_python_backend_utils as pb_utils
-from genrec_common import RequestError, Vocabulary, check_request, from_triton, pad, to_triton
+from genrec_common import RequestError, Vocabulary, check_request, from_triton, pad, to_triton, unpack_text
 
 
 class TritonPythonModel:
@@ -25,6 +25,8 @@ class TritonPythonModel:
     def _answer(self, request):
         try:
             history = from_triton(pb_utils.get_input_tensor_by_name(request, "HISTORY"))
+            if self.vocabulary.text:  # UINT8 [B, bytes]: the ids of each row as UTF-8 text, newline-separated
+                history = unpack_text(history)
             k = from_triton(pb_utils.get_input_tensor_by_name(request, "K"))
             check_request(history, k, self.max_len, self.max_k)
             padded, lengths = pad(self.vocabulary.encode(history), self.max_len)
