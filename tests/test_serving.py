@@ -16,7 +16,8 @@ from conftest import ROOT
 from pipeline.core import PipelineError, Variant
 from pipeline.serving.config import load_config
 from pipeline.integrity import write_digest
-from pipeline.serving.models.common import RequestError, Vocabulary, check_request, pack_text, pad, unpack_text
+from pipeline.serving.models.common import (RequestError, Vocabulary, check_request, check_timestamps, pack_text, pad,
+                                            unpack_text)
 from pipeline.serving.package import read_package, variant_digest, write_package
 from pipeline.serving.repository import instance_kind, write_repository
 from pipeline.serving.server import LocalServer, ServerError, TritonInstall
@@ -63,6 +64,38 @@ def test_text_vocabulary_makes_uint8_ids_in_the_ensemble(tmp_path):
     assert kinds[("genrec", "HISTORY")] == kinds[("genrec", "ITEM_IDS")] == "TYPE_UINT8"
     assert kinds[("genrec_v1_preprocess", "HISTORY")] == kinds[("genrec_v1_postprocess", "ITEM_IDS")] == "TYPE_UINT8"
     assert kinds[("genrec_v1_preprocess", "HISTORY_PADDED")] == "TYPE_INT64"
+
+
+def test_time_bias_model_takes_optional_timestamps_through_the_ensemble(tmp_path):
+    checkpoint = tmp_path / "model.pt"
+    checkpoint.write_bytes(b"x")
+    write_digest(checkpoint)
+    package = write_package(tmp_path / "pkg", Variant("eager-fp32", "eager", "fp32", str(checkpoint), "train"),
+                            model_config={"name": "hstu", "max_len": 8, "time_bias": True}, top_k=20, raw_item_ids=RAW,
+                            examples=[[10, 20]], example_timestamps=[[100, 160]], info={"metrics": {}})
+    assert read_package(package.root).example(3) == ([10, 20], [100, 160])
+    configs = _configs(write_repository(package, _cfg(tmp_path).serving, tmp_path / "repo", 1, "local"))
+    optional = {(m, t.name): t.optional for m, c in configs.items() for t in c.input}
+    assert optional[("genrec", "TIMESTAMPS")] and optional[("genrec_v1_preprocess", "TIMESTAMPS")]
+    assert not optional[("genrec", "HISTORY")] and not optional[("genrec_v1_engine", "TIMESTAMPS")]
+    steps = configs["genrec"].ensemble_scheduling.step
+    assert steps[0].input_map["TIMESTAMPS"] == "TIMESTAMPS"
+    assert steps[1].input_map["TIMESTAMPS"] == steps[0].output_map["TIMESTAMPS_PADDED"] == "timestamps_padded"
+    assert configs["genrec_v1_engine"].parameters["time_bias"].string_value == "true"
+    plain = _package(tmp_path, Variant("eager-fp32", "eager", "fp32", str(checkpoint), "train"))
+    plain_configs = _configs(write_repository(plain, _cfg(tmp_path).serving, tmp_path / "repo2", 1, "local"))
+    assert [t.name for t in plain_configs["genrec"].input] == ["HISTORY", "K"]  # requests as before
+
+
+def test_timestamps_are_checked():
+    history = np.array([[3, 4]])
+    assert check_timestamps(np.array([[5, 6]], np.int32), history).dtype == np.int64
+    with pytest.raises(RequestError, match=r"model.time_bias=true\): send TIMESTAMPS \[batch, length\]"):
+        check_timestamps(None, history)
+    with pytest.raises(RequestError, match=r"TIMESTAMPS has shape \[1, 3\], HISTORY \[1, 2\]"):
+        check_timestamps(np.array([[1, 2, 3]]), history)
+    with pytest.raises(RequestError, match="must be integers"):
+        check_timestamps(np.array([[1.5, 2.0]]), history)
 
 
 @pytest.mark.parametrize("history, k, message", [

@@ -43,21 +43,26 @@ class GenrecClient:
         self._tc, self._timeout_s = tc, timeout_s
         self.model, self.protocol = model, protocol
 
-    def recommend(self, history: Sequence[int] | Sequence[str], k: int) -> Recommendation:
-        """One user's history (oldest first; integer ids, or text ids for a model trained on them) -> the top k."""
+    def recommend(self, history: Sequence[int] | Sequence[str], k: int,
+                  timestamps: Sequence[int] | None = None) -> Recommendation:
+        """One user's history (oldest first; integer ids, or text ids for a model trained on them) -> the top k.
+        timestamps: the unix seconds of the history's actions, which a time-bias model needs."""
         from pipeline.serving.models.common import pack_text
 
         text = any(isinstance(i, str) for i in history)
         ids = pack_text([history]) if text else np.asarray([history], dtype=np.int64)
-        answer = self.infer(ids, np.asarray([[k]], dtype=np.int64))
+        times = None if timestamps is None else np.asarray([timestamps], dtype=np.int64)
+        answer = self.infer(ids, np.asarray([[k]], dtype=np.int64), times)
         return Recommendation(answer.item_ids[0], answer.scores[0], answer.model_version)
 
-    def infer(self, history: np.ndarray, k: np.ndarray) -> Recommendation:
-        """The raw call: HISTORY and K exactly as given (any dtype or shape, to test what the server accepts)."""
+    def infer(self, history: np.ndarray, k: np.ndarray, timestamps: np.ndarray | None = None) -> Recommendation:
+        """The raw call: HISTORY, K (and TIMESTAMPS) exactly as given (any dtype or shape, to test what the server
+        accepts)."""
         from tritonclient.utils import InferenceServerException, np_to_triton_dtype
 
         inputs = []
-        for name, array in (("HISTORY", history), ("K", k)):
+        given = (("HISTORY", history), ("K", k), *((("TIMESTAMPS", timestamps),) if timestamps is not None else ()))
+        for name, array in given:
             tensor = self._tc.InferInput(name, list(array.shape), np_to_triton_dtype(array.dtype))
             tensor.set_data_from_numpy(array)
             inputs.append(tensor)
@@ -108,6 +113,8 @@ def main() -> int:
     parser.add_argument("--example", type=int, default=0, help="without items: which packaged test history")
     parser.add_argument("--protocol", choices=("http", "grpc"), default="http")
     parser.add_argument("--check", action="store_true", help="also compute the pipeline's own answer and compare")
+    parser.add_argument("--timestamps", default=None,
+                        help="a time-bias model's: the unix seconds of the history's actions, comma-separated")
     args = parser.parse_intermixed_args()
     overrides = [a for a in args.items if "=" in a]
     cfg = load_config(overrides)
@@ -124,24 +131,28 @@ def main() -> int:
             history = [int(a) for a in history]
         except ValueError as err:
             raise PipelineError(f"item ids are integers for this model: {err}") from err
+    try:
+        times = None if args.timestamps is None else [int(t) for t in args.timestamps.split(",")]
+    except ValueError as err:
+        raise PipelineError(f"--timestamps are unix seconds, comma-separated: {err}") from err
     if args.check or not history:
         if record is None:
             raise PipelineError(f"nothing deployed from {server.root}: run `make deploy` first, or pass a history")
         if not history:
-            history = package.examples[args.example % len(package.examples)]
+            history, times = package.example(args.example)
     url = server.url if args.protocol == "http" else server.grpc_url
     client = GenrecClient(url, cfg.serving.model_name, args.protocol)
     try:
-        answer = client.recommend(history, args.k)
+        answer = client.recommend(history, args.k, times)
     finally:
         client.close()
-    print(json.dumps({"history": history, "k": args.k, "model_version": answer.model_version,
+    print(json.dumps({"history": history, **({"timestamps": times} if times else {}), "k": args.k, "model_version": answer.model_version,
                       "item_ids": answer.item_ids.tolist(), "scores": [round(float(s), 6) for s in answer.scores]}))
     if args.check:
         from pipeline.serving.repository import engine_device
 
         device = engine_device(package, cfg.serving.instance_group.kind)
-        want_ids, want_scores = package.recommend(package.load(device), history, args.k, device)
+        want_ids, want_scores = package.recommend(package.load(device), history, args.k, device, times)
         problem = mismatch(answer, want_ids, want_scores, cfg.deploy.smoke.atol)
         print(f"pipeline: {want_ids.tolist()}\n" + ("MATCH: the server answers as the pipeline does" if problem is None
                                                      else f"MISMATCH: {problem}"))

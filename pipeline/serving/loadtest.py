@@ -29,7 +29,7 @@ _COUNTERS = ("request_success", "request_failure", "count", "exec_count", "queue
 
 
 def run_load(url: str, model: str, histories: list[list[int]], k: int, requests: int, concurrency: int,
-             protocol: str = "http") -> dict:
+             protocol: str = "http", timestamps: list[list[int]] | None = None) -> dict:
     """-> client-side results: requests, errors, seconds, throughput, latency percentiles."""
     latencies: list[float] = []
     errors: list[str] = []
@@ -45,7 +45,8 @@ def run_load(url: str, model: str, histories: list[list[int]], k: int, requests:
                     return
                 start = time.perf_counter()
                 try:
-                    client.recommend(histories[i % len(histories)], k)
+                    client.recommend(histories[i % len(histories)], k,
+                                     None if timestamps is None else timestamps[i % len(histories)])
                 except RequestRejected as err:
                     with lock:
                         errors.append(str(err))
@@ -115,12 +116,13 @@ def main() -> int:
     record = deployed(server.root)
     if record is None or not server.is_live():
         raise PipelineError(f"nothing serves on {server.url}: run `make deploy` first")
-    histories = read_package(Path(record["package"])).examples
+    package = read_package(Path(record["package"]))
+    histories, times = package.examples, package.example_timestamps
     url = server.url if args.protocol == "http" else server.grpc_url
     model = cfg.serving.model_name
-    run_load(url, model, histories, args.k, args.warmup, args.concurrency, args.protocol)
+    run_load(url, model, histories, args.k, args.warmup, args.concurrency, args.protocol, times)
     before = scrape(server.metrics_url)
-    client = run_load(url, model, histories, args.k, args.requests, args.concurrency, args.protocol)
+    client = run_load(url, model, histories, args.k, args.requests, args.concurrency, args.protocol, times)
     result = {"version": record["version"], "variant": record["variant"], "client": client,
               "server": server_side(before, scrape(server.metrics_url)), "time": time.strftime("%Y-%m-%d %H:%M:%S")}
     (server.root / "loadtest.json").write_text(json.dumps(result, indent=2))

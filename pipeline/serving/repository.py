@@ -29,7 +29,7 @@ from omegaconf import DictConfig
 from tritonclient.grpc import model_config_pb2 as mc
 
 from pipeline.core import PipelineError
-from pipeline.serving.package import EXAMPLES_FILE, ITEM_IDS_FILE, Package
+from pipeline.serving.package import EXAMPLE_TIMES_FILE, EXAMPLES_FILE, ITEM_IDS_FILE, Package
 
 TARGETS = ("local", "production")
 MODELS_DIR = Path(__file__).parent / "models"
@@ -52,7 +52,7 @@ class Engine:
     """How the engine runs: `kind` is a python model file (python_*) or a native backend."""
 
     kind: str
-    inputs: tuple[Io, Io]    # history, lengths
+    inputs: tuple[Io, ...]   # history, lengths[, timestamps]
     outputs: tuple[Io, Io]   # item ids, scores
 
 
@@ -115,11 +115,15 @@ def choose_engine(package: Package, target: str, max_k: int) -> Engine:
     if target not in TARGETS:
         raise PipelineError(f"unknown deploy.target '{target}'; valid choices: {', '.join(TARGETS)}")
     backend, max_len = package.variant.backend, package.max_len
-    python_io = (Io("HISTORY", "TYPE_INT64", (max_len,)), Io("LENGTHS", "TYPE_INT64", (1,))), \
+    times = (Io("TIMESTAMPS", "TYPE_INT64", (max_len,)),) if uses_time(package) else ()
+    python_io = (Io("HISTORY", "TYPE_INT64", (max_len,)), Io("LENGTHS", "TYPE_INT64", (1,)), *times), \
                 (Io("TOP_IDS", "TYPE_INT64", (max_k,)), Io("TOP_SCORES", "TYPE_FP32", (max_k,)))
     if target == "production" and backend == "onnxruntime":
-        return Engine("onnxruntime", *_onnx_io(Path(package.variant.artifact), max_len, max_k))
+        return Engine("onnxruntime", *_onnx_io(Path(package.variant.artifact), max_len, max_k, bool(times)))
     if target == "production" and backend == "tensorrt":
+        if times:
+            raise PipelineError("a time-bias model (model.time_bias=true) is not served through tensorrt_plan: its "
+                                "Triton config takes no timestamps; promote another backend (promote.backends=[...])")
         return Engine("tensorrt_plan", *_plan_io(package, max_k))
     return Engine("python_onnxruntime" if backend == "onnxruntime" else "python_torch", *python_io)
 
@@ -127,9 +131,6 @@ def choose_engine(package: Package, target: str, max_k: int) -> Engine:
 def write_repository(package: Package, scfg: DictConfig, dst: Path, version: int, target: str,
                      cuda_here: bool = False) -> dict[str, Path]:
     """Writes the release's models into dst (emptied first); -> {model name: its folder}."""
-    if package.model_config.get("time_bias"):
-        raise PipelineError("this model uses timestamps (model.time_bias=true); requests carry no timestamps yet, "
-                            "so it cannot be served")
     if scfg.max_k > package.top_k:
         raise PipelineError(f"serving.max_k={scfg.max_k} exceeds the {package.top_k} items the variant answers; "
                             f"set serving.max_k <= {package.top_k}")
@@ -155,7 +156,7 @@ def write_repository(package: Package, scfg: DictConfig, dst: Path, version: int
         shutil.copy2(_plan_dir(package) / "1" / PLAN_FILE, engine_dir / PLAN_FILE)
     else:
         for path in package.root.iterdir():
-            if path.name not in (ITEM_IDS_FILE, EXAMPLES_FILE):
+            if path.name not in (ITEM_IDS_FILE, EXAMPLES_FILE, EXAMPLE_TIMES_FILE):
                 (shutil.copytree if path.is_dir() else shutil.copy2)(path, engine_dir / path.name)
     if engine.kind.startswith("python_"):
         _python_files(engine_dir, "engine_" + engine.kind.removeprefix("python_"))
@@ -213,6 +214,11 @@ def _cpu_instances(config: mc.ModelConfig) -> None:
     config.dynamic_batching.max_queue_delay_microseconds = 0
 
 
+def uses_time(package: Package) -> bool:
+    """A time-bias HSTU: requests carry the TIMESTAMPS of the history's actions beside HISTORY."""
+    return bool(package.model_config.get("time_bias"))
+
+
 def _id_type(package: Package) -> str:
     """The Triton type of raw item ids in requests and answers: for a vocabulary of text ids, UINT8 [B, bytes],
     each row the ids as UTF-8 text separated by newlines (genrec_common.pack_text)."""
@@ -226,15 +232,22 @@ def _ensemble(name: str, scfg: DictConfig, names: dict[str, str], engine: Engine
     ids = _id_type(package)
     for io in (Io("HISTORY", ids, (-1,)), Io("K", "TYPE_INT64", (1,))):
         _add(config.input, io)
+    timed = uses_time(package)
+    if timed:
+        _add(config.input, Io("TIMESTAMPS", "TYPE_INT64", (-1,)))
+        config.input[-1].optional = True  # the preprocess step names what is missing
     for io in (Io("ITEM_IDS", ids, (-1,)), Io("SCORES", "TYPE_FP32", (-1,))):
         _add(config.output, io)
     steps = config.ensemble_scheduling.step
     steps.add(model_name=names["preprocess"], model_version=version,
-              input_map={"HISTORY": "HISTORY", "K": "K"},
-              output_map={"HISTORY_PADDED": "history_padded", "LENGTHS": "lengths"})
-    (history, lengths), (ids, scores) = engine.inputs, engine.outputs
+              input_map={"HISTORY": "HISTORY", "K": "K", **({"TIMESTAMPS": "TIMESTAMPS"} if timed else {})},
+              output_map={"HISTORY_PADDED": "history_padded", "LENGTHS": "lengths",
+                          **({"TIMESTAMPS_PADDED": "timestamps_padded"} if timed else {})})
+    history, lengths, *times = engine.inputs
+    ids, scores = engine.outputs
     steps.add(model_name=names["engine"], model_version=version,
-              input_map={history.name: "history_padded", lengths.name: "lengths"},
+              input_map={history.name: "history_padded", lengths.name: "lengths",
+                         **({times[0].name: "timestamps_padded"} if times else {})},
               output_map={ids.name: "top_ids", scores.name: "top_scores"})
     steps.add(model_name=names["postprocess"], model_version=version,
               input_map={"TOP_IDS": "top_ids", "TOP_SCORES": "top_scores", "K": "K"},
@@ -248,8 +261,13 @@ def _preprocess(scfg: DictConfig, name: str, package: Package) -> mc.ModelConfig
     _add(config.input, Io("K", "TYPE_INT64", (1,)))
     _add(config.output, Io("HISTORY_PADDED", "TYPE_INT64", (package.max_len,)))
     _add(config.output, Io("LENGTHS", "TYPE_INT64", (1,)))
+    if uses_time(package):
+        _add(config.input, Io("TIMESTAMPS", "TYPE_INT64", (-1,)))
+        config.input[-1].optional = True
+        _add(config.output, Io("TIMESTAMPS_PADDED", "TYPE_INT64", (package.max_len,)))
     config.parameters["max_len"].string_value = str(package.max_len)
     config.parameters["max_k"].string_value = str(scfg.max_k)
+    config.parameters["time_bias"].string_value = str(uses_time(package)).lower()
     _cpu_instances(config)
     return config
 
@@ -273,6 +291,7 @@ def _engine(scfg: DictConfig, name: str, engine: Engine, package: Package, kind:
     config.parameters["max_k"].string_value = str(scfg.max_k)
     config.parameters["max_len"].string_value = str(package.max_len)
     config.parameters["threads"].string_value = str(scfg.threads)
+    config.parameters["time_bias"].string_value = str(uses_time(package)).lower()
     return config
 
 
@@ -292,15 +311,17 @@ _ONNX_TYPES = {"INT64": "TYPE_INT64", "INT32": "TYPE_INT32", "FLOAT": "TYPE_FP32
                "BFLOAT16": "TYPE_BF16"}
 
 
-def _onnx_io(path: Path, max_len: int, max_k: int) -> tuple[tuple[Io, Io], tuple[Io, Io]]:
-    """The ONNX graph's own tensor names and types: (history [B, L], lengths [B]) -> (ids [B, K], scores [B, K])."""
+def _onnx_io(path: Path, max_len: int, max_k: int, timed: bool = False) -> tuple[tuple[Io, ...], tuple[Io, Io]]:
+    """The ONNX graph's own tensor names and types: (history [B, L], lengths [B][, timestamps [B, L]]) ->
+    (ids [B, K], scores [B, K])."""
     import onnx
 
     graph = onnx.load_model(str(path), load_external_data=False).graph
     weights = {t.name for t in graph.initializer}
     inputs = [i for i in graph.input if i.name not in weights]
-    if len(inputs) != 2 or len(graph.output) < 2:
-        raise PipelineError(f"{path.name}: expected inputs (history, lengths) and outputs (item ids, scores), got "
+    if len(inputs) != 2 + timed or len(graph.output) < 2:
+        expected = "(history, lengths, timestamps)" if timed else "(history, lengths)"
+        raise PipelineError(f"{path.name}: expected inputs {expected} and outputs (item ids, scores), got "
                             f"inputs {[i.name for i in inputs]} and outputs {[o.name for o in graph.output]}")
 
     def spec(value) -> tuple[str, list[int | None]]:
@@ -318,7 +339,8 @@ def _onnx_io(path: Path, max_len: int, max_k: int) -> tuple[tuple[Io, Io], tuple
     k = i_dims[1] if i_dims[1] is not None else -1
     if k != -1 and k < max_k:
         raise PipelineError(f"{path.name}: the graph answers top-{k}, fewer than serving.max_k={max_k}")
-    return ((Io(inputs[0].name, h_type, (max_len,)), Io(inputs[1].name, l_type, (1,), reshape=())),
+    times = (Io(inputs[2].name, "TYPE_INT64", (max_len,)),) if timed else ()
+    return ((Io(inputs[0].name, h_type, (max_len,)), Io(inputs[1].name, l_type, (1,), reshape=()), *times),
             (Io(graph.output[0].name, i_type, (k,)), Io(graph.output[1].name, s_type, (k,))))
 
 

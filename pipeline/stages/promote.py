@@ -152,9 +152,13 @@ def _build_package(ctx: Context, variant: Variant, metrics: dict, fingerprint: d
             raise PipelineError(f"the data ({cfg.data.get('path') or cfg.data.name}) no longer gives the vocabulary "
                                 f"the model was trained with ({vocabulary}); train again, or restore the file")
     examples = [raw[test.history[u, : test.lengths[u]].numpy()].tolist() for u in range(count)]
+    times = None
+    if cfg.model.get("time_bias") and test.timestamps is not None:  # what a time-bias model's requests carry
+        times = [test.timestamps[u, : test.lengths[u]].tolist() for u in range(count)]
     return write_package(
         ctx.run_dir / "champion", variant,
         model_config=OmegaConf.to_container(cfg.model, resolve=True), top_k=cfg.validate.top_k, raw_item_ids=raw, examples=examples,
         info={"metrics": metrics, "fingerprint": fingerprint, "why": why, "source_run": ctx.tracker.parent_run_id,
               "data": cfg.data.name},
+        example_timestamps=times,
     )

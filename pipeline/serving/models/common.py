@@ -112,6 +112,21 @@ def check_request(history: np.ndarray, k: np.ndarray, max_len: int, max_k: int) 
     return value
 
 
+def check_timestamps(timestamps, history: np.ndarray) -> np.ndarray:
+    """A time-bias model's TIMESTAMPS [B, L] (unix seconds of the history's actions, oldest first) -> int64.
+    Raises RequestError when they are missing or do not match HISTORY's shape."""
+    if timestamps is None:
+        raise RequestError("this model uses the times of the history's actions (model.time_bias=true): send "
+                           "TIMESTAMPS [batch, length], unix seconds, one per item of HISTORY")
+    timestamps = np.asarray(timestamps)
+    if timestamps.dtype.kind not in "iu":
+        raise RequestError(f"TIMESTAMPS must be integers (unix seconds), got {timestamps.dtype}")
+    if timestamps.shape != history.shape:
+        raise RequestError(f"TIMESTAMPS has shape {list(timestamps.shape)}, HISTORY {list(history.shape)}: "
+                           "send one time per item")
+    return timestamps.astype(np.int64)
+
+
 def pad(model_ids: np.ndarray, max_len: int) -> tuple[np.ndarray, np.ndarray]:
     """[B, L] model ids (every row full) -> (history [B, max_len] right-padded with 0, lengths [B, 1])."""
     batch, length = model_ids.shape

@@ -52,6 +52,7 @@ class TritonPythonModel:
         gpu = args["model_instance_kind"] == "GPU"
         self.device = torch.device(f"cuda:{args['model_instance_device_id']}" if gpu else "cpu")
         torch.set_num_threads(int(params["threads"]))
+        self.time_bias = params.get("time_bias") == "true"
         start = time.perf_counter()
         self.predict = load_variant(Variant(**spec), self.device, int(params["max_k"]))
         self._warm(int(params["max_len"]))
@@ -61,18 +62,23 @@ class TritonPythonModel:
     def _warm(self, max_len: int) -> None:
         for batch in (1, 2):
             history = torch.ones(batch, max_len, dtype=torch.int64, device=self.device)
+            times = torch.zeros_like(history) if self.time_bias else None
             with torch.inference_mode():
-                self.predict(history, torch.ones(batch, dtype=torch.int64, device=self.device), None)
+                self.predict(history, torch.ones(batch, dtype=torch.int64, device=self.device), times)
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
 
     def execute(self, requests):
         history = [from_triton(pb_utils.get_input_tensor_by_name(r, "HISTORY")) for r in requests]
         lengths = [from_triton(pb_utils.get_input_tensor_by_name(r, "LENGTHS")) for r in requests]
+        times = None
+        if self.time_bias:
+            times = torch.from_numpy(np.concatenate(
+                [from_triton(pb_utils.get_input_tensor_by_name(r, "TIMESTAMPS")) for r in requests])).to(self.device)
         try:
             with torch.inference_mode():
                 ids, scores = self.predict(torch.from_numpy(np.concatenate(history)).to(self.device),
-                                           torch.from_numpy(np.concatenate(lengths).reshape(-1)).to(self.device), None)
+                                           torch.from_numpy(np.concatenate(lengths).reshape(-1)).to(self.device), times)
         except Exception as err:  # the whole batch fails alike; the server keeps serving
             return [pb_utils.InferenceResponse(error=pb_utils.TritonError(f"engine failed: {err}")) for _ in requests]
         ids, scores = ids.cpu().numpy(), scores.float().cpu().numpy()
