@@ -126,7 +126,7 @@ DATASETS: dict[str, DatasetSource] = {
 }
 SYNTHETIC = "synthetic"
 INTERACTIONS = "interactions"
-DATASET_NAMES = (SYNTHETIC, INTERACTIONS, *DATASETS)
+DATASET_NAMES = (SYNTHETIC, *DATASETS, INTERACTIONS)
 
 
 def load_interactions(cfg: Any) -> Interactions:
