@@ -159,20 +159,43 @@ def test_local_repository_is_an_ensemble_of_three_python_models(tmp_path):
     assert (folders["genrec"] / "7").is_dir()
 
 
-def _tiny_onnx(path: Path, k: int = 20) -> Path:
-    """A graph with the variants' signature: (history [B, L], lengths [B]) -> (item_ids [B, K], scores [B, K])."""
+def _tiny_onnx(path: Path, k: int = 20, timestamps: bool = False) -> Path:
+    """A graph with the variants' signature: (history [B, L], lengths [B][, timestamps [B, L]]) ->
+    (item_ids [B, K], scores [B, K])."""
+    times = [helper.make_tensor_value_info("timestamps", TensorProto.INT64, ["batch", "length"])] if timestamps else []
     graph = helper.make_graph(
         [helper.make_node("Cast", ["history"], ["scores_wide"], to=TensorProto.FLOAT),
          helper.make_node("TopK", ["scores_wide", "k"], ["scores", "item_ids"])],
         "tiny",
         [helper.make_tensor_value_info("history", TensorProto.INT64, ["batch", "length"]),
-         helper.make_tensor_value_info("lengths", TensorProto.INT64, ["batch"])],
+         helper.make_tensor_value_info("lengths", TensorProto.INT64, ["batch"]), *times],
         [helper.make_tensor_value_info("item_ids", TensorProto.INT64, ["batch", k]),
          helper.make_tensor_value_info("scores", TensorProto.FLOAT, ["batch", k])],
         initializer=[helper.make_tensor("k", TensorProto.INT64, [1], [k])],
     )
     onnx.save(helper.make_model(graph), str(path))
     return path
+
+
+def test_production_onnxruntime_engine_of_a_time_bias_model_takes_timestamps(tmp_path):
+    model = _tiny_onnx(tmp_path / "retriever-fp32.onnx", timestamps=True)
+    write_digest(model)
+    package = write_package(tmp_path / "pkg", Variant("onnxruntime-fp32", "onnxruntime", "fp32", str(model), "onnx"),
+                            model_config={"name": "hstu", "max_len": 8, "time_bias": True}, top_k=20, raw_item_ids=RAW,
+                            examples=[[10, 20]], example_timestamps=[[1, 2]], info={"metrics": {}})
+    configs = _configs(write_repository(package, _cfg(tmp_path).serving, tmp_path / "repo", 3, "production"))
+    assert [(i.name, list(i.dims)) for i in configs["genrec_v3_engine"].input] == [
+        ("history", [8]), ("lengths", [1]), ("timestamps", [8])]
+    assert dict(configs["genrec"].ensemble_scheduling.step[1].input_map) == {
+        "history": "history_padded", "lengths": "lengths", "timestamps": "timestamps_padded"}
+    two_inputs = _tiny_onnx(tmp_path / "two.onnx")
+    write_digest(two_inputs)
+    package = write_package(tmp_path / "pkg2", Variant("onnxruntime-fp32", "onnxruntime", "fp32", str(two_inputs),
+                                                       "onnx"), model_config={"name": "hstu", "max_len": 8,
+                                                                              "time_bias": True},
+                            top_k=20, raw_item_ids=RAW, examples=[[10, 20]], info={"metrics": {}})
+    with pytest.raises(PipelineError, match=r"expected inputs \(history, lengths, timestamps\)"):
+        write_repository(package, _cfg(tmp_path).serving, tmp_path / "repo2", 3, "production")
 
 
 def test_dynamic_batching_can_be_turned_off(tmp_path):

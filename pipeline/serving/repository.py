@@ -331,7 +331,9 @@ def _onnx_io(path: Path, max_len: int, max_k: int, timed: bool = False) -> tuple
         dims = [d.dim_value if d.HasField("dim_value") else None for d in value.type.tensor_type.shape.dim]
         return _ONNX_TYPES[kind], dims
 
-    (h_type, h_dims), (l_type, _), (i_type, i_dims), (s_type, s_dims) = map(spec, [*inputs, *graph.output[:2]])
+    (h_type, h_dims), (l_type, _), (i_type, i_dims), (s_type, s_dims) = map(spec, [*inputs[:2], *graph.output[:2]])
+    if timed and spec(inputs[2])[0] != "TYPE_INT64":
+        raise PipelineError(f"{path.name}: timestamps must be int64, got {spec(inputs[2])[0]}")
     if (h_type, l_type) != ("TYPE_INT64", "TYPE_INT64"):
         raise PipelineError(f"{path.name}: history and lengths must be int64, got {h_type} and {l_type}")
     if h_dims[1] not in (None, max_len):
