@@ -282,3 +282,23 @@ def test_grouplens_preset_bad_line(tmp_path):
     with pytest.raises(DataError) as error:
         _read("ml-1m", DATASETS["ml-1m"].official, path, None)
     assert str(error.value) == f"{path}:2: expected 7 fields separated by ':', found 5: '1::20::1'"
+
+
+@pytest.mark.slow
+def test_promote_refuses_a_log_that_no_longer_gives_the_trained_vocabulary(tmp_path):
+    rng = np.random.default_rng(3)
+    lines = [HEADER.strip()] + [f"u{user},i{item},{step}" for user in range(40)
+                                for step, item in enumerate(rng.choice(120, size=6, replace=False))]
+    log = tmp_path / "log.csv"
+    log.write_text("\n".join(lines) + "\n")
+    args = ["data=interactions", "data.path=log.csv", "model.max_len=8", "model.dim=16", "train.epochs=1",
+            "train.num_negatives=8", "validate.batch_sizes=[1]", "validate.warmup=1", "validate.iters=2",
+            "validate.top_k=20", "precision=fp32", f"artifacts_dir={tmp_path / 'artifacts'}"]
+    result = run_pipeline([*args, "stage=[train,validate]"], cwd=tmp_path)
+    assert result.returncode == 0, result.stdout + result.stderr
+    renamed = sorted({line.split(",")[1] for line in lines[1:]})[0]
+    log.write_text(log.read_text().replace(f",{renamed},", ",zzz,"))
+    result = run_pipeline([*args, "stage=promote"], cwd=tmp_path)
+    output = result.stdout + result.stderr
+    assert result.returncode != 0
+    assert "no longer gives the vocabulary the model was trained with" in output, output
