@@ -15,7 +15,9 @@ from tritonclient.grpc import model_config_pb2 as mc
 from conftest import ROOT
 from pipeline.core import PipelineError, Variant
 from pipeline.serving.config import load_config
-from pipeline.serving.models.common import RequestError, Vocabulary, check_request, pad
+from pipeline.integrity import write_digest
+from pipeline.serving.models.common import (RequestError, Vocabulary, check_request, check_timestamps, pack_text, pad,
+                                            unpack_text)
 from pipeline.serving.package import read_package, variant_digest, write_package
 from pipeline.serving.repository import instance_kind, write_repository
 from pipeline.serving.server import LocalServer, ServerError, TritonInstall
@@ -29,6 +31,71 @@ def test_vocabulary_maps_raw_ids_both_ways():
     assert vocab.decode(np.array([2, 4, 1, 0])).tolist() == [10, 40, 30, -1]
     with pytest.raises(RequestError, match=r"unknown item ids \(2\): 11, 99"):
         vocab.encode(np.array([[10, 99, 11]]))
+
+
+def test_vocabulary_of_text_ids_and_their_packing():
+    vocab = Vocabulary(np.array([None, "b", "a10", "a9"], dtype=object))  # as data=interactions gives text ids
+    assert vocab.text and vocab.encode(np.array([["a9", "b"]])).tolist() == [[3, 1]]
+    assert vocab.decode(np.array([2, 0])).tolist() == ["a10", ""]
+    with pytest.raises(RequestError, match=r"unknown item ids \(1\): a1; the model knows 3 items"):
+        vocab.encode(np.array([["a1", "b"]]))
+    packed = pack_text([["b", "ünï"], ["a9", ""]])
+    assert packed.dtype == np.uint8 and packed.shape == (2, len("b\nünï".encode()))
+    assert unpack_text(packed).tolist() == [["b", "ünï"], ["a9", ""]]
+    with pytest.raises(RequestError, match=r"same number of ids, got \[2, 1\]"):
+        unpack_text(pack_text([["a", "b"], ["c"]]))
+    with pytest.raises(RequestError, match="must be UTF-8 text"):
+        unpack_text(np.array([[0x61, 0xFF]], dtype=np.uint8))
+    with pytest.raises(RequestError, match=r"UINT8 tensor \[batch, bytes\], got int64"):
+        unpack_text(np.array([[1, 2]]))
+
+
+def test_text_vocabulary_makes_uint8_ids_in_the_ensemble(tmp_path):
+    checkpoint = tmp_path / "model.pt"
+    checkpoint.write_bytes(b"x")
+    write_digest(checkpoint)
+    package = write_package(tmp_path / "pkg", Variant("eager-fp32", "eager", "fp32", str(checkpoint), "train"),
+                            model_config={"name": "hstu", "max_len": 8}, top_k=20,
+                            raw_item_ids=np.array([None, "x", "y"], dtype=object), examples=[["x", "y"]],
+                            info={"metrics": {}})
+    assert read_package(package.root).examples == [["x", "y"]] and package.vocabulary.text
+    configs = _configs(write_repository(package, _cfg(tmp_path).serving, tmp_path / "repo", 1, "local"))
+    kinds = {(m, t.name): mc.DataType.Name(t.data_type) for m, c in configs.items() for t in (*c.input, *c.output)}
+    assert kinds[("genrec", "HISTORY")] == kinds[("genrec", "ITEM_IDS")] == "TYPE_UINT8"
+    assert kinds[("genrec_v1_preprocess", "HISTORY")] == kinds[("genrec_v1_postprocess", "ITEM_IDS")] == "TYPE_UINT8"
+    assert kinds[("genrec_v1_preprocess", "HISTORY_PADDED")] == "TYPE_INT64"
+
+
+def test_time_bias_model_takes_optional_timestamps_through_the_ensemble(tmp_path):
+    checkpoint = tmp_path / "model.pt"
+    checkpoint.write_bytes(b"x")
+    write_digest(checkpoint)
+    package = write_package(tmp_path / "pkg", Variant("eager-fp32", "eager", "fp32", str(checkpoint), "train"),
+                            model_config={"name": "hstu", "max_len": 8, "time_bias": True}, top_k=20, raw_item_ids=RAW,
+                            examples=[[10, 20]], example_timestamps=[[100, 160]], info={"metrics": {}})
+    assert read_package(package.root).example(3) == ([10, 20], [100, 160])
+    configs = _configs(write_repository(package, _cfg(tmp_path).serving, tmp_path / "repo", 1, "local"))
+    optional = {(m, t.name): t.optional for m, c in configs.items() for t in c.input}
+    assert optional[("genrec", "TIMESTAMPS")] and optional[("genrec_v1_preprocess", "TIMESTAMPS")]
+    assert not optional[("genrec", "HISTORY")] and not optional[("genrec_v1_engine", "TIMESTAMPS")]
+    steps = configs["genrec"].ensemble_scheduling.step
+    assert steps[0].input_map["TIMESTAMPS"] == "TIMESTAMPS"
+    assert steps[1].input_map["TIMESTAMPS"] == steps[0].output_map["TIMESTAMPS_PADDED"] == "timestamps_padded"
+    assert configs["genrec_v1_engine"].parameters["time_bias"].string_value == "true"
+    plain = _package(tmp_path, Variant("eager-fp32", "eager", "fp32", str(checkpoint), "train"))
+    plain_configs = _configs(write_repository(plain, _cfg(tmp_path).serving, tmp_path / "repo2", 1, "local"))
+    assert [t.name for t in plain_configs["genrec"].input] == ["HISTORY", "K", "USER_ID"]  # no TIMESTAMPS
+
+
+def test_timestamps_are_checked():
+    history = np.array([[3, 4]])
+    assert check_timestamps(np.array([[5, 6]], np.int32), history).dtype == np.int64
+    with pytest.raises(RequestError, match=r"model.time_bias=true\): send TIMESTAMPS \[batch, length\]"):
+        check_timestamps(None, history)
+    with pytest.raises(RequestError, match=r"TIMESTAMPS has shape \[1, 3\], HISTORY \[1, 2\]"):
+        check_timestamps(np.array([[1, 2, 3]]), history)
+    with pytest.raises(RequestError, match="must be integers"):
+        check_timestamps(np.array([[1.5, 2.0]]), history)
 
 
 @pytest.mark.parametrize("history, k, message", [
@@ -92,20 +159,43 @@ def test_local_repository_is_an_ensemble_of_three_python_models(tmp_path):
     assert (folders["genrec"] / "7").is_dir()
 
 
-def _tiny_onnx(path: Path, k: int = 20) -> Path:
-    """A graph with the variants' signature: (history [B, L], lengths [B]) -> (item_ids [B, K], scores [B, K])."""
+def _tiny_onnx(path: Path, k: int = 20, timestamps: bool = False) -> Path:
+    """A graph with the variants' signature: (history [B, L], lengths [B][, timestamps [B, L]]) ->
+    (item_ids [B, K], scores [B, K])."""
+    times = [helper.make_tensor_value_info("timestamps", TensorProto.INT64, ["batch", "length"])] if timestamps else []
     graph = helper.make_graph(
         [helper.make_node("Cast", ["history"], ["scores_wide"], to=TensorProto.FLOAT),
          helper.make_node("TopK", ["scores_wide", "k"], ["scores", "item_ids"])],
         "tiny",
         [helper.make_tensor_value_info("history", TensorProto.INT64, ["batch", "length"]),
-         helper.make_tensor_value_info("lengths", TensorProto.INT64, ["batch"])],
+         helper.make_tensor_value_info("lengths", TensorProto.INT64, ["batch"]), *times],
         [helper.make_tensor_value_info("item_ids", TensorProto.INT64, ["batch", k]),
          helper.make_tensor_value_info("scores", TensorProto.FLOAT, ["batch", k])],
         initializer=[helper.make_tensor("k", TensorProto.INT64, [1], [k])],
     )
     onnx.save(helper.make_model(graph), str(path))
     return path
+
+
+def test_production_onnxruntime_engine_of_a_time_bias_model_takes_timestamps(tmp_path):
+    model = _tiny_onnx(tmp_path / "retriever-fp32.onnx", timestamps=True)
+    write_digest(model)
+    package = write_package(tmp_path / "pkg", Variant("onnxruntime-fp32", "onnxruntime", "fp32", str(model), "onnx"),
+                            model_config={"name": "hstu", "max_len": 8, "time_bias": True}, top_k=20, raw_item_ids=RAW,
+                            examples=[[10, 20]], example_timestamps=[[1, 2]], info={"metrics": {}})
+    configs = _configs(write_repository(package, _cfg(tmp_path).serving, tmp_path / "repo", 3, "production"))
+    assert [(i.name, list(i.dims)) for i in configs["genrec_v3_engine"].input] == [
+        ("history", [8]), ("lengths", [1]), ("timestamps", [8])]
+    assert dict(configs["genrec"].ensemble_scheduling.step[1].input_map) == {
+        "history": "history_padded", "lengths": "lengths", "timestamps": "timestamps_padded"}
+    two_inputs = _tiny_onnx(tmp_path / "two.onnx")
+    write_digest(two_inputs)
+    package = write_package(tmp_path / "pkg2", Variant("onnxruntime-fp32", "onnxruntime", "fp32", str(two_inputs),
+                                                       "onnx"), model_config={"name": "hstu", "max_len": 8,
+                                                                              "time_bias": True},
+                            top_k=20, raw_item_ids=RAW, examples=[[10, 20]], info={"metrics": {}})
+    with pytest.raises(PipelineError, match=r"expected inputs \(history, lengths, timestamps\)"):
+        write_repository(package, _cfg(tmp_path).serving, tmp_path / "repo2", 3, "production")
 
 
 def test_dynamic_batching_can_be_turned_off(tmp_path):
@@ -413,7 +503,7 @@ def test_engine_batches_hits_misses_and_rows_without_a_user_together(monkeypatch
     max_len = 8
     retriever = Retriever(HSTU(40, max_len, dim=16, num_layers=2, num_heads=2, dropout=0.0, linear_dropout=0.0), k=5).eval()
     engine = module.TritonPythonModel()
-    engine.device, engine.buckets, engine.variant = torch.device("cpu"), [], "eager-fp32"
+    engine.device, engine.buckets, engine.variant, engine.time_bias = torch.device("cpu"), [], "eager-fp32", False
     engine.predict = build(VariantSpec("eager", "fp32"), retriever, engine.device)
     engine.incremental, engine.metrics, why = engine._incremental(
         {"cache_enabled": "true", "cache_gpu_bytes": "100000", "cache_host_bytes": "0", "max_len": str(max_len)}, "m_v1_engine")

@@ -11,6 +11,10 @@ GENREC_DATA_ROOT at it works):
 A missing file is downloaded from its official source when allowed, checked against a pinned
 checksum (so a changed or corrupted release is noticed, not trained on) and written atomically (so
 an interrupted download never leaves a partial file that a later run would trust).
+
+The GroupLens ratings files are read by the same reader as a user's own log (`data=interactions`,
+pipeline.data.interactions): one path from a table to `Interactions`. The one-user-per-line sequence
+files are not tables and keep their own reader.
 """
 
 import contextlib
@@ -39,6 +43,7 @@ from pipeline.data.readers import (
     read_grouplens_ratings,
     read_user_sequences,
 )
+from pipeline.data.interactions import TableSpec, read_interactions
 from pipeline.data.synthetic import generate_synthetic
 
 logger = logging.getLogger(__name__)
@@ -120,7 +125,8 @@ DATASETS: dict[str, DatasetSource] = {
     ),
 }
 SYNTHETIC = "synthetic"
-DATASET_NAMES = (SYNTHETIC, *DATASETS)
+INTERACTIONS = "interactions"
+DATASET_NAMES = (SYNTHETIC, *DATASETS, INTERACTIONS)
 
 
 def load_interactions(cfg: Any) -> Interactions:
@@ -141,6 +147,8 @@ def load_interactions(cfg: Any) -> Interactions:
     name = cfg.name
     if name == SYNTHETIC:
         return generate_synthetic(**_synthetic_options(getattr(cfg, "synthetic", None)))
+    if name == INTERACTIONS:
+        return load_table(cfg)
     if name not in DATASETS:
         raise DataError(f"unknown dataset {name!r}; valid names: {', '.join(DATASET_NAMES)}")
     source = DATASETS[name]
@@ -163,6 +171,52 @@ def load_interactions(cfg: Any) -> Interactions:
         interactions.num_interactions,
         root / file.path,
     )
+    return interactions
+
+
+def table_spec(cfg: Any) -> tuple[TableSpec, dict[str, Any]]:
+    """The `data=interactions` config -> (how to read the file, the filter options)."""
+    path = _option(cfg, "path", None)
+    if not path:
+        raise DataError("data=interactions needs data.path: the CSV, TSV or Parquet file of your interactions, "
+                        "e.g. data.path=interactions.csv")
+    columns = _option(cfg, "columns", {})
+    get = columns.get if hasattr(columns, "get") else lambda key, default: getattr(columns, key, default)
+    names = _option(cfg, "column_names", None)
+    spec = TableSpec(
+        path=str(Path(str(path)).expanduser().resolve()),
+        format=_option(cfg, "format", None),
+        user=str(get("user", "user_id")),
+        item=str(get("item", "item_id")),
+        timestamp=None if get("timestamp", "timestamp") is None else str(get("timestamp", "timestamp")),
+        header=bool(_option(cfg, "header", True)),
+        column_names=None if names is None else tuple(str(n) for n in names),
+        delimiter=_option(cfg, "delimiter", None),
+        on_bad_rows=str(_option(cfg, "on_bad_rows", "error")),
+    )
+    filters = {
+        "drop_duplicates": bool(_option(cfg, "drop_duplicates", False)),
+        "min_user_interactions": _option(cfg, "min_user_interactions", 1),
+        "min_item_interactions": _option(cfg, "min_item_interactions", 1),
+    }
+    return spec, filters
+
+
+_TABLE_CACHE: dict[tuple, Interactions] = {}
+
+
+def load_table(cfg: Any, name: str = INTERACTIONS) -> Interactions:
+    """Reads the log a `data=interactions` config names; the stages of one run read it once (the file's
+    size and modification time are part of the key, so a changed file is read again)."""
+    spec, filters = table_spec(cfg)
+    path = Path(spec.path)
+    stat = path.stat() if path.is_file() else None
+    key = (spec, tuple(sorted(filters.items())), name, stat and (stat.st_size, stat.st_mtime_ns))
+    if stat is not None and key in _TABLE_CACHE:
+        return _TABLE_CACHE[key]
+    interactions = read_interactions(spec, name, **filters)
+    _TABLE_CACHE.clear()
+    _TABLE_CACHE[key] = interactions
     return interactions
 
 
@@ -302,9 +356,19 @@ def _read(name: str, file: DataFile, path: Path, min_rating: int | None) -> Inte
     if file.sep is None:
         users, sequences = read_user_sequences(path)
         return interactions_from_sequences(name, users, sequences)
-    return interactions_from_ratings(
-        name, *read_grouplens_ratings(path, file.sep), min_rating=min_rating
-    )
+    return read_interactions(ratings_spec(path, file.sep), name, min_rating=min_rating, min_actions=1)
+
+
+def ratings_spec(path: Path, sep: str) -> TableSpec:
+    """A GroupLens ratings file (user, item, rating, timestamp; no header) as a table the log reader reads.
+
+    ML-1M's "::" is read as ":" with an empty column between the fields (pyarrow's delimiter is one byte);
+    the ids are integers, so no field holds a ":"."""
+    names = ("user", "item", "rating", "timestamp")
+    if sep == "::":
+        sep, names = ":", ("user", "_1", "item", "_2", "rating", "_3", "timestamp")
+    return TableSpec(path=str(path), format="csv", user="user", item="item", timestamp="timestamp",
+                     rating="rating", header=False, column_names=names, delimiter=sep)
 
 
 def _option(cfg: Any, key: str, default: Any) -> Any:

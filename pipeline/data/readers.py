@@ -11,7 +11,7 @@ silently skipped or misread line changes every metric computed downstream.
 
 import logging
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -39,8 +39,10 @@ class Interactions:
         sequences: one int64 array per user, remapped item ids in time order.
         timestamps: int64 unix seconds aligned with `sequences`, or None when the source has none.
         num_items: size of the item vocabulary, padding excluded.
-        raw_item_ids: int64 [num_items + 1]; raw_item_ids[i] is the original id of item i, [0] = -1.
-        raw_user_ids: int64 [num_users]; original user ids in the order of `sequences`.
+        raw_item_ids: [num_items + 1]; raw_item_ids[i] is the original id of item i, [0] = -1 (int64);
+            an object array of str, [0] = None, for a log whose item ids are text.
+        raw_user_ids: [num_users]; original user ids in the order of `sequences` (int64, or str).
+        report: what reading kept and dropped (counts), for a log read by pipeline.data.interactions.
     """
 
     name: str
@@ -49,6 +51,7 @@ class Interactions:
     num_items: int
     raw_item_ids: np.ndarray
     raw_user_ids: np.ndarray
+    report: dict | None = field(default=None)
 
     def __post_init__(self):
         if len(self.raw_user_ids) != len(self.sequences):

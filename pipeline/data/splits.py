@@ -136,7 +136,10 @@ def _window(flat: np.ndarray, end: np.ndarray, lengths: np.ndarray, width: int) 
     offsets = np.arange(width)
     valid = offsets < lengths[:, None]
     index = np.where(valid, (end - lengths)[:, None] + offsets, 0)
-    return torch.from_numpy(np.where(valid, flat[index], 0).astype(np.int64))
+    window = flat[index].astype(np.int64, copy=False)
+    del index
+    window[~valid] = 0  # in place: a window of millions of users is hundreds of MB
+    return torch.from_numpy(window)
 
 
 def train_with_validation(splits: Splits) -> TrainSequences:

@@ -44,20 +44,30 @@ class GenrecClient:
         self._tc, self._timeout_s = tc, timeout_s
         self.model, self.protocol = model, protocol
 
-    def recommend(self, history: Sequence[int], k: int, user_id: int | None = None) -> Recommendation:
-        """One user's history (oldest first) -> the top k. With user_id (>= 0) the server may reuse what it
-        encoded of this user's earlier history (docs/INCREMENTAL.md); the answer is the same."""
+    def recommend(self, history: Sequence[int] | Sequence[str], k: int, user_id: int | None = None,
+                  timestamps: Sequence[int] | None = None) -> Recommendation:
+        """One user's history (oldest first; integer ids, or text ids for a model trained on them) -> the top k.
+        user_id (>= 0): the server may reuse what it encoded of this user's earlier history
+        (docs/INCREMENTAL.md); the answer is the same. timestamps: the unix seconds of the history's actions,
+        which a time-bias model needs."""
+        from pipeline.serving.models.common import pack_text
+
+        text = any(isinstance(i, str) for i in history)
+        ids = pack_text([history]) if text else np.asarray([history], dtype=np.int64)
         users = None if user_id is None else np.asarray([[user_id]], dtype=np.int64)
-        answer = self.infer(np.asarray([history], dtype=np.int64), np.asarray([[k]], dtype=np.int64), users)
+        times = None if timestamps is None else np.asarray([timestamps], dtype=np.int64)
+        answer = self.infer(ids, np.asarray([[k]], dtype=np.int64), users, times)
         return Recommendation(answer.item_ids[0], answer.scores[0], answer.model_version)
 
-    def infer(self, history: np.ndarray, k: np.ndarray, user_id: np.ndarray | None = None) -> Recommendation:
-        """The raw call: HISTORY, K and USER_ID (left out when None) exactly as given (any dtype or shape, to
-        test what the server accepts)."""
+    def infer(self, history: np.ndarray, k: np.ndarray, user_id: np.ndarray | None = None,
+              timestamps: np.ndarray | None = None) -> Recommendation:
+        """The raw call: HISTORY, K, USER_ID and TIMESTAMPS (the last two left out when None) exactly as given
+        (any dtype or shape, to test what the server accepts)."""
         from tritonclient.utils import InferenceServerException, np_to_triton_dtype
 
         inputs = []
-        given = (("HISTORY", history), ("K", k)) + ((("USER_ID", user_id),) if user_id is not None else ())
+        given = (("HISTORY", history), ("K", k), *((("USER_ID", user_id),) if user_id is not None else ()),
+                 *((("TIMESTAMPS", timestamps),) if timestamps is not None else ()))
         for name, array in given:
             tensor = self._tc.InferInput(name, list(array.shape), np_to_triton_dtype(array.dtype))
             tensor.set_data_from_numpy(array)
@@ -70,7 +80,12 @@ class GenrecClient:
             raise RequestRejected(err.message() or str(err)) from err
         response = result.get_response()
         version = response["model_version"] if isinstance(response, dict) else response.model_version
-        return Recommendation(result.as_numpy("ITEM_IDS"), result.as_numpy("SCORES"), str(version))
+        ids = result.as_numpy("ITEM_IDS")
+        if ids.dtype == np.uint8:  # text ids: each row UTF-8, newline-separated
+            from pipeline.serving.models.common import unpack_text
+
+            ids = unpack_text(ids)
+        return Recommendation(ids, result.as_numpy("SCORES"), str(version))
 
     def close(self) -> None:
         self._client.close()
@@ -106,37 +121,47 @@ def main() -> int:
     parser.add_argument("--check", action="store_true", help="also compute the pipeline's own answer and compare")
     parser.add_argument("--user-id", type=int, default=None,
                         help="the user's id (>= 0): the server keeps a returning user's encoder state")
+    parser.add_argument("--timestamps", default=None,
+                        help="a time-bias model's: the unix seconds of the history's actions, comma-separated")
     args = parser.parse_intermixed_args()
     overrides = [a for a in args.items if "=" in a]
-    try:
-        history = [int(a) for a in args.items if "=" not in a]
-    except ValueError as err:
-        raise PipelineError(f"item ids are integers: {err}") from err
     cfg = load_config(overrides)
     server = LocalServer(cfg.serving)
     record = deployed(server.root)
     package = None
-    if args.check or not history:
-        if record is None:
-            raise PipelineError(f"nothing deployed from {server.root}: run `make deploy` first, or pass a history")
+    history = [a for a in args.items if "=" not in a]
+    if record is not None:
         from pipeline.serving.package import read_package
 
         package = read_package(Path(record["package"]))
+    if package is None or not package.vocabulary.text:  # a model trained on text ids takes them as they are
+        try:
+            history = [int(a) for a in history]
+        except ValueError as err:
+            raise PipelineError(f"item ids are integers for this model: {err}") from err
+    try:
+        times = None if args.timestamps is None else [int(t) for t in args.timestamps.split(",")]
+    except ValueError as err:
+        raise PipelineError(f"--timestamps are unix seconds, comma-separated: {err}") from err
+    if args.check or not history:
+        if record is None:
+            raise PipelineError(f"nothing deployed from {server.root}: run `make deploy` first, or pass a history")
         if not history:
-            history = package.examples[args.example % len(package.examples)]
+            history, times = package.example(args.example)
     url = server.url if args.protocol == "http" else server.grpc_url
     client = GenrecClient(url, cfg.serving.model_name, args.protocol)
     try:
-        answer = client.recommend(history, args.k, args.user_id)
+        answer = client.recommend(history, args.k, args.user_id, times)
     finally:
         client.close()
-    print(json.dumps({"history": history, "k": args.k, "user_id": args.user_id, "model_version": answer.model_version,
+    print(json.dumps({"history": history, **({"timestamps": times} if times else {}), "k": args.k,
+                      "user_id": args.user_id, "model_version": answer.model_version,
                       "item_ids": answer.item_ids.tolist(), "scores": [round(float(s), 6) for s in answer.scores]}))
     if args.check:
         from pipeline.serving.repository import engine_device
 
         device = engine_device(package, cfg.serving.instance_group.kind)
-        want_ids, want_scores = package.recommend(package.load(device), history, args.k, device)
+        want_ids, want_scores = package.recommend(package.load(device), history, args.k, device, times)
         problem = mismatch(answer, want_ids, want_scores, cfg.deploy.smoke.atol)
         print(f"pipeline: {want_ids.tolist()}\n" + ("MATCH: the server answers as the pipeline does" if problem is None
                                                      else f"MISMATCH: {problem}"))

@@ -70,9 +70,11 @@ class ReturningUsers:
 
 
 def run_load(url: str, model: str, histories: list[list[int]], k: int, requests: int, concurrency: int,
-             protocol: str = "http", visits: ReturningUsers | None = None) -> dict:
+             protocol: str = "http", visits: ReturningUsers | None = None,
+             timestamps: list[list[int]] | None = None) -> dict:
     """-> client-side results: requests, errors, seconds, throughput, latency percentiles. With `visits`,
-    each request is a returning user's next visit (its history and USER_ID) instead of a packaged history."""
+    each request is a returning user's next visit (its history and USER_ID) instead of a packaged history;
+    `timestamps`: the packaged histories' times, for a time-bias model."""
     latencies: list[float] = []
     errors: list[str] = []
     lock, issued = threading.Lock(), iter(range(requests))
@@ -88,7 +90,8 @@ def run_load(url: str, model: str, histories: list[list[int]], k: int, requests:
                 user, history = visits.next() if visits else (None, histories[i % len(histories)])
                 start = time.perf_counter()
                 try:
-                    client.recommend(history, k, user)
+                    client.recommend(history, k, user,
+                                     None if timestamps is None or visits else timestamps[i % len(histories)])
                 except RequestRejected as err:
                     with lock:
                         errors.append(str(err))
@@ -208,14 +211,16 @@ def main() -> int:
     if record is None or not server.is_live():
         raise PipelineError(f"nothing serves on {server.url}: run `make deploy` first")
     package = read_package(Path(record["package"]))
-    histories = package.examples
+    histories, times = package.examples, package.example_timestamps
+    if args.returning_users and times is not None:
+        raise PipelineError("--returning-users sends no TIMESTAMPS, which this time-bias model needs")
     visits = (ReturningUsers(args.users, histories, package.vocabulary.raw[1:], package.max_len, args.seed)
               if args.returning_users else None)
     url = server.url if args.protocol == "http" else server.grpc_url
     model = cfg.serving.model_name
-    run_load(url, model, histories, args.k, args.warmup, args.concurrency, args.protocol, visits)
+    run_load(url, model, histories, args.k, args.warmup, args.concurrency, args.protocol, visits, times)
     before, cache_before = scrape(server.metrics_url), scrape_cache(server.metrics_url)
-    client = run_load(url, model, histories, args.k, args.requests, args.concurrency, args.protocol, visits)
+    client = run_load(url, model, histories, args.k, args.requests, args.concurrency, args.protocol, visits, times)
     result = {"version": record["version"], "variant": record["variant"], "client": client,
               "server": server_side(before, scrape(server.metrics_url)), "time": time.strftime("%Y-%m-%d %H:%M:%S")}
     if visits:

@@ -2,6 +2,8 @@
 
     <name>                  ensemble: HISTORY [B, L] raw item ids + K [B, 1] (+ USER_ID [B, 1], optional)
                             -> ITEM_IDS [B, k] raw ids, SCORES [B, k]
+                            (ids INT64; for a vocabulary of text ids UINT8 [B, bytes]: each row's ids as
+                            UTF-8 text separated by newlines, right-padded with zero bytes)
     <name>_vN               the same ensemble under the release's own name (deploy smoke-tests it first)
     <name>_vN_preprocess    python: checks the request, raw ids -> model ids, right-padded to max_len, lengths,
                             user ids (-1 for a request without USER_ID)
@@ -35,7 +37,7 @@ from omegaconf import DictConfig
 from tritonclient.grpc import model_config_pb2 as mc
 
 from pipeline.core import PipelineError
-from pipeline.serving.package import EXAMPLES_FILE, ITEM_IDS_FILE, Package
+from pipeline.serving.package import EXAMPLE_TIMES_FILE, EXAMPLES_FILE, ITEM_IDS_FILE, Package
 
 TARGETS = ("local", "production")
 MODELS_DIR = Path(__file__).parent / "models"
@@ -59,7 +61,7 @@ class Engine:
     """How the engine runs: `kind` is a python model file (python_*) or a native backend."""
 
     kind: str
-    inputs: tuple[Io, Io]    # history, lengths
+    inputs: tuple[Io, ...]   # history, lengths[, timestamps]
     outputs: tuple[Io, Io]   # item ids, scores
     user_ids: Io | None = None  # one user id per row (-1: none); python engines only
 
@@ -127,11 +129,15 @@ def choose_engine(package: Package, target: str, max_k: int) -> Engine:
     if target not in TARGETS:
         raise PipelineError(f"unknown deploy.target '{target}'; valid choices: {', '.join(TARGETS)}")
     backend, max_len = package.variant.backend, package.max_len
-    python_io = (Io("HISTORY", "TYPE_INT64", (max_len,)), Io("LENGTHS", "TYPE_INT64", (1,))), \
+    times = (Io("TIMESTAMPS", "TYPE_INT64", (max_len,)),) if uses_time(package) else ()
+    python_io = (Io("HISTORY", "TYPE_INT64", (max_len,)), Io("LENGTHS", "TYPE_INT64", (1,)), *times), \
                 (Io("TOP_IDS", "TYPE_INT64", (max_k,)), Io("TOP_SCORES", "TYPE_FP32", (max_k,)))
     if target == "production" and backend == "onnxruntime":
-        return Engine("onnxruntime", *_onnx_io(Path(package.variant.artifact), max_len, max_k))
+        return Engine("onnxruntime", *_onnx_io(Path(package.variant.artifact), max_len, max_k, bool(times)))
     if target == "production" and backend == "tensorrt":
+        if times:
+            raise PipelineError("a time-bias model (model.time_bias=true) is not served through tensorrt_plan: its "
+                                "Triton config takes no timestamps; promote another backend (promote.backends=[...])")
         return Engine("tensorrt_plan", *_plan_io(package, max_k))
     return Engine("python_onnxruntime" if backend == "onnxruntime" else "python_torch", *python_io, ENGINE_USER_ID)
 
@@ -139,9 +145,6 @@ def choose_engine(package: Package, target: str, max_k: int) -> Engine:
 def write_repository(package: Package, scfg: DictConfig, dst: Path, version: int, target: str,
                      cuda_here: bool = False) -> dict[str, Path]:
     """Writes the release's models into dst (emptied first); -> {model name: its folder}."""
-    if package.model_config.get("time_bias"):
-        raise PipelineError("this model uses timestamps (model.time_bias=true); requests carry no timestamps yet, "
-                            "so it cannot be served")
     if scfg.max_k > package.top_k:
         raise PipelineError(f"serving.max_k={scfg.max_k} exceeds the {package.top_k} items the variant answers; "
                             f"set serving.max_k <= {package.top_k}")
@@ -154,9 +157,9 @@ def write_repository(package: Package, scfg: DictConfig, dst: Path, version: int
     folders = {
         names["preprocess"]: _write(dst, _preprocess(scfg, names["preprocess"], package), version),
         names["engine"]: _write(dst, _engine(scfg, names["engine"], engine, package, kind), version),
-        names["postprocess"]: _write(dst, _postprocess(scfg, names["postprocess"], engine), version),
-        names["ensemble"]: _write(dst, _ensemble(names["ensemble"], scfg, names, engine, version), version),
-        scfg.model_name: _write(dst, _ensemble(scfg.model_name, scfg, names, engine, version), version),
+        names["postprocess"]: _write(dst, _postprocess(scfg, names["postprocess"], engine, package), version),
+        names["ensemble"]: _write(dst, _ensemble(names["ensemble"], scfg, names, engine, version, package), version),
+        scfg.model_name: _write(dst, _ensemble(scfg.model_name, scfg, names, engine, version, package), version),
     }
     for step in ("preprocess", "postprocess"):
         step_dir = folders[names[step]] / str(version)
@@ -167,7 +170,7 @@ def write_repository(package: Package, scfg: DictConfig, dst: Path, version: int
         shutil.copy2(_plan_dir(package) / "1" / PLAN_FILE, engine_dir / PLAN_FILE)
     else:
         for path in package.root.iterdir():
-            if path.name not in (ITEM_IDS_FILE, EXAMPLES_FILE):
+            if path.name not in (ITEM_IDS_FILE, EXAMPLES_FILE, EXAMPLE_TIMES_FILE):
                 (shutil.copytree if path.is_dir() else shutil.copy2)(path, engine_dir / path.name)
     if engine.kind.startswith("python_"):
         _python_files(engine_dir, "engine_" + engine.kind.removeprefix("python_"))
@@ -227,21 +230,42 @@ def _cpu_instances(config: mc.ModelConfig) -> None:
     config.dynamic_batching.max_queue_delay_microseconds = 0
 
 
-def _ensemble(name: str, scfg: DictConfig, names: dict[str, str], engine: Engine, version: int) -> mc.ModelConfig:
+def uses_time(package: Package) -> bool:
+    """A time-bias HSTU: requests carry the TIMESTAMPS of the history's actions beside HISTORY."""
+    return bool(package.model_config.get("time_bias"))
+
+
+def _id_type(package: Package) -> str:
+    """The Triton type of raw item ids in requests and answers: for a vocabulary of text ids, UINT8 [B, bytes],
+    each row the ids as UTF-8 text separated by newlines (genrec_common.pack_text)."""
+    return "TYPE_UINT8" if package.vocabulary.text else "TYPE_INT64"
+
+
+def _ensemble(name: str, scfg: DictConfig, names: dict[str, str], engine: Engine, version: int,
+              package: Package) -> mc.ModelConfig:
     """Each step pinned to `version`: the ensemble never mixes steps of two releases."""
     config = mc.ModelConfig(name=name, platform="ensemble", max_batch_size=scfg.max_batch_size)
-    for io in (Io("HISTORY", "TYPE_INT64", (-1,)), Io("K", "TYPE_INT64", (1,)), CLIENT_USER_ID):
+    ids = _id_type(package)
+    for io in (Io("HISTORY", ids, (-1,)), Io("K", "TYPE_INT64", (1,)), CLIENT_USER_ID):
         _add(config.input, io)
-    for io in (Io("ITEM_IDS", "TYPE_INT64", (-1,)), Io("SCORES", "TYPE_FP32", (-1,))):
+    timed = uses_time(package)
+    if timed:
+        _add(config.input, Io("TIMESTAMPS", "TYPE_INT64", (-1,)))
+        config.input[-1].optional = True  # the preprocess step names what is missing
+    for io in (Io("ITEM_IDS", ids, (-1,)), Io("SCORES", "TYPE_FP32", (-1,))):
         _add(config.output, io)
     steps = config.ensemble_scheduling.step
     users = {"USER_IDS": "user_ids"} if engine.user_ids else {}
     steps.add(model_name=names["preprocess"], model_version=version,
-              input_map={"HISTORY": "HISTORY", "K": "K", "USER_ID": "USER_ID"},
-              output_map={"HISTORY_PADDED": "history_padded", "LENGTHS": "lengths", **users})
-    (history, lengths), (ids, scores) = engine.inputs, engine.outputs
+              input_map={"HISTORY": "HISTORY", "K": "K", "USER_ID": "USER_ID",
+                         **({"TIMESTAMPS": "TIMESTAMPS"} if timed else {})},
+              output_map={"HISTORY_PADDED": "history_padded", "LENGTHS": "lengths", **users,
+                          **({"TIMESTAMPS_PADDED": "timestamps_padded"} if timed else {})})
+    history, lengths, *times = engine.inputs
+    ids, scores = engine.outputs
     steps.add(model_name=names["engine"], model_version=version,
               input_map={history.name: "history_padded", lengths.name: "lengths",
+                         **({times[0].name: "timestamps_padded"} if times else {}),
                          **({engine.user_ids.name: "user_ids"} if engine.user_ids else {})},
               output_map={ids.name: "top_ids", scores.name: "top_scores"})
     steps.add(model_name=names["postprocess"], model_version=version,
@@ -252,14 +276,19 @@ def _ensemble(name: str, scfg: DictConfig, names: dict[str, str], engine: Engine
 
 def _preprocess(scfg: DictConfig, name: str, package: Package) -> mc.ModelConfig:
     config = _base(scfg, name, "python")
-    _add(config.input, Io("HISTORY", "TYPE_INT64", (-1,)))
+    _add(config.input, Io("HISTORY", _id_type(package), (-1,)))
     _add(config.input, Io("K", "TYPE_INT64", (1,)))
     _add(config.input, CLIENT_USER_ID)
     _add(config.output, Io("HISTORY_PADDED", "TYPE_INT64", (package.max_len,)))
     _add(config.output, Io("LENGTHS", "TYPE_INT64", (1,)))
     _add(config.output, Io("USER_IDS", "TYPE_INT64", (1,)))
+    if uses_time(package):
+        _add(config.input, Io("TIMESTAMPS", "TYPE_INT64", (-1,)))
+        config.input[-1].optional = True
+        _add(config.output, Io("TIMESTAMPS_PADDED", "TYPE_INT64", (package.max_len,)))
     config.parameters["max_len"].string_value = str(package.max_len)
     config.parameters["max_k"].string_value = str(scfg.max_k)
+    config.parameters["time_bias"].string_value = str(uses_time(package)).lower()
     _cpu_instances(config)
     return config
 
@@ -292,6 +321,7 @@ def _engine(scfg: DictConfig, name: str, engine: Engine, package: Package, kind:
             if value < 0:
                 raise PipelineError(f"serving.cache.{key}={value}: a budget is >= 0 bytes (0 turns the tier off)")
             config.parameters[f"cache_{key}"].string_value = str(value)
+    config.parameters["time_bias"].string_value = str(uses_time(package)).lower()
     return config
 
 
@@ -308,13 +338,13 @@ def _buckets_param(scfg: DictConfig) -> str:
     return spec
 
 
-def _postprocess(scfg: DictConfig, name: str, engine: Engine) -> mc.ModelConfig:
+def _postprocess(scfg: DictConfig, name: str, engine: Engine, package: Package) -> mc.ModelConfig:
     config = _base(scfg, name, "python")
     ids, scores = engine.outputs
     _add(config.input, Io("TOP_IDS", ids.dtype, ids.dims))
     _add(config.input, Io("TOP_SCORES", scores.dtype, scores.dims))
     _add(config.input, Io("K", "TYPE_INT64", (1,)))
-    _add(config.output, Io("ITEM_IDS", "TYPE_INT64", (-1,)))
+    _add(config.output, Io("ITEM_IDS", _id_type(package), (-1,)))
     _add(config.output, Io("SCORES", "TYPE_FP32", (-1,)))
     _cpu_instances(config)
     return config
@@ -324,15 +354,17 @@ _ONNX_TYPES = {"INT64": "TYPE_INT64", "INT32": "TYPE_INT32", "FLOAT": "TYPE_FP32
                "BFLOAT16": "TYPE_BF16"}
 
 
-def _onnx_io(path: Path, max_len: int, max_k: int) -> tuple[tuple[Io, Io], tuple[Io, Io]]:
-    """The ONNX graph's own tensor names and types: (history [B, L], lengths [B]) -> (ids [B, K], scores [B, K])."""
+def _onnx_io(path: Path, max_len: int, max_k: int, timed: bool = False) -> tuple[tuple[Io, ...], tuple[Io, Io]]:
+    """The ONNX graph's own tensor names and types: (history [B, L], lengths [B][, timestamps [B, L]]) ->
+    (ids [B, K], scores [B, K])."""
     import onnx
 
     graph = onnx.load_model(str(path), load_external_data=False).graph
     weights = {t.name for t in graph.initializer}
     inputs = [i for i in graph.input if i.name not in weights]
-    if len(inputs) != 2 or len(graph.output) < 2:
-        raise PipelineError(f"{path.name}: expected inputs (history, lengths) and outputs (item ids, scores), got "
+    if len(inputs) != 2 + timed or len(graph.output) < 2:
+        expected = "(history, lengths, timestamps)" if timed else "(history, lengths)"
+        raise PipelineError(f"{path.name}: expected inputs {expected} and outputs (item ids, scores), got "
                             f"inputs {[i.name for i in inputs]} and outputs {[o.name for o in graph.output]}")
 
     def spec(value) -> tuple[str, list[int | None]]:
@@ -342,7 +374,9 @@ def _onnx_io(path: Path, max_len: int, max_k: int) -> tuple[tuple[Io, Io], tuple
         dims = [d.dim_value if d.HasField("dim_value") else None for d in value.type.tensor_type.shape.dim]
         return _ONNX_TYPES[kind], dims
 
-    (h_type, h_dims), (l_type, _), (i_type, i_dims), (s_type, s_dims) = map(spec, [*inputs, *graph.output[:2]])
+    (h_type, h_dims), (l_type, _), (i_type, i_dims), (s_type, s_dims) = map(spec, [*inputs[:2], *graph.output[:2]])
+    if timed and spec(inputs[2])[0] != "TYPE_INT64":
+        raise PipelineError(f"{path.name}: timestamps must be int64, got {spec(inputs[2])[0]}")
     if (h_type, l_type) != ("TYPE_INT64", "TYPE_INT64"):
         raise PipelineError(f"{path.name}: history and lengths must be int64, got {h_type} and {l_type}")
     if h_dims[1] not in (None, max_len):
@@ -350,7 +384,8 @@ def _onnx_io(path: Path, max_len: int, max_k: int) -> tuple[tuple[Io, Io], tuple
     k = i_dims[1] if i_dims[1] is not None else -1
     if k != -1 and k < max_k:
         raise PipelineError(f"{path.name}: the graph answers top-{k}, fewer than serving.max_k={max_k}")
-    return ((Io(inputs[0].name, h_type, (max_len,)), Io(inputs[1].name, l_type, (1,), reshape=())),
+    times = (Io(inputs[2].name, "TYPE_INT64", (max_len,)),) if timed else ()
+    return ((Io(inputs[0].name, h_type, (max_len,)), Io(inputs[1].name, l_type, (1,), reshape=()), *times),
             (Io(graph.output[0].name, i_type, (k,)), Io(graph.output[1].name, s_type, (k,))))
 
 

@@ -114,16 +114,19 @@ def _smoke_test(package, server: LocalServer, version: str, smoke, device):
     computed on the engine's device. The pipeline's answers come first: a package that does not load here
     never reaches the server."""
     predict = package.load(device)
-    examples = package.examples[: smoke.examples]
+    examples = [package.example(i) for i in range(min(smoke.examples, len(package.examples)))]
     if not examples:
         raise PipelineError("the package holds no test histories for the smoke test; promote it again")
-    expected = [package.recommend(predict, history, smoke.k, device) for history in examples]
+    if package.time_bias and package.example_timestamps is None:
+        raise PipelineError("this time-bias model's package holds no timestamps for its test histories; promote it "
+                            "again with a dataset that has timestamps")
+    expected = [package.recommend(predict, history, smoke.k, device, times) for history, times in examples]
 
     def check(model: str) -> None:
         client = GenrecClient(server.url, model)
         try:
-            for history, (ids, scores) in zip(examples, expected):
-                answer = client.recommend(history, smoke.k)
+            for (history, times), (ids, scores) in zip(examples, expected):
+                answer = client.recommend(history, smoke.k, timestamps=times)
                 if answer.model_version != str(version):
                     raise PipelineError(f"smoke test of {model}: version {answer.model_version} answered, not {version}")
                 problem = mismatch(answer, ids, scores, smoke.atol)

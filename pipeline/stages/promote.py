@@ -19,6 +19,7 @@ from omegaconf import OmegaConf
 
 from pipeline.core import Context, PipelineError, StageResult, Variant
 from pipeline.data import leave_one_out, load_interactions
+from pipeline.data.vocabulary import raw_item_ids as vocabulary_item_ids, read_vocabulary
 from pipeline.gates import check, gate_for
 from pipeline.integrity import verify_digest
 from pipeline.serving.package import variant_digest, write_package
@@ -144,10 +145,20 @@ def _build_package(ctx: Context, variant: Variant, metrics: dict, fingerprint: d
     test = leave_one_out(interactions, cfg.model.max_len).test
     count = min(cfg.promote.examples, len(test.lengths))
     raw = interactions.raw_item_ids
+    vocabulary = ctx.manifest.artifact("vocabulary")  # the train stage's, checked against its digest
+    if vocabulary is not None:
+        raw = vocabulary_item_ids(read_vocabulary(vocabulary)["items"])
+        if len(raw) != len(interactions.raw_item_ids) or list(raw[1:]) != list(interactions.raw_item_ids[1:]):
+            raise PipelineError(f"the data ({cfg.data.get('path') or cfg.data.name}) no longer gives the vocabulary "
+                                f"the model was trained with ({vocabulary}); train again, or restore the file")
     examples = [raw[test.history[u, : test.lengths[u]].numpy()].tolist() for u in range(count)]
+    times = None
+    if cfg.model.get("time_bias") and test.timestamps is not None:  # what a time-bias model's requests carry
+        times = [test.timestamps[u, : test.lengths[u]].tolist() for u in range(count)]
     return write_package(
         ctx.run_dir / "champion", variant,
         model_config=OmegaConf.to_container(cfg.model, resolve=True), top_k=cfg.validate.top_k, raw_item_ids=raw, examples=examples,
         info={"metrics": metrics, "fingerprint": fingerprint, "why": why, "source_run": ctx.tracker.parent_run_id,
               "data": cfg.data.name},
+        example_timestamps=times,
     )

@@ -9,6 +9,7 @@ import time
 from pathlib import Path
 from typing import Callable
 
+import numpy as np
 import torch
 from omegaconf import OmegaConf
 from tqdm.auto import tqdm
@@ -18,7 +19,10 @@ from pipeline.bench.parity import save_reference
 from pipeline.checkpoint import save_checkpoint
 from pipeline.catalogue import VariantSpec
 from pipeline.core import Context, PipelineError, StageResult
-from pipeline.data import TrainSequences, load_splits, train_with_validation
+from pipeline.data import Interactions, TrainSequences, leave_one_out, load_interactions, train_with_validation
+from pipeline.data.download import INTERACTIONS, table_spec
+from pipeline.data.interactions import source_digest
+from pipeline.data.vocabulary import write_vocabulary
 from pipeline.evaluation import evaluate_full_ranking
 from pipeline.models import Retriever, build_model
 from pipeline.training import train_epoch
@@ -33,26 +37,51 @@ FITS = ("holdout", "all_but_test")
 
 def run(ctx: Context) -> StageResult:
     cfg = ctx.cfg
-    checkpoint, metrics = fit(cfg, ctx.device, ctx.run_dir, ctx.tracker.log_metrics)
+    artifacts: dict[str, str] = {}
+
+    def on_data(interactions: Interactions) -> None:
+        if cfg.data.name == INTERACTIONS:  # the user's own ids: saved beside the checkpoint, served by deploy
+            artifacts["vocabulary"] = str(write_vocabulary(ctx.run_dir, interactions))
+            log_data_report(ctx.tracker, cfg, interactions)
+
+    checkpoint, metrics = fit(cfg, ctx.device, ctx.run_dir, ctx.tracker.log_metrics, on_data=on_data)
     reference = save_reference(cfg, str(checkpoint), ctx.run_dir / "reference_answer.pt")
     precisions = ["fp32", *([cfg.precision] if cfg.precision in ("fp16", "bf16") else [])]
     variants = [VariantSpec("eager", precision).variant(str(checkpoint), "train") for precision in precisions]
-    return StageResult(metrics=metrics, artifacts={"checkpoint": str(checkpoint), "reference_answer": str(reference)},
-                       variants=variants)
+    artifacts.update(checkpoint=str(checkpoint), reference_answer=str(reference))
+    return StageResult(metrics=metrics, artifacts=artifacts, variants=variants)
 
 
-def fit(cfg, device: torch.device, out_dir: Path, log_metrics: Callable[..., None]) -> tuple[Path, dict[str, float]]:
+def log_data_report(tracker, cfg, interactions: Interactions) -> None:
+    """What reading the log kept and dropped (metrics data_*), and the log as an MLflow dataset with its digest."""
+    spec, filters = table_spec(cfg.data)
+    digest = source_digest(spec.path, {**vars(spec), **filters})
+    report = interactions.report or {}
+    tracker.log_metrics({f"data_{key}": value for key, value in report.items()})
+    tracker.log_params({"data_source_sha256": digest})
+    lengths = np.array([len(s) for s in interactions.sequences], dtype=np.int64)
+    features = {"user": np.repeat(np.arange(1, len(lengths) + 1), lengths),
+                "item": np.concatenate(interactions.sequences)}
+    if interactions.timestamps is not None:
+        features["timestamp"] = np.concatenate(interactions.timestamps)
+    tracker.log_dataset(features, name=Path(spec.path).name, digest=digest[:16], context="training")
+
+
+def fit(cfg, device: torch.device, out_dir: Path, log_metrics: Callable[..., None],
+        on_data: Callable[[Interactions], None] | None = None) -> tuple[Path, dict[str, float]]:
     """Trains cfg.model on cfg.data as cfg.train says -> (the checkpoint in out_dir, its test metrics). Also what
-    pipeline.bench.quality trains with; log_metrics(metrics, step=epoch) receives the per-epoch numbers."""
+    pipeline.bench.quality trains with; log_metrics(metrics, step=epoch) receives the per-epoch numbers;
+    on_data(interactions) is called once the dataset is read."""
     # TF32 for training only: the later stages measure fp32 variants, gated on score error, in true fp32.
     tf32 = torch.backends.cuda.matmul.allow_tf32
     try:
-        return _fit(cfg, device, out_dir, log_metrics)
+        return _fit(cfg, device, out_dir, log_metrics, on_data)
     finally:
         torch.backends.cuda.matmul.allow_tf32 = tf32
 
 
-def _fit(cfg, device: torch.device, out_dir: Path, log_metrics: Callable[..., None]) -> tuple[Path, dict[str, float]]:
+def _fit(cfg, device: torch.device, out_dir: Path, log_metrics: Callable[..., None],
+         on_data: Callable[[Interactions], None] | None = None) -> tuple[Path, dict[str, float]]:
     tcfg = cfg.train
     if tcfg.negatives not in ("shared", "per_position"):
         raise PipelineError(f"unknown train.negatives '{tcfg.negatives}'; valid choices: shared, per_position")
@@ -62,7 +91,10 @@ def _fit(cfg, device: torch.device, out_dir: Path, log_metrics: Callable[..., No
         raise PipelineError("train.refit=true needs train.fit=holdout: with all_but_test there is no epoch count to choose")
     if device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True  # as the reference trains; evaluation is unaffected in effect
-    splits = load_splits(cfg)
+    interactions = load_interactions(cfg.data)
+    if on_data is not None:
+        on_data(interactions)
+    splits = leave_one_out(interactions, cfg.model.max_len)
     log_metrics(
         {"num_users": splits.test.target.shape[0], "num_items": splits.num_items, "num_train_users": splits.train.items.shape[0]}
     )

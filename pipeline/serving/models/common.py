@@ -16,10 +16,17 @@ class RequestError(ValueError):
 
 
 class Vocabulary:
-    """Original (raw) item ids <-> the model's item ids 1..N; model id 0 is padding (raw -1)."""
+    """Original (raw) item ids <-> the model's item ids 1..N; model id 0 is padding (raw -1, or "" for text ids).
+
+    Raw ids are integers (int64) or text (a numpy str array, as a log with string ids gives): requests and
+    answers then carry them as UTF-8 text, one row per user (`pack_text` / `unpack_text`)."""
 
     def __init__(self, raw_item_ids: np.ndarray) -> None:
-        self.raw = np.asarray(raw_item_ids, dtype=np.int64)
+        raw = np.asarray(raw_item_ids)
+        self.text = raw.dtype.kind in "USO"
+        if self.text:
+            raw = np.array(["", *[_as_text(v) for v in raw[1:]]], dtype=str)
+        self.raw = raw if self.text else raw.astype(np.int64)
         order = np.argsort(self.raw[1:], kind="stable")
         self._sorted_raw, self._model_ids = self.raw[1:][order], order + 1
 
@@ -29,7 +36,7 @@ class Vocabulary:
 
     def encode(self, raw: np.ndarray) -> np.ndarray:
         """Raw ids -> model ids; unknown ids are a RequestError that names them."""
-        raw = np.asarray(raw, dtype=np.int64)
+        raw = text_ids(raw) if self.text else np.asarray(raw, dtype=np.int64)
         pos = np.minimum(np.searchsorted(self._sorted_raw, raw), len(self._sorted_raw) - 1)
         known = self._sorted_raw[pos] == raw
         if not known.all():
@@ -39,8 +46,50 @@ class Vocabulary:
         return self._model_ids[pos]
 
     def decode(self, model_ids: np.ndarray) -> np.ndarray:
-        """Model ids -> raw ids; the empty slots of a short answer (model id 0) become -1."""
+        """Model ids -> raw ids; the empty slots of a short answer (model id 0) become -1 (or "")."""
         return self.raw[np.asarray(model_ids, dtype=np.int64)]
+
+
+def _as_text(value) -> str:
+    return value.decode("utf-8") if isinstance(value, bytes) else str(value)
+
+
+def text_ids(values) -> np.ndarray:
+    """Ids given as str or bytes -> a numpy str array of the same shape."""
+    values = np.asarray(values, dtype=object)
+    return np.vectorize(_as_text, otypes=[str])(values) if values.size else values.astype(str)
+
+
+# Text ids travel as UINT8 tensors [B, bytes]: each row the UTF-8 ids joined by a newline, right-padded with
+# zero bytes. (The python backend's stub, built against numpy 1, cannot read or write Triton's BYTES tensors
+# with numpy 2; integer tensors pass through DLPack exactly.)
+SEPARATOR = "\n"
+
+
+def pack_text(rows) -> np.ndarray:
+    """Rows of text ids -> uint8 [B, W]."""
+    encoded = [SEPARATOR.join(_as_text(v) for v in row).encode("utf-8") for row in rows]
+    packed = np.zeros((len(encoded), max([len(e) for e in encoded] + [1])), dtype=np.uint8)
+    for i, blob in enumerate(encoded):
+        packed[i, : len(blob)] = np.frombuffer(blob, dtype=np.uint8)
+    return packed
+
+
+def unpack_text(packed: np.ndarray) -> np.ndarray:
+    """uint8 [B, W] -> a str array [B, L]; every row must hold the same number of ids."""
+    packed = np.asarray(packed)
+    if packed.ndim != 2 or packed.dtype != np.uint8:
+        raise RequestError(f"text ids are a UINT8 tensor [batch, bytes], got {packed.dtype} {list(packed.shape)}")
+    rows = []
+    for row in packed:
+        try:
+            text = row.tobytes().rstrip(b"\0").decode("utf-8")
+        except UnicodeDecodeError as err:
+            raise RequestError(f"item ids must be UTF-8 text: {err}") from None
+        rows.append(text.split(SEPARATOR) if text else [])
+    if len({len(r) for r in rows}) > 1:
+        raise RequestError(f"every row of a request must hold the same number of ids, got {[len(r) for r in rows]}")
+    return np.array(rows, dtype=str).reshape(len(rows), -1)
 
 
 def check_request(history: np.ndarray, k: np.ndarray, max_len: int, max_k: int) -> int:
@@ -52,7 +101,7 @@ def check_request(history: np.ndarray, k: np.ndarray, max_len: int, max_k: int) 
     if history.shape[1] > max_len:
         raise RequestError(f"history of {history.shape[1]} items is longer than the maximum {max_len}; "
                            f"send the {max_len} most recent")
-    if (history < 0).any():
+    if history.dtype.kind in "iu" and (history < 0).any():
         raise RequestError(f"negative item ids: {', '.join(str(i) for i in np.unique(history[history < 0])[:10])}")
     ks = np.unique(np.asarray(k).reshape(-1))
     if ks.size != 1:
@@ -78,6 +127,21 @@ def user_ids(user_id: np.ndarray | None, batch: int) -> np.ndarray:
         raise RequestError(f"negative USER_ID: {', '.join(str(u) for u in np.unique(user_id[user_id < 0])[:10])}; "
                            "user ids are >= 0 (leave USER_ID out for a request without a user)")
     return np.array(user_id, dtype=np.int64)  # a copy: the input is read-only, and DLPack cannot export that
+
+
+def check_timestamps(timestamps, history: np.ndarray) -> np.ndarray:
+    """A time-bias model's TIMESTAMPS [B, L] (unix seconds of the history's actions, oldest first) -> int64.
+    Raises RequestError when they are missing or do not match HISTORY's shape."""
+    if timestamps is None:
+        raise RequestError("this model uses the times of the history's actions (model.time_bias=true): send "
+                           "TIMESTAMPS [batch, length], unix seconds, one per item of HISTORY")
+    timestamps = np.asarray(timestamps)
+    if timestamps.dtype.kind not in "iu":
+        raise RequestError(f"TIMESTAMPS must be integers (unix seconds), got {timestamps.dtype}")
+    if timestamps.shape != history.shape:
+        raise RequestError(f"TIMESTAMPS has shape {list(timestamps.shape)}, HISTORY {list(history.shape)}: "
+                           "send one time per item")
+    return timestamps.astype(np.int64)
 
 
 def pad(model_ids: np.ndarray, max_len: int) -> tuple[np.ndarray, np.ndarray]:

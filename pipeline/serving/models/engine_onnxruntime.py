@@ -27,7 +27,8 @@ class TritonPythonModel:
         if args["model_instance_kind"] == "GPU" and "CUDAExecutionProvider" in ort.get_available_providers():
             providers.insert(0, ("CUDAExecutionProvider", {"device_id": int(args["model_instance_device_id"])}))
         self.session = ort.InferenceSession(str(here / spec["artifact"]), options, providers=providers)
-        self.inputs = [i.name for i in self.session.get_inputs()[:2]]
+        self.time_bias = params.get("time_bias") == "true"
+        self.inputs = [i.name for i in self.session.get_inputs()[: 3 if self.time_bias else 2]]
         self.max_k = int(params["max_k"])
         pb_utils.Logger.log_info(f"{args['model_name']}: {spec['name']} loaded in {time.perf_counter() - start:.1f} s "
                                  f"({self.session.get_providers()[0]}; no user-state cache: an ONNX graph "
@@ -36,7 +37,11 @@ class TritonPythonModel:
     def execute(self, requests):
         history = [from_triton(pb_utils.get_input_tensor_by_name(r, "HISTORY")) for r in requests]
         lengths = [from_triton(pb_utils.get_input_tensor_by_name(r, "LENGTHS")) for r in requests]
-        feed = dict(zip(self.inputs, (np.concatenate(history), np.concatenate(lengths).reshape(-1))))
+        given = [np.concatenate(history), np.concatenate(lengths).reshape(-1)]
+        if self.time_bias:
+            given.append(np.concatenate([from_triton(pb_utils.get_input_tensor_by_name(r, "TIMESTAMPS"))
+                                         for r in requests]))
+        feed = dict(zip(self.inputs, given))
         try:
             ids, scores = self.session.run(None, feed)[:2]
         except Exception as err:  # the whole batch fails alike; the server keeps serving

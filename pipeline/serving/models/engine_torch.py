@@ -65,6 +65,7 @@ class TritonPythonModel:
         torch.set_num_threads(int(params["threads"]))
         config = json.loads(args["model_config"])
         self.buckets = batch_buckets(params.get("batch_buckets", "auto"), int(config["max_batch_size"]), gpu)
+        self.time_bias = params.get("time_bias") == "true"  # requests then carry TIMESTAMPS (preprocess pads them)
         start = time.perf_counter()
         self.variant = spec["name"]
         self.predict = load_variant(Variant(**spec), self.device, int(params["max_k"]))
@@ -103,15 +104,17 @@ class TritonPythonModel:
         budget = 2 * incremental.bytes_per_user(max_len)
         warm = IncrementalRetriever(incremental.retriever, KVCache(budget, 0, self.device), incremental.namespace.decode())
         history = torch.ones(1, max_len, dtype=torch.int64, device=self.device)
+        times = torch.zeros_like(history) if self.time_bias else None
         with torch.inference_mode(), self.kernel_choice():
             for n in (length, min(length + 1, max_len)):
-                warm.recommend(history, torch.tensor([n], device=self.device), ["warm"])
+                warm.recommend(history, torch.tensor([n], device=self.device), ["warm"], times)
 
     def _warm(self, max_len: int) -> None:
         for batch in self.buckets or (1, 2):
             history = torch.ones(batch, max_len, dtype=torch.int64, device=self.device)
+            times = torch.zeros_like(history) if self.time_bias else None
             with torch.inference_mode():
-                self.predict(history, torch.ones(batch, dtype=torch.int64, device=self.device), None)
+                self.predict(history, torch.ones(batch, dtype=torch.int64, device=self.device), times)
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
 
@@ -121,13 +124,16 @@ class TritonPythonModel:
         lengths = [from_triton(pb_utils.get_input_tensor_by_name(r, "LENGTHS")) for r in requests]
         users = np.concatenate([from_triton(pb_utils.get_input_tensor_by_name(r, "USER_ID")) for r in requests])
         batch, rows_in, users = np.concatenate(history), np.concatenate(lengths).reshape(-1), users.reshape(-1)
+        times = None
+        if self.time_bias:
+            times = np.concatenate([from_triton(pb_utils.get_input_tensor_by_name(r, "TIMESTAMPS")) for r in requests])
         try:
             with torch.inference_mode():
                 if self.incremental is None or (users < 0).all():
-                    ids, scores = self._predict(batch, rows_in)
+                    ids, scores = self._predict(batch, rows_in, times)
                     paths = ["no_user"] * len(batch)
                 else:
-                    ids, scores, paths = self._with_cache(batch, rows_in, users)
+                    ids, scores, paths = self._with_cache(batch, rows_in, users, times)
         except Exception as err:  # the whole batch fails alike; the server keeps serving
             return [pb_utils.InferenceResponse(error=pb_utils.TritonError(f"engine failed: {err}")) for _ in requests]
         if self.metrics is not None:
@@ -136,25 +142,27 @@ class TritonPythonModel:
         return [pb_utils.InferenceResponse([to_triton(pb_utils, "TOP_IDS", i), to_triton(pb_utils, "TOP_SCORES", s)])
                 for i, s in zip(np.split(ids, bounds), np.split(scores, bounds))]
 
-    def _predict(self, batch: np.ndarray, lengths: np.ndarray):
+    def _predict(self, batch: np.ndarray, lengths: np.ndarray, times: np.ndarray | None):
         """The variant's own call, at the smallest batch bucket that holds the rows -> numpy (ids, scores)."""
         rows = bucket_for(len(batch), self.buckets)
         ids, scores = self.predict(torch.from_numpy(pad_rows(batch, rows)).to(self.device),
-                                   torch.from_numpy(pad_rows(lengths, rows)).to(self.device), None)
+                                   torch.from_numpy(pad_rows(lengths, rows)).to(self.device),
+                                   None if times is None else torch.from_numpy(pad_rows(times, rows)).to(self.device))
         return ids[: len(batch)].cpu().numpy(), scores[: len(batch)].float().cpu().numpy()
 
-    def _with_cache(self, batch: np.ndarray, lengths: np.ndarray, users: np.ndarray):
+    def _with_cache(self, batch: np.ndarray, lengths: np.ndarray, users: np.ndarray, times: np.ndarray | None):
         """Rows with a user id through the cache (hits and misses in one ragged batch), the others through the
         variant's own call, exactly as without a cache -> numpy (ids, scores), each row's path."""
         known = np.flatnonzero(users >= 0)
         history = torch.from_numpy(batch[known]).to(self.device)
         with self.kernel_choice():
             ids, scores, paths = self.incremental.recommend_detailed(
-                history, torch.from_numpy(lengths[known]).to(self.device), torch.from_numpy(users[known]))
+                history, torch.from_numpy(lengths[known]).to(self.device), torch.from_numpy(users[known]),
+                None if times is None else torch.from_numpy(times[known]).to(self.device))
         if len(known) == len(batch):
             return ids.cpu().numpy(), scores.float().cpu().numpy(), paths
         others = np.flatnonzero(users < 0)
-        other_ids, other_scores = self._predict(batch[others], lengths[others])
+        other_ids, other_scores = self._predict(batch[others], lengths[others], None if times is None else times[others])
         all_ids = np.empty((len(batch), ids.shape[1]), dtype=np.int64)
         all_scores = np.empty((len(batch), ids.shape[1]), dtype=np.float32)
         all_ids[known], all_scores[known] = ids.cpu().numpy(), scores.float().cpu().numpy()
