@@ -13,7 +13,7 @@ import torch
 from mlflow import MlflowClient
 from omegaconf import OmegaConf
 
-from conftest import run_pipeline
+from conftest import run_pipeline, seed_store
 from pipeline.core import ConfigError, Manifest, PipelineError, build_variant, failure_reason
 from pipeline.export import inductor
 from pipeline.tracking import Tracker
@@ -77,7 +77,8 @@ def test_a_variant_that_fails_to_build_leaves_the_run_going(tiny_args, tmp_path)
 
 
 @pytest.fixture
-def ctx(tmp_path):
+def ctx(tmp_path, store_template):
+    seed_store(store_template, tmp_path)
     cfg = OmegaConf.create({"tracking_uri": None, "experiment_name": "genrec"})
     tracker = Tracker(cfg, tmp_path)
     with tracker.run("pipeline", nested=False), tracker.run("compile", tags={"stage": "compile"}):
