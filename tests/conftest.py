@@ -1,4 +1,5 @@
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -46,8 +47,27 @@ def run_pipeline(args: list[str], cwd: Path, timeout: int = 600) -> subprocess.C
     )
 
 
+@pytest.fixture(scope="session")
+def store_template(tmp_path_factory) -> Path:
+    """An empty MLflow sqlite store, its tables made once for the session: making them (MLflow's migrations)
+    takes seconds in every fresh process, and most tests are about what a run writes, not about a new store.
+    The pipeline making a store of its own is left to the tests that do not seed one (test_end_to_end)."""
+    from mlflow import MlflowClient
+
+    path = tmp_path_factory.mktemp("mlflow-template") / "mlflow.db"
+    MlflowClient(f"sqlite:///{path}").search_experiments()
+    return path
+
+
+def seed_store(template: Path, artifacts: Path) -> Path:
+    """artifacts/mlflow.db as a copy of the empty store: what a run finds there after a first one."""
+    artifacts.mkdir(parents=True, exist_ok=True)
+    return Path(shutil.copyfile(template, artifacts / "mlflow.db"))
+
+
 @pytest.fixture
-def tiny_args(tmp_path):
+def tiny_args(tmp_path, store_template):
+    seed_store(store_template, tmp_path / "artifacts")
     return [*TINY, f"artifacts_dir={tmp_path / 'artifacts'}"]
 
 

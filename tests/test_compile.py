@@ -9,14 +9,28 @@ import torch
 
 from pipeline.core import Manifest, Variant
 from pipeline.variants import LOADERS, load_variant
-from tests.conftest import run_pipeline
+from tests.conftest import TINY, run_pipeline, seed_store
+
+
+@pytest.fixture(scope="module")
+def compile_run(tmp_path_factory, store_template):
+    """One tiny train -> compile -> validate run on the CPU for the stage tests below: the default Inductor
+    entry, an entry asking for Triton kernels (which the CPU cannot run), and an AOTInductor package."""
+    tmp = tmp_path_factory.mktemp("compile")
+    artifacts = seed_store(store_template, tmp / "artifacts").parent
+    entries = "compile.inductor.cpu=[{mode: default, precision: fp32}, {mode: default, kernels: triton}]"
+    with pytest.MonkeyPatch.context() as patch:
+        if not torch.cuda.is_available():  # as a user runs it: not in Triton's interpreter
+            patch.delenv("TRITON_INTERPRET", raising=False)
+        proc = run_pipeline([*TINY, f"artifacts_dir={artifacts}", "stage=[train,compile,validate]", "precision=fp32",
+                             entries, "compile.aoti.devices=[cpu]"], cwd=tmp)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    return Manifest.load(next((artifacts / "runs").glob("*/manifest.json")))
 
 
 @pytest.mark.slow
-def test_compile_stage_builds_inductor_and_aoti_variants(tiny_args, tmp_path):
-    proc = run_pipeline(["stage=[train,compile]", "precision=fp32", "compile.aoti.devices=[cpu]", *tiny_args], cwd=tmp_path)
-    assert proc.returncode == 0, proc.stderr[-4000:]
-    manifest = Manifest.load(next((tmp_path / "artifacts" / "runs").glob("*/manifest.json")))
+def test_compile_stage_builds_inductor_and_aoti_variants(compile_run):
+    manifest = compile_run
     compiled = manifest.stages["compile"]
     assert compiled["status"] == "ok"
     by_name = {v["name"]: v for v in compiled["variants"]}
@@ -43,17 +57,15 @@ def test_compile_backends_have_loaders():
     assert {"inductor", "aoti"} <= set(LOADERS)
 
 
-def test_triton_entries_are_skipped_on_cpu(tiny_args, tmp_path, monkeypatch):
-    """Asking for Triton kernels on the CPU names the reason; nothing else is built in their place."""
+def test_triton_entries_are_skipped_on_cpu(compile_run):
+    """Asking for Triton kernels on the CPU names the reason; nothing else is built in their place (the
+    variants are the other entries': test_compile_stage_builds_inductor_and_aoti_variants)."""
     if torch.cuda.is_available():
         pytest.skip("on a GPU the Triton entry builds")
-    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
-    proc = run_pipeline(["stage=[train,compile]", "precision=fp32", "compile.inductor.cpu=[{mode: default, kernels: triton}]",
-                         *tiny_args], cwd=tmp_path)
-    assert proc.returncode == 0, proc.stderr[-4000:]
-    manifest = Manifest.load(next((tmp_path / "artifacts" / "runs").glob("*/manifest.json")))
-    assert manifest.stages["compile"]["variants"] == []
-    report = json.loads(Path(manifest.stages["compile"]["artifacts"]["compile_report"]).read_text())
+    stage = compile_run.stages["compile"]
+    assert [v["name"] for v in stage["variants"]] == ["inductor-fp32", "aoti-fp32"]
+    report = json.loads(Path(stage["artifacts"]["compile_report"]).read_text())
+    assert set(report["skipped"]) == {"inductor-triton-fp32"}
     assert "CUDA" in report["skipped"]["inductor-triton-fp32"]
 
 
@@ -113,17 +125,16 @@ def test_a_spec_built_again_loads_from_inductors_cache():
         assert torch.equal(first[0], again[0])
 
 
-def test_validate_reports_compile_seconds_from_the_compile_stage(tiny_args, tmp_path):
-    proc = run_pipeline(["stage=[train,compile,validate]", "precision=fp32", "compile.aoti.devices=[]", *tiny_args],
-                        cwd=tmp_path)
-    assert proc.returncode == 0, proc.stderr[-4000:]
-    manifest = Manifest.load(next((tmp_path / "artifacts" / "runs").glob("*/manifest.json")))
-    compiled = manifest.stages["compile"]["metrics"]["compile_seconds_inductor-fp32"]
+def test_validate_reports_compile_seconds_from_the_compile_stage(compile_run):
+    manifest = compile_run
     with open(manifest.stages["validate"]["artifacts"]["validate_table"]) as f:
         rows = {row["variant"]: row for row in csv.DictReader(f)}
-    assert float(rows["inductor-fp32"]["compile_seconds"]) == pytest.approx(compiled)
+    for name in ("inductor-fp32", "aoti-fp32"):
+        stage_seconds = manifest.stages["compile"]["metrics"][f"compile_seconds_{name}"]
+        assert float(rows[name]["compile_seconds"]) == pytest.approx(stage_seconds), name
+        assert float(rows[name]["load_seconds"]) > 0, name
     assert rows["eager-fp32"]["compile_seconds"] == ""  # nothing compiled: no number made up
-    assert float(rows["inductor-fp32"]["load_seconds"]) > 0 and float(rows["eager-fp32"]["load_seconds"]) > 0
+    assert float(rows["eager-fp32"]["load_seconds"]) > 0
 
 
 def test_a_package_that_crashes_its_loader_is_a_clear_error(tmp_path):

@@ -18,7 +18,7 @@ import pytest
 import torch
 from mlflow import MlflowClient
 
-from conftest import ROOT, TINY, run_pipeline
+from conftest import ROOT, TINY, run_pipeline, seed_store
 from pipeline.core import Manifest
 from pipeline.data import load_splits
 from pipeline.serving.client import GenrecClient, RequestRejected
@@ -61,9 +61,10 @@ def no_locale():
 
 
 @pytest.fixture(scope="module")
-def env(tmp_path_factory, no_locale):
+def env(tmp_path_factory, no_locale, store_template):
     _require_triton()
     tmp = tmp_path_factory.mktemp("deploy")
+    seed_store(store_template, tmp / "artifacts")
     http, grpc, metrics = _free_ports(3)
     args = [*TINY, f"artifacts_dir={tmp / 'artifacts'}", "precision=fp32", f"serving.http_port={http}",
             f"serving.grpc_port={grpc}", f"serving.metrics_port={metrics}", "serving.exit_timeout_s=3"]

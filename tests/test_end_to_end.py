@@ -1,4 +1,5 @@
-"""stage=all on a tiny synthetic config, then the sqlite store read back with the MLflow client."""
+"""stage=all on a tiny synthetic config, then the sqlite store (made by the run itself) read back with the
+MLflow client: the nested stage runs, the onnx stage's ONNX Runtime variant that validate measures, trt skipped."""
 import json
 from pathlib import Path
 
@@ -88,6 +89,35 @@ def test_validate_nested_variant_runs(finished_run):
     assert "latency_p50_ms_b1 | latency_p99_ms_b1 | latency_p50_ms_b8 |" in header  # every batch of the sweep
     # Hydra wrote nothing into the working directory: everything goes under artifacts_dir.
     assert not (tmp / "outputs").exists()
+
+
+def test_onnx_stage_yields_the_onnx_runtime_variant_and_trt_is_skipped(finished_run):
+    _, artifacts, client, runs = finished_run
+    by_name = {r.info.run_name: r for r in runs}
+
+    onnx_run = by_name["onnx"].data
+    assert onnx_run.tags["status"] == "ok"
+    assert onnx_run.metrics["parity_topk_overlap_fp32"] >= 0.999 and onnx_run.metrics["onnx_nodes_fp32"] > 0
+    assert onnx_run.metrics["export_seconds_fp32"] > 0 and onnx_run.metrics["onnx_opset_fp32"] >= 18
+    logged = {a.path for a in client.list_artifacts(by_name["onnx"].info.run_id)}
+    assert {"retriever-fp32.onnx", "exports.json"} <= logged
+
+    trt_run = by_name["trt"].data
+    assert trt_run.tags["status"] == "skipped"
+    assert "TensorRT cannot run here" in trt_run.tags["skip_reason"], trt_run.tags
+
+    variant = by_name["variant:onnxruntime-fp32"].data
+    assert variant.tags["backend"] == "onnxruntime"
+    assert variant.metrics["parity_topk_overlap"] >= 0.999
+    assert variant.metrics["latency_p50_ms_b1"] > 0 and variant.metrics["users_per_s_b8"] > 0
+
+    parent = next(r for r in runs if "mlflow.parentRunId" not in r.data.tags)
+    manifest = json.loads((artifacts / "runs" / parent.info.run_id / "manifest.json").read_text())
+    onnx_variants = {v["name"]: v for v in manifest["stages"]["onnx"]["variants"]}
+    assert set(onnx_variants) == {"onnxruntime-fp32", "onnxruntime-fp16"}  # precision=fp16: its fp32 reference too
+    for onnx_variant in onnx_variants.values():
+        assert onnx_variant["backend"] == "onnxruntime" and onnx_variant["options"]["top_k"] == 20
+    assert manifest["stages"]["trt"]["status"] == "skipped" and not manifest["stages"]["trt"]["variants"]
 
 
 def test_later_invocation_picks_up_the_checkpoint(finished_run):

@@ -8,7 +8,7 @@ import pytest
 import torch
 from mlflow import MlflowClient
 
-from conftest import TINY, corrupt_weights, run_pipeline
+from conftest import TINY, corrupt_weights, run_pipeline, seed_store
 from pipeline.core import Variant
 from pipeline.export.onnx import export_onnx
 from pipeline.integrity import IntegrityError, copy_verified, sidecar, verify_digest, write_digest
@@ -56,8 +56,8 @@ def test_a_folder_and_a_copy(tmp_path):
 
 
 @pytest.mark.slow
-def test_a_corrupt_checkpoint_is_never_validated_or_promoted(tmp_path):
-    artifacts = tmp_path / "artifacts"
+def test_a_corrupt_checkpoint_is_never_validated_or_promoted(tmp_path, store_template):
+    artifacts = seed_store(store_template, tmp_path / "artifacts").parent
     args = [*TINY, f"artifacts_dir={artifacts}", "precision=fp32"]
     trained = run_pipeline([*args, "stage=train"], cwd=tmp_path)
     assert trained.returncode == 0, trained.stdout + trained.stderr

@@ -1,13 +1,10 @@
 """The onnx stage: the dynamo export round trip through ONNX Runtime (dynamic batch and history length),
 the checker and external data, clear errors for ops that do not export, custom ops through their
-reference, and stage=all producing the ONNX Runtime variant that validate measures."""
-import json
-
+reference. (stage=all producing the ONNX Runtime variant that validate measures: test_end_to_end.py.)"""
 import pytest
 import torch
 from torch import nn
 
-from conftest import TINY, run_pipeline
 from pipeline import kernels
 from pipeline.core import PipelineError, Variant
 from pipeline.export import ShapeRange, export_program, register_reference
@@ -171,36 +168,3 @@ def test_variant_loader_refuses_other_k_and_missing_provider(exported):
         variant.options["provider"] = CUDA
         with pytest.raises(PipelineError, match="onnxruntime-gpu"):
             load_onnx_variant(variant, torch.device("cpu"), K)
-
-
-@pytest.mark.slow
-def test_stage_all_yields_onnx_variant_and_skips_trt(tmp_path):
-    from mlflow import MlflowClient
-
-    artifacts = tmp_path / "artifacts"
-    result = run_pipeline([*TINY, f"artifacts_dir={artifacts}", "stage=all", "precision=fp32"], cwd=tmp_path)
-    assert result.returncode == 0, result.stdout + result.stderr
-    client = MlflowClient(f"sqlite:///{artifacts / 'mlflow.db'}")
-    runs = client.search_runs([client.get_experiment_by_name("genrec").experiment_id])
-    by_name = {r.info.run_name: r for r in runs}
-
-    onnx_run = by_name["onnx"].data
-    assert onnx_run.tags["status"] == "ok"
-    assert onnx_run.metrics["parity_topk_overlap_fp32"] >= 0.999 and onnx_run.metrics["onnx_nodes_fp32"] > 0
-    assert onnx_run.metrics["export_seconds_fp32"] > 0 and onnx_run.metrics["onnx_opset_fp32"] >= 18
-    logged = {a.path for a in client.list_artifacts(by_name["onnx"].info.run_id)}
-    assert {"retriever-fp32.onnx", "exports.json"} <= logged
-
-    trt_run = by_name["trt"].data
-    assert trt_run.tags["status"] == "skipped"
-    assert "TensorRT cannot run here" in trt_run.tags["skip_reason"], trt_run.tags
-
-    variant = by_name["variant:onnxruntime-fp32"].data
-    assert variant.tags["backend"] == "onnxruntime"
-    assert variant.metrics["parity_topk_overlap"] >= 0.999
-    assert variant.metrics["latency_p50_ms_b1"] > 0 and variant.metrics["users_per_s_b8"] > 0
-
-    manifest = json.loads(next((artifacts / "runs").glob("*/manifest.json")).read_text())
-    (onnx_variant,) = manifest["stages"]["onnx"]["variants"]
-    assert onnx_variant["backend"] == "onnxruntime" and onnx_variant["options"]["top_k"] == 20
-    assert manifest["stages"]["trt"]["status"] == "skipped" and not manifest["stages"]["trt"]["variants"]

@@ -8,7 +8,7 @@ import mlflow
 import pytest
 from mlflow import MlflowClient
 
-from conftest import TINY, run_pipeline
+from conftest import TINY, run_pipeline, seed_store
 from pipeline.core import PipelineError
 from pipeline.serving.package import read_package
 from pipeline.stages.promote import lowest_p99, max_throughput
@@ -47,8 +47,9 @@ def test_highest_throughput_under_a_latency_budget():
 
 
 @pytest.fixture(scope="module")
-def promoted(tmp_path_factory):
+def promoted(tmp_path_factory, store_template):
     tmp = tmp_path_factory.mktemp("promote")
+    seed_store(store_template, tmp / "artifacts")
     args = [*TINY, f"artifacts_dir={tmp / 'artifacts'}", "precision=fp32"]
     result = run_pipeline([*args, "stage=[train,validate,promote]"], cwd=tmp)
     assert result.returncode == 0, result.stdout + result.stderr
@@ -104,11 +105,11 @@ def test_nothing_passing_the_gates_is_refused(promoted):
 
 
 @pytest.mark.slow
-def test_files_registered_before_are_not_registered_again_the_aliases_move_to_them(tmp_path):
+def test_files_registered_before_are_not_registered_again_the_aliases_move_to_them(tmp_path, store_template):
     """eager-fp32 (version 1), then eager-fp16 (version 2), then eager-fp32 again: its digest matches version 1,
     so nothing is registered and champion/previous move to versions 1/2. Promote applies the gates as
     configured now to validate's metrics, which is how each run picks its variant here."""
-    artifacts = tmp_path / "artifacts"
+    artifacts = seed_store(store_template, tmp_path / "artifacts").parent
     args = [*TINY, f"artifacts_dir={artifacts}", "precision=fp16", "gates.fp16.max_hr10_drop=1"]
     only_fp32, only_fp16 = "gates.fp16.min_topk_overlap=1.01", "gates.fp32.min_topk_overlap=1.01"
     first = run_pipeline([*args, "stage=[train,validate,promote]", only_fp32], cwd=tmp_path)

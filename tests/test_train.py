@@ -2,7 +2,7 @@
 import pytest
 from mlflow import MlflowClient
 
-from conftest import TINY, run_pipeline
+from conftest import TINY, run_pipeline, seed_store
 
 
 def _train_run(artifacts):
@@ -11,8 +11,8 @@ def _train_run(artifacts):
     return client, next(r for r in client.search_runs([experiment.experiment_id]) if r.info.run_name == "train")
 
 
-def test_all_but_test_trains_fixed_epochs_without_validation_metrics(tmp_path):
-    artifacts = tmp_path / "artifacts"
+def test_all_but_test_trains_fixed_epochs_without_validation_metrics(tmp_path, store_template):
+    artifacts = seed_store(store_template, tmp_path / "artifacts").parent
     args = [*TINY, "train.epochs=3", "train.patience=1", f"artifacts_dir={artifacts}", "stage=train", "train.fit=all_but_test"]
     result = run_pipeline(args, cwd=tmp_path)
     assert result.returncode == 0, result.stdout + result.stderr
@@ -33,7 +33,8 @@ def test_all_but_test_trains_fixed_epochs_without_validation_metrics(tmp_path):
         (["train.fit=all_but_test", "train.refit=true"], "train.refit=true needs train.fit=holdout"),
     ],
 )
-def test_bad_fit_is_refused(tmp_path, overrides, expected):
+def test_bad_fit_is_refused(tmp_path, store_template, overrides, expected):
+    seed_store(store_template, tmp_path / "artifacts")
     result = run_pipeline([*TINY, f"artifacts_dir={tmp_path / 'artifacts'}", "stage=train", *overrides], cwd=tmp_path)
     output = result.stdout + result.stderr
     assert result.returncode != 0 and expected in output, output

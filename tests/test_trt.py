@@ -11,7 +11,7 @@ from omegaconf import OmegaConf
 from tritonclient.grpc import model_config_pb2 as pb
 
 import pipeline.__main__  # noqa: F401  (registers the ${project_root:} resolver the configs use)
-from conftest import ROOT, TINY, run_pipeline
+from conftest import ROOT, TINY, run_pipeline, seed_store
 from pipeline.bench.parity import save_reference
 from pipeline.checkpoint import save_checkpoint
 from pipeline.core import Context, Manifest, PipelineError, StageResult, StageUnavailable, Variant
@@ -210,10 +210,10 @@ def test_stage_raises_unavailable_after_checking_its_config(tmp_path):
 
 
 @pytest.mark.skipif(unavailable_reason(torch.device("cuda")) is None, reason="TensorRT is available here")
-def test_stage_by_name_exits_2_with_the_reason_in_mlflow(tmp_path):
+def test_stage_by_name_exits_2_with_the_reason_in_mlflow(tmp_path, store_template):
     from mlflow import MlflowClient
 
-    artifacts = tmp_path / "artifacts"
+    artifacts = seed_store(store_template, tmp_path / "artifacts").parent
     result = run_pipeline([*TINY, f"artifacts_dir={artifacts}", "stage=trt"], cwd=tmp_path)
     output = result.stdout + result.stderr
     assert result.returncode == 2, output

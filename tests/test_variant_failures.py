@@ -13,7 +13,7 @@ import torch
 from mlflow import MlflowClient
 from omegaconf import OmegaConf
 
-from conftest import run_pipeline
+from conftest import run_pipeline, seed_store
 from pipeline.core import ConfigError, Manifest, PipelineError, build_variant, failure_reason
 from pipeline.export import inductor
 from pipeline.tracking import Tracker
@@ -30,6 +30,9 @@ def test_a_variant_that_fails_to_build_leaves_the_run_going(tiny_args, tmp_path)
         manifest = Manifest.load(run_dir / "manifest.json")
         assert "InvalidCxxCompiler" in manifest.stages["compile"]["failures"]["aoti-fp32"]
         assert "aoti-fp32" not in {v.name for v in manifest.variants()}
+        # precision=fp32: the onnx stage exports the fp32 model alone; trt is skipped here and makes nothing
+        assert [v["name"] for v in manifest.stages["onnx"]["variants"]] == ["onnxruntime-fp32"]
+        assert manifest.stages["trt"]["status"] == "skipped" and not manifest.stages["trt"]["variants"]
 
         # validate: a row with gate_passed false and the reason, in the table and the results promote reads
         with open(run_dir / "validate_variants.csv") as f:
@@ -74,7 +77,8 @@ def test_a_variant_that_fails_to_build_leaves_the_run_going(tiny_args, tmp_path)
 
 
 @pytest.fixture
-def ctx(tmp_path):
+def ctx(tmp_path, store_template):
+    seed_store(store_template, tmp_path)
     cfg = OmegaConf.create({"tracking_uri": None, "experiment_name": "genrec"})
     tracker = Tracker(cfg, tmp_path)
     with tracker.run("pipeline", nested=False), tracker.run("compile", tags={"stage": "compile"}):
