@@ -11,6 +11,8 @@
 #   scripts/gpu_run.sh all [OUT]      # stash and run, when everything is here at once
 #   scripts/gpu_run.sh kernels [OUT]  # our kernels against the reference at 1k..1M items (torch+triton only), and
 #                                     # with ML1M_ROOT (a folder holding ml-1m/) the ML-1M preset's stage=all
+#   scripts/gpu_run.sh incremental [OUT]  # returning users: GPU hit, host hit, miss against full recompute
+#   scripts/gpu_run.sh tests [OUT]    # the gpu-marked tests, timed (needs pytest and, from .whl/, hydra)
 #
 # Environment: GENREC_GPU_HOME (default /tmp/genrec-gpu: installed wheels, the stashed server wheel),
 # PYTHON (default python3), GPU_RUN_ARGS (extra overrides for stage=all, e.g. "model=hstu data=ml-1m"),
@@ -38,13 +40,16 @@ step() {  # step NAME CMD...: runs CMD, its output to OUT/NAME.log and here; rec
   return "$rc"
 }
 
-setup() {  # OUT, its step table, the carried wheels on PYTHONPATH, tritonserver unpacked
+setup() {  # OUT, its step table, the carried wheels on PYTHONPATH
   mkdir -p "$out"
   [ -f "$out/steps.md" ] || { echo "| step | exit | seconds |" > "$out/steps.md"; echo "| --- | --- | --- |" >> "$out/steps.md"; }
   if ls .whl/*.whl >/dev/null 2>&1; then
     "$py" -m pip install -q --no-index --no-deps --no-compile --upgrade --target "$home/site" .whl/*.whl || exit 1
   fi
   export PYTHONPATH="$home/site:$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
+}
+
+triton() {  # tritonserver unpacked under artifacts/triton from the stashed wheel
   if [ ! -x artifacts/triton/pytriton/tritonserver/bin/tritonserver ]; then
     wheel=$(ls "$home"/nvidia_pytriton-*.whl .whl-triton/nvidia_pytriton-*.whl 2>/dev/null | head -1)
     [ -n "$wheel" ] || { echo "no nvidia-pytriton wheel: run 'scripts/gpu_run.sh stash' first" >&2; exit 1; }
@@ -70,6 +75,7 @@ build() {
 
 serve() {
   setup
+  triton
   local gpu="serving.instance_group.kind=KIND_GPU"
   step deploy "$py" -m pipeline stage=deploy "$gpu"
   step query "$py" -m pipeline.client --check "$gpu"
@@ -110,6 +116,18 @@ kernels() {
   echo "results in $out"
 }
 
+incremental() {
+  setup
+  step incremental "$py" -m pipeline.bench.incremental --workload incremental-1m --out "$out/incremental"
+  echo "results in $out"
+}
+
+tests() {
+  setup
+  step gpu_tests "$py" -m pytest -m gpu -q -p no:cacheprovider --durations=25 tests
+  echo "results in $out"
+}
+
 case "$phase" in
   stash) stash ;;
   run) build; serve ;;
@@ -117,5 +135,7 @@ case "$phase" in
   serve) serve ;;
   all) stash; build; serve ;;
   kernels) kernels ;;
-  *) echo "usage: scripts/gpu_run.sh stash | run [OUT] | build [OUT] | serve [OUT] | all [OUT] | kernels [OUT]" >&2; exit 2 ;;
+  incremental) incremental ;;
+  tests) tests ;;
+  *) echo "usage: scripts/gpu_run.sh stash | run | build | serve | all | kernels | incremental | tests [OUT]" >&2; exit 2 ;;
 esac
