@@ -23,6 +23,16 @@ from test_deploy import _free_ports, _require_triton
 pytestmark = [pytest.mark.slow, pytest.mark.triton]
 
 
+def _args(tmp_path, *data) -> list[str]:
+    """`data` overrides, a tiny fp32 model, and a server of its own on free loopback ports."""
+    http, grpc, metrics = _free_ports(3)
+    return ["data=interactions", *data, "model.max_len=8", "model.dim=16", "train.epochs=1", "train.batch_size=64",
+            "train.num_negatives=8", "validate.batch_sizes=[1,8]", "validate.warmup=1", "validate.iters=3",
+            "validate.top_k=20", "precision=fp32", f"artifacts_dir={tmp_path / 'artifacts'}",
+            f"serving.http_port={http}", f"serving.grpc_port={grpc}", f"serving.metrics_port={metrics}",
+            "serving.exit_timeout_s=3"]
+
+
 def test_text_ids_are_served_as_raw_ids(tmp_path):
     _require_triton()
     rng = np.random.default_rng(1)
@@ -34,13 +44,8 @@ def test_text_ids_are_served_as_raw_ids(tmp_path):
             times.append(f"2024-03-{1 + step:02d}T12:00:00Z")  # ISO-8601 strings
     pq.write_table(pa.table({"customer": users, "product": items, "at": times}), tmp_path / "log.parquet",
                    row_group_size=100)
-    http, grpc, metrics = _free_ports(3)
-    args = ["data=interactions", f"data.path={tmp_path / 'log.parquet'}", "data.columns.user=customer",
-            "data.columns.item=product", "data.columns.timestamp=at", "model.max_len=8", "model.dim=16",
-            "train.epochs=1", "train.batch_size=64", "train.num_negatives=8", "validate.batch_sizes=[1,8]",
-            "validate.warmup=1", "validate.iters=3", "validate.top_k=20", "precision=fp32",
-            f"artifacts_dir={tmp_path / 'artifacts'}", f"serving.http_port={http}", f"serving.grpc_port={grpc}",
-            f"serving.metrics_port={metrics}", "serving.exit_timeout_s=3"]
+    args = _args(tmp_path, f"data.path={tmp_path / 'log.parquet'}", "data.columns.user=customer",
+                 "data.columns.item=product", "data.columns.timestamp=at")
     server = LocalServer(load_config(args).serving)
     try:
         result = run_pipeline([*args, "stage=[train,validate,promote,deploy]"], cwd=tmp_path)
@@ -74,12 +79,7 @@ def test_time_bias_model_serves_with_timestamps(tmp_path):
         gaps = np.cumsum(rng.integers(60, 10**5, size=9))
         lines += [f"{user},{item},{start + gap}" for item, gap in zip(rng.choice(140, size=9, replace=False), gaps)]
     (tmp_path / "log.csv").write_text("\n".join(lines) + "\n")
-    http, grpc, metrics = _free_ports(3)
-    args = ["data=interactions", "data.path=log.csv", "model.time_bias=true", "model.max_len=8", "model.dim=16",
-            "train.epochs=1", "train.batch_size=64", "train.num_negatives=8", "validate.batch_sizes=[1,8]",
-            "validate.warmup=1", "validate.iters=3", "validate.top_k=20", "precision=fp32", "promote.backends=[eager]",
-            f"artifacts_dir={tmp_path / 'artifacts'}", f"serving.http_port={http}", f"serving.grpc_port={grpc}",
-            f"serving.metrics_port={metrics}", "serving.exit_timeout_s=3"]
+    args = _args(tmp_path, "data.path=log.csv", "model.time_bias=true", "promote.backends=[eager]")
     server = LocalServer(load_config(args).serving)
     try:
         result = run_pipeline([*args, "stage=[train,validate,promote,deploy]"], cwd=tmp_path)

@@ -38,9 +38,7 @@ from pipeline.core import file_digest
 from pipeline.data.readers import (
     DataError,
     Interactions,
-    interactions_from_ratings,
     interactions_from_sequences,
-    read_grouplens_ratings,
     read_user_sequences,
 )
 from pipeline.data.interactions import TableSpec, read_interactions

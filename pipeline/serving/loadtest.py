@@ -25,6 +25,7 @@ import threading
 import time
 import urllib.request
 from collections import defaultdict
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -34,9 +35,8 @@ from pipeline.serving.client import GenrecClient, RequestRejected
 
 # A sample line: name{label="value",...} number. On a GPU host an instance on a GPU adds gpu_uuid="..." before
 # model=, and its counters appear only under that label set (the plain one stays 0): labels in any order.
-_SAMPLE = re.compile(r'^(nv_inference_\w+)\{([^}]*)\} ([0-9.e+-]+)$')
+_SAMPLE = re.compile(r'^(\w+)\{([^}]*)\} ([0-9.e+-]+)$')
 _LABEL = re.compile(r'(\w+)="([^"]*)"')
-_CACHE_SAMPLE = re.compile(r'^(genrec_cache_\w+)\{([^}]*)\} ([0-9.e+-]+)$')
 _COUNTERS = ("request_success", "request_failure", "count", "exec_count", "queue_duration_us",
              "compute_infer_duration_us", "request_duration_us")
 
@@ -124,12 +124,17 @@ def scrape(metrics_url: str) -> dict[tuple[str, str], float]:
 def parse_metrics(text: str) -> dict[tuple[str, str], float]:
     """Prometheus text -> {(counter, model): value}, summed over every label set of a model."""
     values: dict[tuple[str, str], float] = defaultdict(float)
-    for line in text.splitlines():
-        if m := _SAMPLE.match(line):
-            model = dict(_LABEL.findall(m.group(2))).get("model")
-            if model is not None:
-                values[(m.group(1).removeprefix("nv_inference_"), model)] += float(m.group(3))
+    for name, labels, value in _samples(text, "nv_inference_"):
+        if "model" in labels:
+            values[(name, labels["model"])] += value
     return values
+
+
+def _samples(text: str, prefix: str) -> Iterator[tuple[str, dict[str, str], float]]:
+    """The samples of the metrics named prefix*: (name without the prefix, labels, value)."""
+    for line in text.splitlines():
+        if line.startswith(prefix) and (m := _SAMPLE.match(line)):
+            yield m.group(1).removeprefix(prefix), dict(_LABEL.findall(m.group(2))), float(m.group(3))
 
 
 def scrape_cache(metrics_url: str) -> dict[tuple[str, str, str], float]:
@@ -140,12 +145,8 @@ def scrape_cache(metrics_url: str) -> dict[tuple[str, str, str], float]:
 def parse_cache_metrics(text: str) -> dict[tuple[str, str, str], float]:
     """The engines' genrec_cache_* metrics: {(metric, model, tier or path or ""): value}."""
     values: dict[tuple[str, str, str], float] = defaultdict(float)
-    for line in text.splitlines():
-        if m := _CACHE_SAMPLE.match(line):
-            labels = dict(_LABEL.findall(m.group(2)))
-            key = (m.group(1).removeprefix("genrec_cache_"), labels.get("model", ""),
-                   labels.get("tier", labels.get("path", "")))
-            values[key] += float(m.group(3))
+    for name, labels, value in _samples(text, "genrec_cache_"):
+        values[(name, labels.get("model", ""), labels.get("tier", labels.get("path", "")))] += value
     return values
 
 
