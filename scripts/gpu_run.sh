@@ -16,7 +16,7 @@
 #
 # Environment: GENREC_GPU_HOME (default /tmp/genrec-gpu: installed wheels, the stashed server wheel),
 # PYTHON (default python3), GPU_RUN_ARGS (extra overrides for stage=all, e.g. "model=hstu data=ml-1m"),
-# LOAD_REQUESTS (default 3000), LOAD_CONCURRENCY (default 32). OUT gets summary.md plus each step's log.
+# LOAD_REQUESTS (default 3000), LOAD_CONCURRENCY (default 32), KERNELS_BUDGET_S (default 420). OUT gets summary.md plus each step's log.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 home=${GENREC_GPU_HOME:-/tmp/genrec-gpu}
@@ -107,7 +107,7 @@ kernels() {
   echo "| step | exit | seconds |" > "$out/steps.md"; echo "| --- | --- | --- |" >> "$out/steps.md"
   export PYTHONPATH="$home/site:$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
   step kernels_vs_reference "$py" -m pipeline.bench.kernels_vs_reference --shapes synthetic --specs default+graph \
-    --budget-s 420 --out "$out/kvr"
+    --budget-s "${KERNELS_BUDGET_S:-420}" --out "$out/kvr"
   if [ -n "${ML1M_ROOT:-}" ]; then
     step ml1m_stage_all "$py" -m pipeline stage=all precision=fp16 device=cuda model=hstu data=ml-1m \
       data.root="$ML1M_ROOT" train.epochs=3 artifacts_dir="$PWD/artifacts/ml-1m"
