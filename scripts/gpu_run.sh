@@ -124,7 +124,7 @@ incremental() {
 
 tests() {
   setup
-  step gpu_tests "$py" -m pytest -m gpu -q -p no:cacheprovider --durations=25 tests
+  GENREC_TEST_TIMES="$out/test_times.log" step gpu_tests "$py" -m pytest -m gpu -q -p no:cacheprovider --durations=25 tests
   echo "results in $out"
 }
 

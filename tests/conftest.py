@@ -85,3 +85,12 @@ def corrupt_weights(path: Path, size: int = 4096) -> None:
         count = min(size, largest.file_size)
         f.seek(start + (largest.file_size - count) // 2)
         f.write(bytes((i * 37 + 11) % 256 for i in range(count)))
+
+
+def pytest_runtest_logreport(report):
+    """GENREC_TEST_TIMES=FILE: each test phase's seconds appended as it ends, so that a suite cut off by a time
+    limit (scripts/gpu_run.sh tests) still says where its time went."""
+    path = os.environ.get("GENREC_TEST_TIMES")
+    if path and (report.when == "call" or report.duration >= 1.0):
+        with open(path, "a") as f:
+            f.write(f"{report.duration:8.1f} s  {report.when:8s} {report.outcome:7s} {report.nodeid}\n")

@@ -293,3 +293,65 @@ def test_rounds_keep_each_options_fastest_timing():
     assert (once.algorithm, rounds.algorithm) == ("triton", dispatch.REFERENCE)
     assert seen.count("reference") == 3 and seen.count("triton") == 3
     assert (rounds.ms, rounds.reference_ms) == (1.0, 1.0)
+
+
+def _options(ran: list[str]):
+    def option(name, config=None):
+        return dispatch.Option(name, config, lambda: ran.append(name))
+    return option(dispatch.REFERENCE), [option("kernel", "cfg-a"), option("kernel", "cfg-b")]
+
+
+def test_a_timed_choice_is_kept_on_disk_and_read_back_without_timing(tmp_path):
+    """The compile stage tunes a shape once; validate and the serving engine, later processes on the same host,
+    read the choice from the tuning cache instead of timing (an engine that tuned at load took 69 s on the H200)."""
+    path = tmp_path / "tuning.json"
+    ran: list[str] = []
+    reference, options = _options(ran)
+    with dispatch.tuning_cache(path), dispatch.timed_by(lambda label, fn: {"reference": 2.0, "kernel cfg-a": 3.0,
+                                                                         "kernel cfg-b": 1.0}[label]):
+        chosen = dispatch.choose("op", (4, "x"), DEVICE, reference, options)
+    assert (chosen.algorithm, chosen.config, chosen.source) == ("kernel", "cfg-b", "timed")
+    assert path.exists()
+
+    dispatch.reset()  # a new process: nothing chosen in memory
+
+    timed: list[str] = []
+    with dispatch.tuning_cache(path), dispatch.timed_by(lambda label, fn: timed.append(label) or 1.0):
+        again = dispatch.choose("op", (4, "x"), DEVICE, reference, options)
+        assert (again.algorithm, again.config, again.source, again.ms) == ("kernel", "cfg-b", "cache", 1.0)
+        assert timed == []
+        dispatch.choose("op", (8, "x"), DEVICE, reference, options)  # another shape: not in the cache, timed
+        assert timed == ["reference", "kernel cfg-a", "kernel cfg-b"]
+    assert any(row["source"] == "cache" for row in dispatch.dispatch_log())
+
+
+def test_the_tuning_cache_retunes_when_the_kept_option_is_gone_and_survives_a_corrupt_file(tmp_path):
+    path = tmp_path / "tuning.json"
+    ran: list[str] = []
+    reference, options = _options(ran)
+    with dispatch.tuning_cache(path), dispatch.timed_by(lambda label, fn: 1.0 if label == "kernel cfg-b" else 2.0):
+        dispatch.choose("op", (1,), DEVICE, reference, options)
+    dispatch.reset()
+    renamed = [dispatch.Option("kernel", "cfg-c", lambda: None)]  # the kernel's configs changed since
+    with dispatch.tuning_cache(path), dispatch.timed_by(lambda label, fn: 0.5 if label == "kernel cfg-c" else 2.0):
+        chosen = dispatch.choose("op", (1,), DEVICE, reference, renamed)
+    assert (chosen.config, chosen.source) == ("cfg-c", "timed")
+
+    dispatch.reset()
+    path.write_text("{not json")
+    with dispatch.tuning_cache(path), dispatch.timed_by(lambda label, fn: 0.5 if label == "kernel cfg-a" else 2.0):
+        chosen = dispatch.choose("op", (1,), DEVICE, reference, options)
+    assert (chosen.config, chosen.source) == ("cfg-a", "timed")
+    assert "cfg-a" in path.read_text()  # rewritten whole
+
+
+def test_an_injected_timer_never_touches_the_default_tuning_cache(tmp_path, monkeypatch):
+    """Tests' made-up timings must not become a host's kept choices."""
+    monkeypatch.setenv("GENREC_TUNING_CACHE", str(tmp_path / "default.json"))
+    monkeypatch.setattr(dispatch, "_store_resolved", False)
+    ran: list[str] = []
+    reference, options = _options(ran)
+    with dispatch.timed_by(lambda label, fn: 0.1 if label == "kernel cfg-a" else 2.0):
+        dispatch.choose("op", (2,), DEVICE, reference, options)
+    assert not (tmp_path / "default.json").exists()
+    assert dispatch.tuning_cache_path() == tmp_path / "default.json"

@@ -348,8 +348,9 @@ def test_ops_trace_through_torch_compile():
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
-@pytest.mark.parametrize("batch", [1, 16, 1024])
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+# Each case compiles its own kernel config (a cold Triton cache takes seconds per config on the GPU host):
+# both dtypes and the three batch regimes (one row, a tile of rows, many tiles), not their product.
+@pytest.mark.parametrize("batch,dtype", [(1, torch.bfloat16), (16, torch.float16), (1024, torch.bfloat16)])
 def test_fused_retrieval_full_shape(batch, dtype):
     query, table, history = _case(batch, 1_000_000, 256, hist_len=200, dtype=dtype)
     query, table = torch.nn.functional.normalize(query.float(), dim=-1).to(dtype), table
@@ -362,7 +363,7 @@ def test_fused_retrieval_full_shape(batch, dtype):
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
-@pytest.mark.parametrize("batch,buckets", [(1, False), (1024, False), (16, True), (1024, True)])
+@pytest.mark.parametrize("batch,buckets", [(1, False), (1024, False), (1024, True)])
 def test_fused_top_k_full_shape(batch, buckets):
     """A fixed tile config, untuned, at the standard workload's shape."""
     from pipeline.kernels.triton_retrieval import Config, fused_top_k
@@ -405,7 +406,7 @@ def test_captured_int8_table_retriever_matches_eager():
     lengths = torch.randint(1, 51, (16,), device=DEVICE)
     with torch.no_grad(), kernels.use("reference"):
         ref_ids, ref_scores = retriever(history, lengths)
-    compiled = CompiledRetriever(retriever, "max-autotune-no-cudagraphs", "triton", cuda_graph=True)
+    compiled = CompiledRetriever(retriever, "default", "triton", cuda_graph=True)
     for batch in (16, 1):
         for _ in range(3):  # warm-up, record, replay
             ids, scores = compiled(history[:batch], lengths[:batch])
@@ -415,8 +416,10 @@ def test_captured_int8_table_retriever_matches_eager():
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
-@pytest.mark.parametrize("mode,cuda_graph", [("reduce-overhead", False), ("max-autotune-no-cudagraphs", False),
-                                             ("max-autotune-no-cudagraphs", True)])
+# "default" rather than the max-autotune modes the catalogue builds: what is checked is the capture (Inductor's
+# CUDA-graph trees, or ours) and the exactness check after it, not Inductor's GEMM templates, whose
+# autotuning from a cold cache cost minutes of the GPU suite.
+@pytest.mark.parametrize("mode,cuda_graph", [("reduce-overhead", False), ("default", False), ("default", True)])
 def test_compiled_triton_retriever_matches_eager_reference(mode, cuda_graph):
     """The CUDA-graph-captured candidates plus the exactness check after them answer like eager PyTorch,
     also when a row's winners crowd one chunk (the check recomputes it)."""

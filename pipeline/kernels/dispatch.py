@@ -11,15 +11,24 @@ for validate and the bench to write out.
 
 Tests inject a timer (timed_by) to make the choice deterministic; without one the CPU (interpreter)
 takes each op's default untimed, and so does a GPU with GENREC_AUTOTUNE=0.
+
+Choices timed on a GPU are kept on disk (a tuning cache beside Inductor's, GENREC_TUNING_CACHE to move it or
+"off" to turn it off), keyed by the device, torch and triton versions and our kernels' source: the compile
+stage tunes a shape once, and validate, the bench and the serving engine on the same host read its choice
+instead of timing again (an engine loads in seconds rather than tuning at load).
 """
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
 import math
 import os
+import tempfile
 import time
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass
+from pathlib import Path
 from typing import Callable, Iterator, Sequence
 
 import torch
@@ -56,6 +65,7 @@ class Choice:
     ms: float              # the chosen option's cost; nan when untimed
     reference_ms: float    # the reference's cost at this shape; nan when untimed
     timed: int             # options timed
+    source: str = "timed"  # timed | cache (the tuning cache on disk) | untimed
 
 
 _choices: dict[tuple[str, tuple, bool], Choice] = {}
@@ -63,6 +73,11 @@ _choices: dict[tuple[str, tuple, bool], Choice] = {}
 TUNING_LOG: list[tuple[str, tuple, str, object, float, float]] = []
 _timer: Timer | None = None
 _graphed = False
+# The tuning cache on disk: its path once resolved (None: off), and its entries for this host's fingerprint.
+_store_path: Path | None = None
+_store_resolved = False
+_store_explicit = False  # set by tuning_cache(): kept with an injected timer too
+_store: dict[str, dict] | None = None
 
 
 def choice(op: str, key: tuple) -> Choice | None:
@@ -98,9 +113,118 @@ def dispatch_log() -> list[dict]:
 
 
 def reset() -> None:
-    """Forget every choice (tests; a bench that wants fresh tuning)."""
+    """Forget every choice made in this process (tests; a bench that wants fresh tuning). The tuning cache on
+    disk stays; GENREC_TUNING_CACHE=off (or tuning_cache(None)) keeps it out."""
+    global _store
     _choices.clear()
     TUNING_LOG.clear()
+    _store = None
+
+
+@contextmanager
+def tuning_cache(path: str | Path | None) -> Iterator[None]:
+    """Keep timed choices in this file (None: in none) inside the block, whatever GENREC_TUNING_CACHE says;
+    with an injected timer too (tests)."""
+    global _store_path, _store_resolved, _store, _store_explicit
+    before = (_store_path, _store_resolved, _store, _store_explicit)
+    _store_path, _store_resolved, _store, _store_explicit = (None if path is None else Path(path)), True, None, True
+    try:
+        yield
+    finally:
+        _store_path, _store_resolved, _store, _store_explicit = before
+
+
+def tuning_cache_path() -> Path | None:
+    """GENREC_TUNING_CACHE, else genrec/tuning.json in Inductor's cache folder; None when it is "off"/"0"."""
+    global _store_path, _store_resolved
+    if not _store_resolved:
+        value = os.environ.get("GENREC_TUNING_CACHE", "")
+        if value.lower() in ("off", "0", "none", "false"):
+            _store_path = None
+        elif value:
+            _store_path = Path(value)
+        else:
+            from torch._inductor.runtime.cache_dir_utils import cache_dir
+
+            _store_path = Path(cache_dir()) / "genrec" / "tuning.json"
+        _store_resolved = True
+    return _store_path
+
+
+def _host_fingerprint(device: torch.device) -> str:
+    """What a kept choice is valid for: the device model, torch and triton, and our kernels' source."""
+    parts = [torch.__version__, device.type]
+    if device.type == "cuda":
+        parts += [torch.cuda.get_device_name(device), str(torch.cuda.get_device_capability(device))]
+    try:
+        import triton
+
+        parts.append(triton.__version__)
+    except ImportError:
+        parts.append("no-triton")
+    digest = hashlib.blake2b(digest_size=12)
+    here = Path(__file__).resolve().parent
+    for source in sorted([*here.glob("*.py"), here.parent / "export" / "inductor.py"]):
+        if source.exists():
+            digest.update(source.name.encode() + source.read_bytes())
+    parts.append(digest.hexdigest())
+    return "|".join(parts)
+
+
+def _entry_key(op: str, key: tuple, graphed_: bool) -> str:
+    return f"{op}|{key!r}|{graphed_}"
+
+
+def _load_store(device: torch.device) -> dict[str, dict]:
+    """This host's kept choices (empty when there are none, the file is unreadable, or it is off)."""
+    global _store
+    if _store is None:
+        _store = {}
+        path = tuning_cache_path()
+        if path is not None and path.exists():
+            try:
+                data = json.loads(path.read_text())
+                _store = dict(data.get(_host_fingerprint(device), {}))
+            except (OSError, ValueError, AttributeError) as err:
+                log.warning("tuning cache %s unreadable (%s): tuning afresh", path, err)
+    return _store
+
+
+def _keep(device: torch.device, op: str, key: tuple, chosen: Choice, label: str) -> None:
+    """Add one timed choice to the tuning cache file (read, merge, replace: concurrent writers lose at most
+    each other's latest entries, never the file)."""
+    path = tuning_cache_path()
+    if path is None:
+        return
+    entry = {"label": label, "ms": chosen.ms, "reference_ms": chosen.reference_ms, "timed": chosen.timed}
+    _load_store(device)[_entry_key(op, key, chosen.graphed)] = entry
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            data = json.loads(path.read_text()) if path.exists() else {}
+            if not isinstance(data, dict):
+                data = {}
+        except (OSError, ValueError):
+            data = {}
+        data.setdefault(_host_fingerprint(device), {})[_entry_key(op, key, chosen.graphed)] = entry
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tuning-", suffix=".json")
+        with os.fdopen(fd, "w") as f:
+            json.dump(data, f, indent=1)
+        os.replace(tmp, path)
+    except OSError as err:
+        log.warning("could not write the tuning cache %s: %s", path, err)
+
+
+def _kept(device: torch.device, op: str, key: tuple, reference: Option, options: Sequence[Option]) -> Choice | None:
+    """The kept choice for (op, key) as a Choice, if the tuning cache has one whose option still exists."""
+    entry = _load_store(device).get(_entry_key(op, key, _graphed))
+    if entry is None:
+        return None
+    for option in [reference, *options]:
+        if option.label == entry.get("label"):
+            return Choice(op, key, _graphed, option.algorithm, option.config, option.exact, float(entry["ms"]),
+                          float(entry["reference_ms"]), int(entry.get("timed", 0)), "cache")
+    return None
 
 
 @contextmanager
@@ -150,10 +274,19 @@ def choose(op: str, key: tuple, device: torch.device, reference: Option, options
     default = options[0]
     capturing = device.type == "cuda" and torch.cuda.is_current_stream_capturing()
     if capturing or not tunes_on(device):
-        untimed = Choice(op, key, _graphed, default.algorithm, default.config, default.exact, math.nan, math.nan, 0)
+        untimed = Choice(op, key, _graphed, default.algorithm, default.config, default.exact, math.nan, math.nan, 0,
+                         "untimed")
         if not capturing:
             _choices[(op, key, _graphed)] = untimed
         return untimed
+    persist = _timer is None or _store_explicit
+    kept = _kept(device, op, key, reference, options) if persist else None
+    if kept is not None:
+        _choices[(op, key, _graphed)] = kept
+        log.info("%s %s%s -> %s (tuning cache: %.4f ms; reference %.4f ms)", op, key,
+                 " (CUDA graph)" if _graphed else "", kept.algorithm if kept.config is None else
+                 f"{kept.algorithm} {kept.config}", kept.ms, kept.reference_ms)
+        return kept
     timer = _timer or timer or (graph_replay_ms if _graphed else launch_ms)
     start, limit = time.perf_counter(), budget_s()
     reference_ms = _time(op, key, reference, timer)
@@ -180,6 +313,8 @@ def choose(op: str, key: tuple, device: torch.device, reference: Option, options
     chosen = Choice(op, key, _graphed, picked.algorithm, picked.config, picked.exact, ms, reference_ms,
                     len(costs) + 1)
     _choices[(op, key, _graphed)] = chosen
+    if persist:
+        _keep(device, op, key, chosen, picked.label)
     log.info("%s %s%s -> %s (%.4f ms; reference %.4f ms; %d options timed)", op, key,
              " (CUDA graph)" if _graphed else "", picked.label, ms, reference_ms, chosen.timed)
     return chosen
