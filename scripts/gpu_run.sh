@@ -81,7 +81,10 @@ serve() {
   step query "$py" -m pipeline.client --check "$gpu"
   local n=${LOAD_REQUESTS:-3000} c=${LOAD_CONCURRENCY:-32}
   step load_c1 "$py" -m pipeline.serving.loadtest --requests 500 --concurrency 1 "$gpu"
+  step load_c1_grpc "$py" -m pipeline.serving.loadtest --requests 500 --concurrency 1 --protocol grpc "$gpu"
   step load_dynamic "$py" -m pipeline.serving.loadtest --requests "$n" --concurrency "$c" "$gpu"
+  step load_returning "$py" -m pipeline.serving.loadtest --returning-users --users 1000 --requests "$n" \
+    --concurrency 8 "$gpu"
   "$py" - "$out/gpu_metrics.txt" <<'PY'
 import sys, urllib.request
 text = urllib.request.urlopen("http://127.0.0.1:8002/metrics", timeout=5).read().decode()
@@ -94,7 +97,7 @@ PY
   {
     echo; echo "## steps"; cat "$out/steps.md"
     echo; echo "## validate (stage=all)"; cat "$out/validate_variants.md" 2>/dev/null
-    for s in query load_c1 load_dynamic load_nobatch; do
+    for s in query load_c1 load_c1_grpc load_dynamic load_returning load_nobatch; do
       echo; echo "## $s"; grep -v "^\s*$" "$out/$s.log" | tail -12
     done
     echo; echo "## GPU metrics"; cat "$out/gpu_metrics.txt" 2>/dev/null

@@ -355,3 +355,12 @@ def test_an_injected_timer_never_touches_the_default_tuning_cache(tmp_path, monk
         dispatch.choose("op", (2,), DEVICE, reference, options)
     assert not (tmp_path / "default.json").exists()
     assert dispatch.tuning_cache_path() == tmp_path / "default.json"
+
+
+@pytest.mark.parametrize("kernel_ms,picked", [(0.98, dispatch.REFERENCE), (0.90, "kernel")])
+def test_a_margin_keeps_the_reference_where_the_kernel_wins_by_noise(kernel_ms, picked):
+    ran: list[str] = []
+    reference, options = _options(ran)
+    with dispatch.timed_by(lambda label, fn: 1.0 if label == "reference" else kernel_ms):
+        chosen = dispatch.choose("op", (kernel_ms,), DEVICE, reference, options[:1], margin=0.03)
+    assert chosen.algorithm == picked

@@ -258,7 +258,7 @@ def budget_s() -> float:
 
 def choose(op: str, key: tuple, device: torch.device, reference: Option, options: Sequence[Option],
            penalty: Callable[[Option, float], float] | None = None, timer: Timer | None = None,
-           rounds: int = 1) -> Choice:
+           rounds: int = 1, margin: float = 0.0) -> Choice:
     """The option to run for (op, key): cached; else, where tuning runs (tunes_on), the reference and then
     `options` in order (the first is the default) are timed, and the cheapest wins (the reference on a tie).
     penalty(option, reference ms) -> extra ms, e.g. the exactness check's recomputation when the option
@@ -267,7 +267,9 @@ def choose(op: str, key: tuple, device: torch.device, reference: Option, options
     timer (timed_by) takes precedence. Where nothing is timed, or inside a CUDA-graph capture (not recorded
     then), options[0] runs untimed.
     rounds: how many times each option is timed, round-robin, keeping its fastest: a first timing can carry
-    one-off costs that later calls never pay (Inductor's CUDA graphs record at a shape's second call)."""
+    one-off costs that later calls never pay (Inductor's CUDA graphs record at a shape's second call).
+    margin: an option must beat the reference by this fraction to be picked (timings of two near-equal calls
+    are noise; the reference keeps such a shape)."""
     cached = choice(op, key)
     if cached is not None:
         return cached
@@ -309,7 +311,7 @@ def choose(op: str, key: tuple, device: torch.device, reference: Option, options
         TUNING_LOG.append((op, key, option.algorithm, option.config, ms if math.isfinite(ms) else math.nan, extra))
         costs[i] = ms + extra
     best = min(costs, key=costs.get, default=0)
-    picked, ms = (options[best], costs[best]) if costs and costs[best] < reference_ms else (reference, reference_ms)
+    picked, ms = (options[best], costs[best]) if costs and costs[best] < reference_ms * (1 - margin) else (reference, reference_ms)
     chosen = Choice(op, key, _graphed, picked.algorithm, picked.config, picked.exact, ms, reference_ms,
                     len(costs) + 1)
     _choices[(op, key, _graphed)] = chosen
