@@ -180,9 +180,15 @@ class KVCache:
         return cls(int(cfg.get("gpu_bytes", 0)), int(cfg.get("host_bytes", 0)), device,
                    page_size=int(cfg.get("page_size", DEFAULT_PAGE_SIZE)))
 
-    def bind(self, layout: Layout) -> None:
-        """Fix what one position holds (IncrementalRetriever does, from its model); the pool's size follows:
-        as many pages as the device budget pays for, a page costing page_size positions and a query."""
+    def bind(self, layout: Layout, device: torch.device | None = None) -> None:
+        """Fix what one position holds (IncrementalRetriever does, from its model on `device`, which must be the
+        cache's); the pool's size follows: as many pages as the device budget pays for, a page costing
+        page_size positions and a query."""
+        same = device is None or device == self.device or (
+            device.type == self.device.type and None in (device.index, self.device.index))
+        if not same:
+            raise ValueError(f"the cache's device tier is on {self.device} and the model on {device}: give the "
+                             "cache the model's device")
         with self._lock:
             if self.layout is not None:
                 if layout != self.layout:
@@ -400,10 +406,11 @@ class _Batch:
             return self._device_work(), self.paths
         except BaseException:
             # Nothing half-written may survive: the batch's users lose their entries, its pages come back.
-            for pages in self.pending:
-                self.cache._free.extend(pages.tolist())
             for user in set(self.users):
                 self.cache._remove(user)
+            free = set(self.cache._free)
+            for pages in self.pending:
+                self.cache._free.extend(p for p in pages.tolist() if p not in free)
             raise
 
     def _lookup(self) -> None:
@@ -586,7 +593,6 @@ class _Batch:
 
     def _commit(self) -> None:
         cache = self.cache
-        self.pending = []  # from here on the entries own the pages
         device = cache._tiers[DEVICE_TIER]
         for b in np.flatnonzero(self.first):
             pages = self.tables[b]
@@ -602,6 +608,7 @@ class _Batch:
             else:
                 device[user] = _Entry(self.namespace, n, items, times, pages=pages,
                                       nbytes=len(pages) * cache.page_bytes)
+        self.pending = []  # the entries own the pages now
 
 
 UserIds = Sequence[Hashable | None] | Tensor | np.ndarray
@@ -640,7 +647,7 @@ class IncrementalRetriever:
         # Entries of another model (or another precision) must never match: the namespace is in every entry.
         self.namespace = f"{namespace}|{type(retriever.encoder).__name__}|{self._dtype()}".encode()
         if self.encoder is not None and cache is not None:
-            cache.bind(Layout.of(self.encoder))
+            cache.bind(Layout.of(self.encoder), self.encoder.device)
 
     def _dtype(self) -> torch.dtype:
         return next(self.retriever.parameters()).dtype
