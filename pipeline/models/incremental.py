@@ -13,10 +13,10 @@ too. Results agree with a full recompute up to floating-point summation order (m
 When it cannot be exact (the caller recomputes the full history and re-seeds, see pipeline.serving.kvcache):
 - the history is longer than max_len: clients send the most recent max_len actions, so once the window
   slides every action moves to another position (another position embedding, other offsets). The request's
-  prefix no longer matches what was cached, so the fingerprint check sends it to a recompute;
+  prefix no longer matches what was cached, so the prefix check sends it to a recompute;
 - the prefix changed (an action removed or edited, another user's history under the same id): likewise;
 - timestamps: supported exactly. The time-gap bias of a pair involves only the two actions' own times, so
-  cached pairs keep theirs; the cached prefix's timestamps are part of the state (and of the fingerprint);
+  cached pairs keep theirs; the cached prefix's timestamps are part of the state (and of the prefix check);
 - training mode (dropout): refused, the cache is for inference;
 - SASRec: not supported (its causal softmax attention could be cached the same way, but its encoder has no
   such path here); callers recompute every request.
