@@ -139,6 +139,9 @@ class _Pool:
         self.values = torch.empty(L, P, H, layout.hidden_dim, dtype=layout.dtype, device=device)
         self.queries = torch.empty(num_pages, layout.dim, dtype=layout.dtype, device=device)
         self.times = torch.empty(P, dtype=torch.long, device=device) if layout.time_bias else None
+        # The same memory by page: [L, num_pages, page_size, H, d], what a batch gathers.
+        self.key_pages = self.keys.view(L, num_pages, page_size, H, layout.attn_dim)
+        self.value_pages = self.values.view(L, num_pages, page_size, H, layout.hidden_dim)
 
     @property
     def nbytes(self) -> int:
@@ -469,12 +472,11 @@ class _Batch:
             self.tables[b] = got
             self.restore[b] = kind == HOST_TIER
 
-    def _device_work(self) -> Tensor:
-        cache, encoder, S = self.cache, self.encoder, self.cache.page_size
-        pool = cache._ensure_pool() if self.pending else cache._pool
-        layout = cache._layout()
-        device, B = cache.device, len(self.users)
-        n, c = self.n, self.c
+    def _indexes(self) -> dict[str, np.ndarray]:
+        """The batch's index arrays (int64, by name), built on the host; what the device work needs besides
+        them is left in attributes."""
+        cache, S = self.cache, self.cache.page_size
+        B, n, c = len(self.users), self.n, self.c
         m = n - c
         active = np.flatnonzero(m > 0)
         zero = np.flatnonzero(m == 0)
@@ -482,11 +484,14 @@ class _Batch:
         # host state itself (host hits with no room on the device), appended after the pool's.
         in_pool = [b for b in active if c[b] and (self.kind[b] == DEVICE_TIER or self.restore[b])]
         transient = [b for b in active if c[b] and self.kind[b] == HOST_TIER and not self.restore[b]]
-        read_tables = [self.tables[b] if self.tables[b] is not None else self.entries[b].pages for b in in_pool]
-        gather = _slots(read_tables, np.zeros(len(in_pool), np.int64), c[in_pool], S)
+        # Whole pages are gathered (an index per page, not per position): row b's cached positions sit at
+        # c_off[b] onwards, the rest of its last page is never read (the kernel reads c_len[b] keys).
+        read_pages = -(-c[in_pool] // S)
+        gather = np.concatenate([(self.tables[b] if self.tables[b] is not None else self.entries[b].pages)[:k]
+                                 for b, k in zip(in_pool, read_pages.tolist())]) if in_pool else np.empty(0, np.int64)
         c_off = np.zeros(B, dtype=np.int64)
-        c_off[in_pool] = np.cumsum(c[in_pool]) - c[in_pool]
-        c_off[transient] = len(gather) + np.cumsum(c[transient]) - c[transient]
+        c_off[in_pool] = (np.cumsum(read_pages) - read_pages) * S
+        c_off[transient] = len(gather) * S + np.cumsum(c[transient]) - c[transient]
         # New positions, flat in the order of the active rows.
         m_act = m[active]
         which, pos = _ranges(c[active], n[active])
@@ -512,12 +517,25 @@ class _Batch:
             "zero": np.array(pooled_zero, dtype=np.int64),
             "zero_slots": np.array([q_slot(b) for b in pooled_zero], dtype=np.int64),
         }
-        if layout.time_bias:
+        if self.times is not None:
             parts["ts_new"] = self.times[rows, pos]
+        self.active, self.zero, self.transient, self.restored = active, zero, transient, restored
+        self.pooled_zero, self.written, self.all_written, self.n_off = pooled_zero, written, all_written, n_off
+        return parts
+
+    def _device_work(self) -> Tensor:
+        cache, encoder, S = self.cache, self.encoder, self.cache.page_size
+        pool = cache._ensure_pool() if self.pending else cache._pool
+        layout = cache._layout()
+        device, B, c = cache.device, len(self.users), self.c
+        parts = self._indexes()
         names = list(parts)
         sizes = [len(parts[k]) for k in names]
         flat = _to_device(np.concatenate([np.asarray(parts[k], dtype=np.int64) for k in names]), device)
-        t = dict(zip(names, torch.split(flat, sizes)))
+        t = dict(zip(names, torch.split(flat, sizes)))  # one copy to the device, views by name
+        active, zero, transient, restored = self.active, self.zero, self.transient, self.restored
+        pooled_zero, written, all_written, n_off = self.pooled_zero, self.written, self.all_written, self.n_off
+        m_act = parts["m_len"]
 
         # Host hits with room on the device: their states into their new pages (one copy per user).
         done = 0
@@ -534,13 +552,15 @@ class _Batch:
         queries = torch.empty(B, layout.dim, dtype=layout.dtype, device=device)
         if len(active):
             L, H = layout.num_layers, layout.heads
-            k_cache = pool.keys.index_select(1, t["gather"]) if pool is not None and len(gather) else \
-                torch.empty(L, 0, H, layout.attn_dim, dtype=layout.dtype, device=device)
-            v_cache = pool.values.index_select(1, t["gather"]) if pool is not None and len(gather) else \
-                torch.empty(L, 0, H, layout.hidden_dim, dtype=layout.dtype, device=device)
+            if len(parts["gather"]):  # one gather per tensor: [L, pages x page_size, H, d]
+                k_cache = pool.key_pages.index_select(1, t["gather"]).view(L, -1, H, layout.attn_dim)
+                v_cache = pool.value_pages.index_select(1, t["gather"]).view(L, -1, H, layout.hidden_dim)
+            else:
+                k_cache = torch.empty(L, 0, H, layout.attn_dim, dtype=layout.dtype, device=device)
+                v_cache = torch.empty(L, 0, H, layout.hidden_dim, dtype=layout.dtype, device=device)
             ts_cache = None
             if layout.time_bias:
-                ts_cache = pool.times.index_select(0, t["gather"]) if pool is not None and len(gather) else \
+                ts_cache = pool.times.view(-1, S).index_select(0, t["gather"]).view(-1) if len(parts["gather"]) else \
                     torch.empty(0, dtype=torch.long, device=device)
             if transient:
                 states = [self.entries[b].state for b in transient]
