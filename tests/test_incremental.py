@@ -181,3 +181,27 @@ def test_incremental_encoder_with_triton_kernels_matches_full_recompute():
         _, states = encoder.encode([None, None], [items[0][:8], items[1][:1]])
         queries, _ = encoder.encode(states, [items[0][8:], items[1][1:]])
     torch.testing.assert_close(queries, _full_query(model, items, None), atol=1e-5, rtol=1e-4)
+
+
+def test_paged_cache_with_triton_kernels_matches_full_recompute():
+    """IncrementalRetriever over a paged KVCache (pages of 3 positions, so rows span several pages and
+    append across their edges), the cached keys gathered from the pool into the Triton kernel's flat layout."""
+    if not _triton_usable():
+        pytest.skip("triton was imported before this module without TRITON_INTERPRET=1")
+    from pipeline.serving.kvcache import IncrementalRetriever, KVCache
+
+    model = _model()
+    retriever = Retriever(model, k=10).eval()
+    engine = IncrementalRetriever(retriever, KVCache(10 ** 6, 0, DEVICE, page_size=3))
+    gen = torch.Generator().manual_seed(4)
+    full = torch.randint(1, 61, (3, 14), generator=gen).to(DEVICE)
+    with kernels.use("triton", op="hstu_attention"):
+        for lengths in ([2, 5, 1], [4, 5, 3], [8, 7, 3], [13, 12, 9]):
+            lengths = torch.tensor(lengths, device=DEVICE)
+            history = torch.where(torch.arange(14, device=DEVICE)[None] < lengths[:, None], full, 0)
+            ids, scores, paths = engine.recommend_detailed(history, lengths, [10, 11, 12])
+            with torch.no_grad():
+                want_ids, want_scores = retriever(history, lengths)
+            torch.testing.assert_close(scores, want_scores, atol=1e-5, rtol=1e-4)
+            assert (ids[:, :, None] == want_ids[:, None, :]).any(-1).float().mean().item() >= 0.999
+    assert engine.cache.stats()["hits_device"] == 9

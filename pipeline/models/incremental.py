@@ -13,10 +13,10 @@ too. Results agree with a full recompute up to floating-point summation order (m
 When it cannot be exact (the caller recomputes the full history and re-seeds, see pipeline.serving.kvcache):
 - the history is longer than max_len: clients send the most recent max_len actions, so once the window
   slides every action moves to another position (another position embedding, other offsets). The request's
-  prefix no longer matches what was cached, so the fingerprint check sends it to a recompute;
+  prefix no longer matches what was cached, so the prefix check sends it to a recompute;
 - the prefix changed (an action removed or edited, another user's history under the same id): likewise;
 - timestamps: supported exactly. The time-gap bias of a pair involves only the two actions' own times, so
-  cached pairs keep theirs; the cached prefix's timestamps are part of the state (and of the fingerprint);
+  cached pairs keep theirs; the cached prefix's timestamps are part of the state (and of the prefix check);
 - training mode (dropout): refused, the cache is for inference;
 - SASRec: not supported (its causal softmax attention could be cached the same way, but its encoder has no
   such path here); callers recompute every request.
@@ -144,19 +144,16 @@ class IncrementalEncoder:
 
     def _encode_active(self, states: list[UserState | None], new_items: list[Tensor],
                        new_timestamps: list[Tensor] | None) -> tuple[Tensor, list[UserState]]:
-        model, device, dtype = self.model, self.device, self.dtype
-        H, dqk, dv = self.heads, self.attn_dim, self.hidden_dim
-        B = len(states)
+        """encode() of rows that append something, from contiguous states (the cache's paged path calls
+        encode_flat directly)."""
+        device, dtype = self.device, self.dtype
+        H, dqk, dv, L = self.heads, self.attn_dim, self.hidden_dim, self.num_layers
         c_lens = [0 if s is None else s.length for s in states]
         m_lens = [int(items.numel()) for items in new_items]
         c_off_list = [0] + list(_cumsum(c_lens))[:-1]
         n_off_list = [0] + list(_cumsum(m_lens))[:-1]
         as_tensor = lambda xs: torch.tensor(xs, dtype=torch.long, device=device)  # noqa: E731
-        c_len, m_len, c_off, n_off = as_tensor(c_lens), as_tensor(m_lens), as_tensor(c_off_list), as_tensor(n_off_list)
-        last_off, last_len = torch.arange(B, device=device), torch.ones(B, dtype=torch.long, device=device)
-        max_keys = max(c + m for c, m in zip(c_lens, m_lens))
         cached = [s for s in states if s is not None and s.length]
-        L = self.num_layers
         if cached:
             k_cache = torch.cat([s.keys.to(device, non_blocking=True) for s in cached], dim=1)
             v_cache = torch.cat([s.values.to(device, non_blocking=True) for s in cached], dim=1)
@@ -166,45 +163,17 @@ class IncrementalEncoder:
         items = torch.cat([t.reshape(-1) for t in new_items]).to(device, torch.long)
         positions = torch.cat([torch.arange(c, c + m) for c, m in zip(c_lens, m_lens)]).to(device)
         ts_cache = ts_new = None
-        time_bias = model.time_bias
+        time_bias = self.model.time_bias
         if time_bias:
             ts_cache = torch.cat([s.timestamps.to(device) for s in cached]) if cached else \
                 torch.empty(0, dtype=torch.long, device=device)
             ts_new = torch.cat([t.reshape(-1) for t in new_timestamps]).to(device, torch.long)
             if ts_new.numel() != items.numel():
                 raise ValueError("new_timestamps must give one time per new action")
-        # embed_history's arithmetic, per position (dropout is off in eval; padding rows do not exist here).
-        emb = model.item_embedding
-        x = emb(items) * math.sqrt(emb.embedding_dim) + model.position_embedding.weight[positions]
-        last_rows = torch.as_tensor(_cumsum(m_lens), device=device) - 1   # each row's latest action, flat
-        new_keys, new_values = [], []
-        for index, layer in enumerate(model.layers):
-            last = index == L - 1
-            D = x.shape[-1]
-            normed = F.layer_norm(x, (D,), eps=layer.eps)
-            weight = layer.uvqk.weight  # rows: u, v, q, k
-            v = F.silu(F.linear(normed, weight[H * dv: 2 * H * dv])).view(-1, H, dv)
-            k = F.silu(F.linear(normed, weight[2 * H * dv + H * dqk:])).view(-1, H, dqk)
-            if last:  # the last layer's output is needed at each row's latest action only (as in forward_last)
-                x_sel, normed_sel = x[last_rows], normed[last_rows]
-                q_off, q_len, max_queries = last_off, last_len, 1
-            else:
-                x_sel, normed_sel = x, normed
-                q_off, q_len, max_queries = n_off, m_len, max(m_lens)
-            uq = F.linear(normed_sel, weight[: 2 * H * dv + H * dqk])
-            u, q = uq[:, : H * dv], F.silu(uq[:, 2 * H * dv:]).view(-1, H, dqk)
-            bias = layer.relative_bias
-            out = hstu_cached_attention(
-                q, k_cache[index], v_cache[index], k, v, c_off, c_len, n_off, m_len, q_off, q_len,
-                position_weight=bias.position_weight, max_len=layer.max_len, max_keys=max_keys,
-                max_queries=max_queries, time_weight=bias.time_weight if time_bias else None,
-                ts_cache=ts_cache, ts_new=ts_new,
-            ).reshape(-1, H * dv)
-            gated = layer_norm_gate(out, u, layer.eps, silu_u=True)
-            x = x_sel + layer.out(gated)
-            new_keys.append(k)
-            new_values.append(v)
-        k_new, v_new = torch.stack(new_keys), torch.stack(new_values)    # [L, Nn, H, d]
+        x, k_new, v_new = self.encode_flat(
+            k_cache, v_cache, items, positions, as_tensor(c_off_list), as_tensor(c_lens), as_tensor(n_off_list),
+            as_tensor(m_lens), as_tensor(_cumsum(m_lens)) - 1, max(c + m for c, m in zip(c_lens, m_lens)),
+            max(m_lens), ts_cache, ts_new)
         out_states = []
         for b, state in enumerate(states):
             sl = slice(n_off_list[b], n_off_list[b] + m_lens[b])
@@ -219,6 +188,58 @@ class IncrementalEncoder:
                 ts = ts.clone() if ts is not None else None
             out_states.append(UserState(keys, values, x[b].clone(), ts))
         return x, out_states
+
+    @torch.no_grad()
+    def encode_flat(self, k_cache: Tensor, v_cache: Tensor, items: Tensor, positions: Tensor, c_off: Tensor,
+                    c_len: Tensor, n_off: Tensor, m_len: Tensor, last_rows: Tensor, max_keys: int, max_queries: int,
+                    ts_cache: Tensor | None = None, ts_new: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor]:
+        """The batch's new positions, everything flat (pipeline.kernels.hstu_cached_attention's layout): B rows,
+        each appending m_len[b] >= 1 actions after c_len[b] cached positions.
+
+        k_cache [L, sum c_len, H, attn_dim], v_cache [L, sum c_len, H, hidden_dim]: the rows' cached keys and
+        values (row b's at c_off[b]); items, positions int64 [sum m_len]: the new actions and their absolute
+        positions (row b's at n_off[b]); last_rows [B]: each row's latest new action in that flat order;
+        max_keys >= max(c_len + m_len), max_queries >= max(m_len) (host ints); ts_cache [sum c_len] and
+        ts_new [sum m_len] with time_bias. All on the model's device.
+        -> (the last layer's output at each row's latest action [B, dim] (the query before the retrieval
+        head's L2 norm), the new positions' keys [L, sum m_len, H, attn_dim] and values [L, .., hidden_dim])."""
+        model = self.model
+        H, dqk, dv, L = self.heads, self.attn_dim, self.hidden_dim, self.num_layers
+        B = c_len.shape[0]
+        time_bias = model.time_bias
+        # embed_history's arithmetic, per position (dropout is off in eval; padding rows do not exist here).
+        emb = model.item_embedding
+        x = emb(items) * math.sqrt(emb.embedding_dim) + model.position_embedding.weight[positions]
+        last_off = torch.arange(B, device=x.device)
+        last_len = torch.ones(B, dtype=torch.long, device=x.device)
+        new_keys, new_values = [], []
+        for index, layer in enumerate(model.layers):
+            last = index == L - 1
+            D = x.shape[-1]
+            normed = F.layer_norm(x, (D,), eps=layer.eps)
+            weight = layer.uvqk.weight  # rows: u, v, q, k
+            v = F.silu(F.linear(normed, weight[H * dv: 2 * H * dv])).view(-1, H, dv)
+            k = F.silu(F.linear(normed, weight[2 * H * dv + H * dqk:])).view(-1, H, dqk)
+            if last:  # the last layer's output is needed at each row's latest action only (as in forward_last)
+                x_sel, normed_sel = x[last_rows], normed[last_rows]
+                q_off, q_len, width = last_off, last_len, 1
+            else:
+                x_sel, normed_sel = x, normed
+                q_off, q_len, width = n_off, m_len, max_queries
+            uq = F.linear(normed_sel, weight[: 2 * H * dv + H * dqk])
+            u, q = uq[:, : H * dv], F.silu(uq[:, 2 * H * dv:]).view(-1, H, dqk)
+            bias = layer.relative_bias
+            out = hstu_cached_attention(
+                q, k_cache[index], v_cache[index], k, v, c_off, c_len, n_off, m_len, q_off, q_len,
+                position_weight=bias.position_weight, max_len=layer.max_len, max_keys=max_keys,
+                max_queries=width, time_weight=bias.time_weight if time_bias else None,
+                ts_cache=ts_cache, ts_new=ts_new,
+            ).reshape(-1, H * dv)
+            gated = layer_norm_gate(out, u, layer.eps, silu_u=True)
+            x = x_sel + layer.out(gated)
+            new_keys.append(k)
+            new_values.append(v)
+        return x, torch.stack(new_keys), torch.stack(new_values)    # [B, dim], [L, Nn, H, d]
 
 
 def _cumsum(xs: Sequence[int]) -> list[int]:

@@ -1,31 +1,41 @@
 """Per-user encoder state across requests (incremental inference, docs/INCREMENTAL.md).
 
 A returning user brings a few new actions on top of a history the server has encoded before. KVCache keeps
-each user's UserState (pipeline.models.incremental: per-layer keys and values, the last query) in two tiers:
-a device tier (the model's device, a GPU for hot users) with a byte budget, and a host tier (pinned memory
-when CUDA is available, so copies back are asynchronous) with its own. Both evict the least recently used
-user; what the device tier evicts spills to the host tier, what the host tier evicts is dropped; a host hit
-moves the user back to the device tier. An entry larger than a tier's budget is not stored there.
+each user's per-layer keys and values, the last query and (with a time bias) the actions' timestamps in two
+tiers:
+
+- the device tier is a paged pool on the model's device: one keys tensor and one values tensor of
+  `num_pages x page_size` positions each (plus a query slot per page and, with a time bias, the positions'
+  timestamps), sized from the device byte budget and allocated once, at the first use. A user's entry is a
+  list of page ids and a length; an append writes the new positions into the user's last, partly filled page
+  and into fresh pages. A batch reads every row's cached keys with one gather per tensor and writes every
+  row's new keys with one scatter per tensor (IncrementalRetriever.recommend);
+- the host tier keeps contiguous per-user tensors (pinned memory when CUDA is available, so copies back are
+  asynchronous) within its own byte budget.
+
+Both evict the least recently used user; what the device tier evicts spills to the host tier, what the host
+tier evicts is dropped; a host hit copies the user back into fresh device pages. An entry larger than a
+tier's budget is not stored there.
 
 The protocol stays the stateless one: clients send the full history (and a user id). An entry is used only
-when its fingerprint, the length and a hash of the actions it encodes (item ids, timestamps with a time
-bias, and the namespace: the model it was computed by), matches the same-length prefix of the request's
-history. A stale entry (history edited, window slid past max_len) or another user's can therefore never
-change an answer, only its cost: it is a miss, the full history is encoded, and the cache is re-seeded.
+when its namespace (the model and precision that computed it) equals the request's and the item ids (and
+timestamps, with a time bias) it encodes equal the same-length prefix of the request's history, compared
+exactly on host copies kept with the entry. A stale entry (history edited, window slid past max_len) or
+another user's can therefore never change an answer, only its cost: it is a miss, the full history is
+encoded, and the cache is re-seeded.
 
 IncrementalRetriever.recommend is what the serving engine calls: the retriever's answer for the same
 inputs, with hits, misses, rows without a user id and any number of new actions in one batch.
 
-Thread safety: one lock guards the tiers and counters; entries and their tensors are immutable (an append
-makes a new entry), so a request that took an entry keeps reading a whole one even if it is evicted or
-replaced meanwhile. The budgets bound what the cache holds; a request in flight holds its batch's tensors on
-top of them until it returns.
+Thread safety: one lock is held across a batch's lookup, encode and write-back (the device runs one batch
+at a time on one stream anyway), and by every other method; so a batch's pages are never evicted or reused
+while it runs. A user id that appears in several rows of one batch uses the cache in its first row only;
+the other rows encode their whole history and write nothing.
 
 Needs torch only (the bench imports it on bare GPU hosts).
 """
 from __future__ import annotations
 
-import hashlib
 import threading
 from collections import OrderedDict
 from dataclasses import dataclass
@@ -41,93 +51,169 @@ from pipeline.models.retrieval import Retriever, l2_normalize
 DEVICE_TIER, HOST_TIER = "device", "host"
 # Per-row paths recommend_detailed reports (and the engine's latency metrics are labelled by).
 PATHS = ("device_hit", "host_hit", "miss", "no_user")
+DEFAULT_PAGE_SIZE = 64
 
 
 @dataclass(frozen=True)
-class Fingerprint:
-    """What an entry encodes: its number of actions and a 128-bit BLAKE2b of them (and of the namespace)."""
+class Layout:
+    """What the pool holds per position, from the model: a cache serves models of one layout."""
 
-    length: int
-    digest: bytes
+    num_layers: int
+    heads: int
+    attn_dim: int
+    hidden_dim: int
+    dim: int
+    dtype: torch.dtype
+    time_bias: bool
+    max_len: int
 
+    @classmethod
+    def of(cls, encoder: IncrementalEncoder) -> Layout:
+        return cls(encoder.num_layers, encoder.heads, encoder.attn_dim, encoder.hidden_dim,
+                   encoder.model.item_embedding.embedding_dim, encoder.dtype, bool(encoder.model.time_bias),
+                   encoder.max_len)
 
-def _positions(items: np.ndarray, timestamps: np.ndarray | None) -> np.ndarray:
-    """int64 [n] or, with timestamps, [n, 2] (item, time) per position: hashed in position order, so the hash
-    of a prefix is a state of the hash of the whole history."""
-    items = np.ascontiguousarray(items, dtype=np.int64)
-    if timestamps is None:
-        return items
-    return np.ascontiguousarray(np.stack([items, np.asarray(timestamps, dtype=np.int64)], axis=1))
+    @property
+    def element_size(self) -> int:
+        return torch.empty((), dtype=self.dtype).element_size()
 
+    @property
+    def position_bytes(self) -> int:
+        """Keys and values of one position in every layer (and its timestamp, with a time bias)."""
+        kv = self.num_layers * self.heads * (self.attn_dim + self.hidden_dim) * self.element_size
+        return kv + (8 if self.time_bias else 0)
 
-def fingerprint(items: np.ndarray, timestamps: np.ndarray | None = None, namespace: bytes = b"") -> Fingerprint:
-    """items int64 [n] (and their timestamps, for a model with time bias) -> Fingerprint."""
-    return HistoryHasher(items, timestamps, namespace).full()
-
-
-class HistoryHasher:
-    """Fingerprints of one request's history: of the prefix a cached entry claims (prefix(n)), then of the
-    whole history (full()), hashing each action once: the whole history's hash continues the prefix's."""
-
-    def __init__(self, items: np.ndarray, timestamps: np.ndarray | None = None, namespace: bytes = b"") -> None:
-        self.data = _positions(items, timestamps)
-        self.length = int(self.data.shape[0])
-        self._hasher = hashlib.blake2b(namespace + (b"t" if timestamps is not None else b"i"), digest_size=16)
-        self._at = 0
-
-    def _advance(self, n: int) -> None:
-        if n < self._at:  # only forward; a shorter prefix restarts from a copy of the namespace state
-            raise ValueError("HistoryHasher prefixes must be asked in increasing order")
-        self._hasher.update(self.data[self._at: n].tobytes())
-        self._at = n
-
-    def prefix(self, n: int) -> Fingerprint | None:
-        """The fingerprint of the first n actions; None when the history is shorter than n."""
-        if n > self.length:
-            return None
-        self._advance(n)
-        return Fingerprint(n, self._hasher.copy().digest())
-
-    def full(self) -> Fingerprint:
-        return self.prefix(self.length)  # type: ignore[return-value]
+    def state_bytes(self, length: int) -> int:
+        """A contiguous state of `length` positions (IncrementalEncoder.state_bytes): what the host tier counts."""
+        return length * self.position_bytes + self.dim * self.element_size
 
 
-@dataclass(frozen=True, eq=False)
-class CacheEntry:
-    fingerprint: Fingerprint
-    state: UserState
-    nbytes: int
+class _Entry:
+    """A user's cached prefix: its length, the namespace and the host copies of its item ids (and timestamps)
+    that a request's prefix is compared against, and where its keys live: `pages` of the device pool, or a
+    contiguous `state` on the host. nbytes: what it costs its tier's budget."""
+
+    __slots__ = ("namespace", "length", "items", "times", "pages", "state", "nbytes")
+
+    def __init__(self, namespace: bytes, length: int, items: bytes, times: bytes | None,
+                 pages: np.ndarray | None = None, state: UserState | None = None, nbytes: int = 0) -> None:
+        self.namespace, self.length, self.items, self.times = namespace, length, items, times
+        self.pages, self.state, self.nbytes = pages, state, nbytes
+
+
+def _to_device(array: np.ndarray, device: torch.device) -> Tensor:
+    """One host -> device copy of an int64 array: through pinned memory, asynchronous, on CUDA (the caching
+    host allocator keeps the pinned block until the copy is done)."""
+    host = torch.from_numpy(array)
+    if device.type != "cuda":
+        return host.to(device)
+    return host.pin_memory().to(device, non_blocking=True)
+
+
+def _ranges(starts: np.ndarray, ends: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """For ranges [starts[i], ends[i]): (i, position) of each of their elements, in order."""
+    counts = ends - starts
+    which = np.repeat(np.arange(len(counts)), counts)
+    first = np.cumsum(counts) - counts
+    return which, np.arange(int(counts.sum())) - first[which] + starts[which]
+
+
+def _slots(tables: Sequence[np.ndarray], starts: np.ndarray, ends: np.ndarray, page_size: int) -> np.ndarray:
+    """Pool slots (page * page_size + offset) of positions [starts[i], ends[i]) of the users whose page
+    tables are tables[i], concatenated in order."""
+    if not len(tables):
+        return np.empty(0, dtype=np.int64)
+    which, pos = _ranges(starts, ends)
+    sizes = np.fromiter((len(t) for t in tables), dtype=np.int64, count=len(tables))
+    table = np.concatenate(tables)
+    return table[(np.cumsum(sizes) - sizes)[which] + pos // page_size] * page_size + pos % page_size
+
+
+class _Pool:
+    """The device tier's tensors: keys [L, num_pages * page_size, H, attn_dim], values [.., hidden_dim], the
+    query of each entry in the slot of its first page [num_pages, dim], timestamps [num_pages * page_size]."""
+
+    def __init__(self, layout: Layout, num_pages: int, page_size: int, device: torch.device) -> None:
+        L, H, P = layout.num_layers, layout.heads, num_pages * page_size
+        self.keys = torch.empty(L, P, H, layout.attn_dim, dtype=layout.dtype, device=device)
+        self.values = torch.empty(L, P, H, layout.hidden_dim, dtype=layout.dtype, device=device)
+        self.queries = torch.empty(num_pages, layout.dim, dtype=layout.dtype, device=device)
+        self.times = torch.empty(P, dtype=torch.long, device=device) if layout.time_bias else None
+        # The same memory by page: [L, num_pages, page_size, H, d], what a batch gathers.
+        self.key_pages = self.keys.view(L, num_pages, page_size, H, layout.attn_dim)
+        self.value_pages = self.values.view(L, num_pages, page_size, H, layout.hidden_dim)
+
+    @property
+    def nbytes(self) -> int:
+        tensors = [self.keys, self.values, self.queries] + ([self.times] if self.times is not None else [])
+        return sum(t.numel() * t.element_size() for t in tensors)
 
 
 class KVCache:
-    """Two LRU tiers of CacheEntry by user id, each within its byte budget (0 turns a tier off)."""
+    """Two LRU tiers of user state by user id, each within its byte budget (0 turns a tier off): a paged pool
+    on `device` and contiguous tensors on the host. page_size: positions per page (at most the model's
+    max_len)."""
 
     def __init__(self, device_bytes: int, host_bytes: int, device: torch.device | str = "cpu",
-                 pin: bool | None = None) -> None:
+                 pin: bool | None = None, page_size: int = DEFAULT_PAGE_SIZE) -> None:
         if device_bytes < 0 or host_bytes < 0:
             raise ValueError(f"cache budgets must be >= 0 bytes; got device {device_bytes}, host {host_bytes}")
+        if page_size < 1:
+            raise ValueError(f"page_size must be >= 1 position; got {page_size}")
         self.device = torch.device(device)
         self.budget = {DEVICE_TIER: int(device_bytes), HOST_TIER: int(host_bytes)}
         # Pinned host memory makes host -> GPU copies asynchronous; it exists only with CUDA.
         self.pin = torch.cuda.is_available() if pin is None else pin
-        self._tiers: dict[str, OrderedDict[Hashable, CacheEntry]] = {DEVICE_TIER: OrderedDict(), HOST_TIER: OrderedDict()}
-        self._bytes = {DEVICE_TIER: 0, HOST_TIER: 0}
-        self._lock = threading.Lock()
+        self.requested_page_size = int(page_size)
+        self.layout: Layout | None = None
+        self.page_size = self.page_bytes = self.num_pages = 0
+        self._pool: _Pool | None = None
+        self._free: list[int] = []
+        self._tiers: dict[str, OrderedDict[Hashable, _Entry]] = {DEVICE_TIER: OrderedDict(), HOST_TIER: OrderedDict()}
+        self._host_bytes = 0
+        self._lock = threading.RLock()
         self.counters = {"hits_device": 0, "hits_host": 0, "misses": 0, "stale": 0, "evictions_device": 0,
                          "evictions_host": 0, "too_large": 0}
 
     @classmethod
     def from_config(cls, cfg: Any, device: torch.device | str) -> KVCache | None:
-        """serving.cache (enabled, gpu_bytes, host_bytes) -> a cache, or None when disabled."""
+        """serving.cache (enabled, gpu_bytes, host_bytes, page_size) -> a cache, or None when disabled."""
         if not cfg.get("enabled", True):
             return None
-        return cls(int(cfg.get("gpu_bytes", 0)), int(cfg.get("host_bytes", 0)), device)
+        return cls(int(cfg.get("gpu_bytes", 0)), int(cfg.get("host_bytes", 0)), device,
+                   page_size=int(cfg.get("page_size", DEFAULT_PAGE_SIZE)))
+
+    def bind(self, layout: Layout, device: torch.device | None = None) -> None:
+        """Fix what one position holds (IncrementalRetriever does, from its model on `device`, which must be the
+        cache's); the pool's size follows: as many pages as the device budget pays for, a page costing
+        page_size positions and a query."""
+        same = device is None or device == self.device or (
+            device.type == self.device.type and None in (device.index, self.device.index))
+        if not same:
+            raise ValueError(f"the cache's device tier is on {self.device} and the model on {device}: give the "
+                             "cache the model's device")
+        with self._lock:
+            if self.layout is not None:
+                if layout != self.layout:
+                    raise ValueError(f"this cache holds states of another model layout ({self.layout}); "
+                                     f"give {layout} a cache of its own")
+                return
+            self.layout = layout
+            self.page_size = max(1, min(self.requested_page_size, layout.max_len))
+            self.page_bytes = self.page_size * layout.position_bytes + layout.dim * layout.element_size
+            self.num_pages = self.budget[DEVICE_TIER] // self.page_bytes
+            self._free = list(range(self.num_pages - 1, -1, -1))  # pops page 0 first
+
+    def pool_bytes(self) -> int:
+        """Bytes the device pool has allocated (0 before its first use): never more than the device budget."""
+        return self._pool.nbytes if self._pool is not None else 0
 
     def stats(self) -> dict[str, int]:
-        """Counters since creation, and bytes and entries held per tier now."""
+        """Counters since creation, and bytes and entries held per tier now (device bytes: whole pages)."""
         with self._lock:
-            return {**self.counters, "bytes_device": self._bytes[DEVICE_TIER], "bytes_host": self._bytes[HOST_TIER],
-                    "entries_device": len(self._tiers[DEVICE_TIER]), "entries_host": len(self._tiers[HOST_TIER])}
+            return {**self.counters, "bytes_device": (self.num_pages - len(self._free)) * self.page_bytes,
+                    "bytes_host": self._host_bytes, "entries_device": len(self._tiers[DEVICE_TIER]),
+                    "entries_host": len(self._tiers[HOST_TIER])}
 
     def tier_of(self, user: Hashable) -> str | None:
         with self._lock:
@@ -138,46 +224,56 @@ class KVCache:
         with self._lock:
             return list(self._tiers[tier])
 
-    def lookup(self, user: Hashable, history: np.ndarray | HistoryHasher, timestamps: np.ndarray | None = None,
-               namespace: bytes = b"") -> tuple[CacheEntry | None, str | None]:
-        """The user's entry if it encodes a prefix of the request's history (item ids [n] and timestamps, or a
-        HistoryHasher of them), on the device, and the tier it was found in; (None, None) on a miss. A host
-        hit moves the entry to the device tier (when it fits there)."""
-        hasher = history if isinstance(history, HistoryHasher) else HistoryHasher(history, timestamps, namespace)
+    def pages_of(self, user: Hashable) -> list[int]:
+        """The device pages a user's entry occupies, in position order ([] when not on the device)."""
         with self._lock:
-            tier = next((t for t, entries in self._tiers.items() if user in entries), None)
-            entry = self._tiers[tier][user] if tier else None
-            if entry is not None:
-                valid = hasher.prefix(entry.fingerprint.length) == entry.fingerprint
-                if not valid:  # stale or foreign: it can only be replaced
-                    self._remove(user)
-                    self.counters["stale"] += 1
-                    entry = None
-            if entry is None:
-                self.counters["misses"] += 1
-                return None, None
-            self.counters[f"hits_{tier}"] += 1
-            on_device = CacheEntry(entry.fingerprint, entry.state.to(self.device, non_blocking=True), entry.nbytes)
-            if tier == HOST_TIER and entry.nbytes <= self.budget[DEVICE_TIER]:
-                self._remove(user)
-                self._make_room(DEVICE_TIER, entry.nbytes)
-                self._add(DEVICE_TIER, user, on_device)
-            else:  # a device hit, or an entry the device tier cannot hold: it stays where it is
-                self._tiers[tier].move_to_end(user)
-            return on_device, tier
+            entry = self._tiers[DEVICE_TIER].get(user)
+            return [] if entry is None else entry.pages.tolist()
 
-    def put(self, user: Hashable, entry: CacheEntry, tier: str = DEVICE_TIER) -> None:
-        """Store (replacing the user's previous entry) in the device tier, spilling its LRU users to the host;
-        an entry too large for the device tier goes to the host tier, one too large for both is not kept.
-        tier="host" stores it in the host tier directly (to warm it, or to measure host hits)."""
+    def state(self, user: Hashable) -> UserState | None:
+        """A contiguous copy of the user's cached state (on the device for the device tier, else on the host),
+        without counting a hit or touching the LRU order; None when the user has no entry."""
+        with self._lock:
+            entry = self._tiers[DEVICE_TIER].get(user)
+            if entry is not None:
+                return self._gather(entry)
+            entry = self._tiers[HOST_TIER].get(user)
+            if entry is None:
+                return None
+            if self.device.type == "cuda":  # the spill's copy to the host may still be running
+                torch.cuda.current_stream(self.device).synchronize()
+            return entry.state
+
+    def put_state(self, user: Hashable, state: UserState, items: np.ndarray, timestamps: np.ndarray | None = None,
+                  namespace: bytes = b"", tier: str = DEVICE_TIER) -> None:
+        """Store a user's state (replacing any entry it has): `items` [state.length] (and `timestamps`) are the
+        actions it encodes, `namespace` that of the model that computed it (IncrementalRetriever.namespace).
+        tier="device" writes it into pool pages, spilling LRU users to the host (an entry larger than the
+        device tier goes to the host tier, one larger than both is not kept); tier="host" stores it in the
+        host tier directly (to warm it, or to measure host hits)."""
         if tier not in self.budget:
             raise ValueError(f"unknown cache tier '{tier}'; valid choices: {DEVICE_TIER}, {HOST_TIER}")
+        layout = self._layout()
+        items = np.ascontiguousarray(items, dtype=np.int64)
+        if items.shape != (state.length,) or (layout.time_bias and timestamps is None):
+            raise ValueError(f"a state of {state.length} positions needs {state.length} item ids"
+                             + (" and timestamps" if layout.time_bias else "") + f"; got {items.shape}")
+        times = np.ascontiguousarray(timestamps, dtype=np.int64).tobytes() if layout.time_bias else None
         with self._lock:
             self._remove(user)
-            if tier == HOST_TIER:
-                self._to_host(user, entry)
-            else:
-                self._insert(user, entry)
+            pages = self._allocate(self._pages_for(state.length), {user}) if tier == DEVICE_TIER else None
+            if pages is None:
+                self._store_host(user, namespace, items.tobytes(), times, state, count_too_large=True)
+                return
+            pool = self._ensure_pool()
+            slots = _to_device(_slots([pages], np.array([0]), np.array([state.length]), self.page_size), self.device)
+            pool.keys.index_copy_(1, slots, state.keys.to(self.device, non_blocking=True))
+            pool.values.index_copy_(1, slots, state.values.to(self.device, non_blocking=True))
+            pool.queries[int(pages[0])] = state.query.to(self.device, non_blocking=True)
+            if pool.times is not None:
+                pool.times.index_copy_(0, slots, state.timestamps.to(self.device, non_blocking=True))
+            self._tiers[DEVICE_TIER][user] = _Entry(namespace, state.length, items.tobytes(), times, pages=pages,
+                                                    nbytes=len(pages) * self.page_bytes)
 
     def invalidate(self, user: Hashable) -> None:
         with self._lock:
@@ -185,44 +281,354 @@ class KVCache:
 
     def clear(self) -> None:
         with self._lock:
-            for tier in self._tiers:
-                self._tiers[tier].clear()
-                self._bytes[tier] = 0
+            for user in list(self._tiers[DEVICE_TIER]):
+                self._remove(user)
+            self._tiers[HOST_TIER].clear()
+            self._host_bytes = 0
 
     # Callers hold the lock.
+    def _layout(self) -> Layout:
+        if self.layout is None:
+            raise ValueError("the cache has no model layout yet: IncrementalRetriever(retriever, cache) binds it")
+        return self.layout
+
+    def _ensure_pool(self) -> _Pool:
+        if self._pool is None:
+            self._pool = _Pool(self._layout(), self.num_pages, self.page_size, self.device)
+        return self._pool
+
+    def _pages_for(self, length: int) -> int:
+        return -(-length // self.page_size)
+
+    def _matches(self, entry: _Entry, namespace: bytes, items: np.ndarray, times: np.ndarray | None) -> bool:
+        """Does the entry encode a prefix of this request's actions (items [n], times [n] or None)?"""
+        c = entry.length
+        return (c <= len(items) and entry.namespace == namespace and entry.items == items[:c].tobytes()
+                and (entry.times is None or entry.times == times[:c].tobytes()))
+
     def _remove(self, user: Hashable) -> None:
-        for tier, entries in self._tiers.items():
-            entry = entries.pop(user, None)
-            if entry is not None:
-                self._bytes[tier] -= entry.nbytes
+        entry = self._tiers[DEVICE_TIER].pop(user, None)
+        if entry is not None:
+            self._free.extend(entry.pages.tolist())
+        entry = self._tiers[HOST_TIER].pop(user, None)
+        if entry is not None:
+            self._host_bytes -= entry.nbytes
 
-    def _insert(self, user: Hashable, entry: CacheEntry) -> None:
-        if entry.nbytes <= self.budget[DEVICE_TIER]:
-            self._make_room(DEVICE_TIER, entry.nbytes)
-            self._add(DEVICE_TIER, user, entry)
-        else:
-            self._to_host(user, entry)
+    def _allocate(self, count: int, protect: set) -> np.ndarray | None:
+        """`count` free pages, evicting (spilling) the device tier's LRU users outside `protect` as needed;
+        None when that cannot free enough."""
+        if count > self.num_pages:
+            return None
+        device = self._tiers[DEVICE_TIER]
+        while len(self._free) < count:
+            victim = next(iter(device), None)
+            if victim is None or victim in protect:  # protected users are the most recent ones: none left
+                return None
+            self._spill(victim)
+        pages = np.array(self._free[len(self._free) - count:][::-1], dtype=np.int64)
+        del self._free[len(self._free) - count:]
+        return pages
 
-    def _to_host(self, user: Hashable, entry: CacheEntry) -> None:
-        if entry.nbytes > self.budget[HOST_TIER]:
-            self.counters["too_large"] += 1
-            return
-        self._make_room(HOST_TIER, entry.nbytes)
-        state = entry.state.to(torch.device("cpu"), pin=self.pin)
-        self._add(HOST_TIER, user, CacheEntry(entry.fingerprint, state, entry.nbytes))
+    def _spill(self, user: Hashable) -> None:
+        entry = self._tiers[DEVICE_TIER].pop(user)
+        self.counters["evictions_device"] += 1
+        if self._layout().state_bytes(entry.length) <= self.budget[HOST_TIER]:
+            self._store_host(user, entry.namespace, entry.items, entry.times, self._gather(entry))
+        self._free.extend(entry.pages.tolist())  # after the gather: later writes to them queue behind it
 
-    def _make_room(self, tier: str, nbytes: int) -> None:
-        entries = self._tiers[tier]
-        while entries and self._bytes[tier] + nbytes > self.budget[tier]:
-            victim, evicted = entries.popitem(last=False)
-            self._bytes[tier] -= evicted.nbytes
-            self.counters[f"evictions_{tier}"] += 1
-            if tier == DEVICE_TIER:
-                self._to_host(victim, evicted)
+    def _gather(self, entry: _Entry) -> UserState:
+        """An entry's pages as one contiguous state on the device."""
+        pool = self._ensure_pool()
+        slots = _to_device(_slots([entry.pages], np.array([0]), np.array([entry.length]), self.page_size),
+                           self.device)
+        return UserState(pool.keys.index_select(1, slots), pool.values.index_select(1, slots),
+                         pool.queries[int(entry.pages[0])].clone(),
+                         pool.times.index_select(0, slots) if pool.times is not None else None)
 
-    def _add(self, tier: str, user: Hashable, entry: CacheEntry) -> None:
-        self._tiers[tier][user] = entry
-        self._bytes[tier] += entry.nbytes
+    def _store_host(self, user: Hashable, namespace: bytes, items: bytes, times: bytes | None, state: UserState,
+                    count_too_large: bool = False) -> bool:
+        nbytes = self._layout().state_bytes(state.length)
+        if nbytes > self.budget[HOST_TIER]:
+            if count_too_large and self._pages_for(state.length) > self.num_pages:
+                self.counters["too_large"] += 1
+            return False
+        self._remove(user)
+        host = self._tiers[HOST_TIER]
+        while host and self._host_bytes + nbytes > self.budget[HOST_TIER]:
+            _, evicted = host.popitem(last=False)
+            self._host_bytes -= evicted.nbytes
+            self.counters["evictions_host"] += 1
+        host[user] = _Entry(namespace, state.length, items, times, state=self._host_copy(state), nbytes=nbytes)
+        self._host_bytes += nbytes
+        return True
+
+    def _host_copy(self, state: UserState) -> UserState:
+        def move(t: Tensor | None) -> Tensor | None:
+            if t is None:
+                return None
+            if t.device.type == "cpu":
+                return t.pin_memory() if self.pin and not t.is_pinned() else t.clone() if t._base is not None else t
+            out = torch.empty(t.shape, dtype=t.dtype, pin_memory=self.pin)
+            return out.copy_(t, non_blocking=self.pin)
+        return UserState(move(state.keys), move(state.values), move(state.query), move(state.timestamps))
+
+    # The batch path (IncrementalRetriever.recommend_detailed).
+    def encode_batch(self, encoder: IncrementalEncoder, namespace: bytes, items: np.ndarray, lengths: np.ndarray,
+                     times: np.ndarray | None, users: Sequence[Hashable]) -> tuple[Tensor, list[str]]:
+        """Each row's query (before the retrieval head's L2 norm) [B, dim] on the device, and its path:
+        items [B, W] int64 (row b's actions in items[b, :lengths[b]]), times likewise with a time bias, one
+        user id per row (none None). Under the lock from lookup to write-back."""
+        with self._lock:
+            return _Batch(self, encoder, namespace, items, lengths, times, users).run()
+
+
+class _Batch:
+    """One encode_batch: plan on the host (lookups, page allocation, every index array), one copy of the
+    index arrays to the device, then device work: host hits' states into their pages, one gather of the
+    cached keys, the encoder, one scatter of the new keys into their pages; then the entries are updated."""
+
+    def __init__(self, cache: KVCache, encoder: IncrementalEncoder, namespace: bytes, items: np.ndarray,
+                 lengths: np.ndarray, times: np.ndarray | None, users: Sequence[Hashable]) -> None:
+        self.cache, self.encoder, self.namespace = cache, encoder, namespace
+        self.items, self.times, self.users = items, times, users
+        self.n = np.asarray(lengths, dtype=np.int64)
+        B = len(users)
+        self.c = np.zeros(B, dtype=np.int64)                 # cached positions each row reads
+        self.kind: list[str | None] = [None] * B             # tier its cached positions come from
+        self.entries: list[_Entry | None] = [None] * B       # the entry read (device or host tier)
+        self.tables: list[np.ndarray | None] = [None] * B    # pages after this batch (rows written to the pool)
+        self.restore = np.zeros(B, dtype=bool)              # host hits copied back into pool pages
+        self.to_host = np.zeros(B, dtype=bool)              # rows whose new state goes to the host tier
+        self.paths = ["miss"] * B
+        self.pending: list[np.ndarray] = []                  # pages allocated, not yet in an entry
+
+    def run(self) -> tuple[Tensor, list[str]]:
+        self._lookup()
+        try:
+            self._allocate()
+            return self._device_work(), self.paths
+        except BaseException:
+            # Nothing half-written may survive: the batch's users lose their entries, its pages come back.
+            for user in set(self.users):
+                self.cache._remove(user)
+            free = set(self.cache._free)
+            for pages in self.pending:
+                self.cache._free.extend(p for p in pages.tolist() if p not in free)
+            raise
+
+    def _lookup(self) -> None:
+        cache, counters = self.cache, self.cache.counters
+        device, host = cache._tiers[DEVICE_TIER], cache._tiers[HOST_TIER]
+        self.first = np.zeros(len(self.users), dtype=bool)
+        seen: set = set()
+        for b, user in enumerate(self.users):
+            counters["misses"] += 1  # undone below for a hit
+            if user in seen:  # a second row of the same user: it recomputes and writes nothing
+                continue
+            seen.add(user)
+            self.first[b] = True
+            tier, entry = DEVICE_TIER, device.get(user)
+            if entry is None:
+                tier, entry = HOST_TIER, host.get(user)
+            if entry is None:
+                continue
+            n = int(self.n[b])
+            if not cache._matches(entry, self.namespace, self.items[b, :n],
+                                  None if self.times is None else self.times[b, :n]):
+                cache._remove(user)  # stale or foreign: it can only be replaced
+                counters["stale"] += 1
+                continue
+            counters["misses"] -= 1
+            counters[f"hits_{tier}"] += 1
+            self.paths[b] = f"{tier}_hit"
+            self.kind[b], self.entries[b], self.c[b] = tier, entry, entry.length
+            cache._tiers[tier].move_to_end(user)  # the batch's users are the most recent: never evicted by it
+        self.protect = seen
+
+    def _allocate(self) -> None:
+        cache = self.cache
+        for b in np.flatnonzero(self.first):
+            n, c, entry, kind = int(self.n[b]), int(self.c[b]), self.entries[b], self.kind[b]
+            if kind == DEVICE_TIER:
+                extra = cache._pages_for(n) - len(entry.pages)
+                if n == c:
+                    continue
+                got = cache._allocate(extra, self.protect) if extra > 0 else entry.pages[:0]
+                if got is None:
+                    continue  # no room for the new positions: the entry keeps its prefix
+                self.pending.append(got)
+                self.tables[b] = np.concatenate([entry.pages, got]) if len(got) else entry.pages
+                continue
+            user = self.users[b]
+            if kind == HOST_TIER:  # it moves to the device: its host bytes are free for what spills
+                cache._remove(user)
+            got = cache._allocate(cache._pages_for(n), self.protect)
+            if got is None:  # larger than the device tier, or no page left outside this batch
+                self.to_host[b] = True
+                if kind == HOST_TIER:  # it stays on the host
+                    cache._store_host(user, entry.namespace, entry.items, entry.times, entry.state)
+                continue
+            self.pending.append(got)
+            self.tables[b] = got
+            self.restore[b] = kind == HOST_TIER
+
+    def _indexes(self) -> dict[str, np.ndarray]:
+        """The batch's index arrays (int64, by name), built on the host; what the device work needs besides
+        them is left in attributes."""
+        cache, S = self.cache, self.cache.page_size
+        B, n, c = len(self.users), self.n, self.c
+        m = n - c
+        active = np.flatnonzero(m > 0)
+        zero = np.flatnonzero(m == 0)
+        # Where each row's cached positions are read: pool pages (device hits, host hits copied back) or the
+        # host state itself (host hits with no room on the device), appended after the pool's.
+        in_pool = [b for b in active if c[b] and (self.kind[b] == DEVICE_TIER or self.restore[b])]
+        transient = [b for b in active if c[b] and self.kind[b] == HOST_TIER and not self.restore[b]]
+        # Whole pages are gathered (an index per page, not per position): row b's cached positions sit at
+        # c_off[b] onwards, the rest of its last page is never read (the kernel reads c_len[b] keys).
+        read_pages = -(-c[in_pool] // S)
+        gather = np.concatenate([(self.tables[b] if self.tables[b] is not None else self.entries[b].pages)[:k]
+                                 for b, k in zip(in_pool, read_pages.tolist())]) if in_pool else np.empty(0, np.int64)
+        c_off = np.zeros(B, dtype=np.int64)
+        c_off[in_pool] = (np.cumsum(read_pages) - read_pages) * S
+        c_off[transient] = len(gather) * S + np.cumsum(c[transient]) - c[transient]
+        # New positions, flat in the order of the active rows.
+        m_act = m[active]
+        which, pos = _ranges(c[active], n[active])
+        rows = active[which]
+        new_items = self.items[rows, pos]
+        n_off = np.cumsum(m_act) - m_act
+        written = [i for i, b in enumerate(active) if self.tables[b] is not None]
+        w_rows = active[written]
+        w_slots = _slots([self.tables[b] for b in w_rows], c[w_rows], n[w_rows], S)
+        keep = _ranges(n_off[written], n_off[written] + m_act[written])[1]
+        all_written = len(written) == len(active)
+        restored = np.flatnonzero(self.restore)
+        r_slots = _slots([self.tables[b] for b in restored], np.zeros(len(restored), np.int64), c[restored], S)
+        pooled_zero = [b for b in zero if self.kind[b] == DEVICE_TIER or self.restore[b]]
+        q_slot = lambda b: (self.tables[b] if self.tables[b] is not None else self.entries[b].pages)[0]  # noqa: E731
+        parts = {
+            "items": new_items, "positions": pos, "c_off": c_off[active], "c_len": c[active], "n_off": n_off,
+            "m_len": m_act, "last_rows": np.cumsum(m_act) - 1, "active": active, "gather": gather,
+            "w_slots": w_slots, "keep": keep if not all_written else keep[:0],
+            "w_query_slots": np.array([q_slot(b) for b in w_rows], dtype=np.int64),
+            "w_query_rows": np.array(written, dtype=np.int64),
+            "r_slots": r_slots, "r_query_slots": np.array([q_slot(b) for b in restored], dtype=np.int64),
+            "zero": np.array(pooled_zero, dtype=np.int64),
+            "zero_slots": np.array([q_slot(b) for b in pooled_zero], dtype=np.int64),
+        }
+        if self.times is not None:
+            parts["ts_new"] = self.times[rows, pos]
+        self.active, self.zero, self.transient, self.restored = active, zero, transient, restored
+        self.pooled_zero, self.written, self.all_written, self.n_off = pooled_zero, written, all_written, n_off
+        return parts
+
+    def _device_work(self) -> Tensor:
+        cache, encoder, S = self.cache, self.encoder, self.cache.page_size
+        pool = cache._ensure_pool() if self.pending else cache._pool
+        layout = cache._layout()
+        device, B, c = cache.device, len(self.users), self.c
+        parts = self._indexes()
+        names = list(parts)
+        sizes = [len(parts[k]) for k in names]
+        flat = _to_device(np.concatenate([np.asarray(parts[k], dtype=np.int64) for k in names]), device)
+        t = dict(zip(names, torch.split(flat, sizes)))  # one copy to the device, views by name
+        active, zero, transient, restored = self.active, self.zero, self.transient, self.restored
+        pooled_zero, written, all_written, n_off = self.pooled_zero, self.written, self.all_written, self.n_off
+        m_act = parts["m_len"]
+
+        # Host hits with room on the device: their states into their new pages (one copy per user).
+        done = 0
+        for i, b in enumerate(restored):
+            state = self.entries[b].state
+            idx = t["r_slots"][done: done + int(c[b])]
+            done += int(c[b])
+            pool.keys.index_copy_(1, idx, state.keys.to(device, non_blocking=True))
+            pool.values.index_copy_(1, idx, state.values.to(device, non_blocking=True))
+            pool.queries.index_copy_(0, t["r_query_slots"][i: i + 1], state.query.to(device, non_blocking=True)[None])
+            if pool.times is not None:
+                pool.times.index_copy_(0, idx, state.timestamps.to(device, non_blocking=True))
+
+        queries = torch.empty(B, layout.dim, dtype=layout.dtype, device=device)
+        if len(active):
+            L, H = layout.num_layers, layout.heads
+            if len(parts["gather"]):  # one gather per tensor: [L, pages x page_size, H, d]
+                k_cache = pool.key_pages.index_select(1, t["gather"]).view(L, -1, H, layout.attn_dim)
+                v_cache = pool.value_pages.index_select(1, t["gather"]).view(L, -1, H, layout.hidden_dim)
+            else:
+                k_cache = torch.empty(L, 0, H, layout.attn_dim, dtype=layout.dtype, device=device)
+                v_cache = torch.empty(L, 0, H, layout.hidden_dim, dtype=layout.dtype, device=device)
+            ts_cache = None
+            if layout.time_bias:
+                ts_cache = pool.times.view(-1, S).index_select(0, t["gather"]).view(-1) if len(parts["gather"]) else \
+                    torch.empty(0, dtype=torch.long, device=device)
+            if transient:
+                states = [self.entries[b].state for b in transient]
+                k_cache = torch.cat([k_cache, *(s.keys.to(device, non_blocking=True) for s in states)], dim=1)
+                v_cache = torch.cat([v_cache, *(s.values.to(device, non_blocking=True) for s in states)], dim=1)
+                if layout.time_bias:
+                    ts_cache = torch.cat([ts_cache, *(s.timestamps.to(device, non_blocking=True) for s in states)])
+            ts_new = t["ts_new"] if layout.time_bias else None
+            x, k_new, v_new = encoder.encode_flat(
+                k_cache, v_cache, t["items"], t["positions"], t["c_off"], t["c_len"], t["n_off"], t["m_len"],
+                t["last_rows"], int((c[active] + m_act).max()), int(m_act.max()), ts_cache, ts_new)
+            queries.index_copy_(0, t["active"], x)
+            if len(written):  # the new positions into their pages: one scatter per tensor
+                src_k, src_v = (k_new, v_new) if all_written else \
+                    (k_new.index_select(1, t["keep"]), v_new.index_select(1, t["keep"]))
+                pool.keys.index_copy_(1, t["w_slots"], src_k)
+                pool.values.index_copy_(1, t["w_slots"], src_v)
+                if pool.times is not None:
+                    pool.times.index_copy_(0, t["w_slots"], ts_new if all_written else ts_new.index_select(0, t["keep"]))
+                pool.queries.index_copy_(0, t["w_query_slots"],
+                                         x if all_written else x.index_select(0, t["w_query_rows"]))
+            self._host_writes(active, x, k_new, v_new, ts_new, n_off)
+        if pooled_zero:
+            queries.index_copy_(0, t["zero"], pool.queries.index_select(0, t["zero_slots"]))
+        for b in zero:
+            if not (self.kind[b] == DEVICE_TIER or self.restore[b]):  # a host hit without room: its own query
+                queries[b] = self.entries[b].state.query.to(device, non_blocking=True)
+        self._commit()
+        return queries
+
+    def _host_writes(self, active: np.ndarray, x: Tensor, k_new: Tensor, v_new: Tensor, ts_new: Tensor | None,
+                     n_off: np.ndarray) -> None:
+        """Rows that found no room in the pool keep their new state in the host tier (one copy per user)."""
+        cache = self.cache
+        for i, b in enumerate(active):
+            if not self.to_host[b]:
+                continue
+            sl = slice(int(n_off[i]), int(n_off[i] + self.n[b] - self.c[b]))
+            keys, values = k_new[:, sl], v_new[:, sl]
+            ts = ts_new[sl] if ts_new is not None else None
+            if self.c[b]:  # a host hit's state, extended
+                old = self.entries[b].state
+                keys = torch.cat([old.keys.to(keys.device), keys], dim=1)
+                values = torch.cat([old.values.to(values.device), values], dim=1)
+                ts = torch.cat([old.timestamps.to(ts.device), ts]) if ts is not None else None
+            n = int(self.n[b])
+            cache._store_host(self.users[b], self.namespace, self.items[b, :n].tobytes(),
+                              None if self.times is None else self.times[b, :n].tobytes(),
+                              UserState(keys, values, x[i], ts), count_too_large=True)
+
+    def _commit(self) -> None:
+        cache = self.cache
+        device = cache._tiers[DEVICE_TIER]
+        for b in np.flatnonzero(self.first):
+            pages = self.tables[b]
+            if pages is None:
+                continue
+            user, n = self.users[b], int(self.n[b])
+            items = self.items[b, :n].tobytes()
+            times = None if self.times is None else self.times[b, :n].tobytes()
+            if self.kind[b] == DEVICE_TIER:
+                entry = self.entries[b]
+                entry.pages, entry.length, entry.items, entry.times = pages, n, items, times
+                entry.nbytes = len(pages) * cache.page_bytes
+            else:
+                device[user] = _Entry(self.namespace, n, items, times, pages=pages,
+                                      nbytes=len(pages) * cache.page_bytes)
+        self.pending = []  # the entries own the pages now
 
 
 UserIds = Sequence[Hashable | None] | Tensor | np.ndarray
@@ -236,7 +642,7 @@ def _user_list(user_ids: UserIds, batch: int) -> list[Hashable | None]:
         if user_ids.ndim != 1 or not integer:
             raise ValueError(f"user_ids must be one integer id per row; got shape {tuple(user_ids.shape)} "
                              f"dtype {user_ids.dtype}")
-        ids: list[Hashable | None] = [int(u) if int(u) >= 0 else None for u in user_ids.tolist()]
+        ids: list[Hashable | None] = [u if u >= 0 else None for u in user_ids.tolist()]
     else:
         ids = list(user_ids)
     if len(ids) != batch:
@@ -258,15 +664,29 @@ class IncrementalRetriever:
         self.retriever, self.cache = retriever, cache
         self.reason = unsupported_reason(retriever.encoder)
         self.encoder = None if self.reason else IncrementalEncoder(retriever.encoder)
-        # Entries of another model (or another precision) must never match: the namespace is in every hash.
+        # Entries of another model (or another precision) must never match: the namespace is in every entry.
         self.namespace = f"{namespace}|{type(retriever.encoder).__name__}|{self._dtype()}".encode()
+        if self.encoder is not None and cache is not None:
+            cache.bind(Layout.of(self.encoder), self.encoder.device)
 
     def _dtype(self) -> torch.dtype:
         return next(self.retriever.parameters()).dtype
 
     def bytes_per_user(self, length: int) -> int:
-        """What one cached user with `length` actions costs the budgets (0 when nothing is cached)."""
+        """What one cached user with `length` actions costs the host tier (0 when nothing is cached); the
+        device tier counts whole pages (KVCache.page_bytes each)."""
         return self.encoder.state_bytes(length) if self.encoder else 0
+
+    def seed(self, user: Hashable, items: np.ndarray | Tensor, timestamps: np.ndarray | Tensor | None = None,
+             tier: str = DEVICE_TIER) -> None:
+        """Encode `items` (a user's actions) and store the state in `tier`, as a request would have left it
+        (the bench seeds hits this way)."""
+        items = torch.as_tensor(items)
+        times = None if timestamps is None else torch.as_tensor(timestamps)
+        _, (state,) = self.encoder.encode([None], [items.to(self.encoder.device)],
+                                          None if times is None else [times.to(self.encoder.device)])
+        self.cache.put_state(user, state, items.cpu().numpy(), None if times is None else times.cpu().numpy(),
+                             self.namespace, tier)
 
     def recommend(self, history: Tensor, lengths: Tensor, user_ids: UserIds | None = None,
                   timestamps: Tensor | None = None) -> tuple[Tensor, Tensor]:
@@ -278,6 +698,15 @@ class IncrementalRetriever:
     def recommend_detailed(self, history: Tensor, lengths: Tensor, user_ids: UserIds | None = None,
                            timestamps: Tensor | None = None) -> tuple[Tensor, Tensor, list[str]]:
         """recommend(), and each row's path (PATHS: device_hit, host_hit, miss, no_user)."""
+        queries, paths = self.queries(history, lengths, user_ids, timestamps)
+        ids, scores = self.retriever.rank(queries, history)
+        return ids, scores, paths
+
+    @torch.no_grad()
+    def queries(self, history: Tensor, lengths: Tensor, user_ids: UserIds | None = None,
+                timestamps: Tensor | None = None) -> tuple[Tensor, list[str]]:
+        """recommend_detailed() up to the retrieval head's top-K: (queries [B, dim] as Retriever.query gives
+        them, each row's path)."""
         if history.dim() != 2 or lengths.shape != (history.shape[0],):
             raise ValueError(f"history must be [B, W] and lengths [B]; got {tuple(history.shape)} and "
                              f"{tuple(lengths.shape)}")
@@ -285,44 +714,42 @@ class IncrementalRetriever:
         if user_ids is None or self.cache is None or self.encoder is None:
             if user_ids is not None:
                 _user_list(user_ids, B)
-            ids, scores = self.retriever(history, lengths, timestamps)
-            return ids, scores, ["no_user"] * B
+            return self.retriever.query(history, lengths, timestamps), ["no_user"] * B
         users = _user_list(user_ids, B)
         time_bias = self.encoder.model.time_bias
         if time_bias and timestamps is None:
             raise ValueError("this HSTU was built with time_bias=True and needs timestamps [B, W]")
-        hist_host = history.cpu().numpy()
-        lens = lengths.cpu().tolist()
-        if any(not 1 <= n <= history.shape[1] for n in lens):
-            raise ValueError(f"lengths must be between 1 and the history width {history.shape[1]}; got {lens}")
-        ts_host = timestamps.cpu().numpy() if time_bias else None
-        paths = ["no_user"] * B
+        lens = lengths.cpu().numpy().astype(np.int64, copy=False)
+        if B and (lens.min() < 1 or lens.max() > history.shape[1]):
+            raise ValueError(f"lengths must be between 1 and the history width {history.shape[1]}; got {lens.tolist()}")
         rows = [b for b in range(B) if users[b] is not None]
-        states, new_items, new_ts, hashers = [], [], [], []
-        for b in rows:
-            items = hist_host[b, : lens[b]]
-            ts = ts_host[b, : lens[b]] if time_bias else None
-            hasher = HistoryHasher(items, ts, self.namespace)
-            hashers.append(hasher)
-            entry, tier = self.cache.lookup(users[b], hasher)
-            start = 0 if entry is None else entry.fingerprint.length
-            paths[b] = "miss" if entry is None else f"{tier}_hit"
-            states.append(None if entry is None else entry.state)
-            new_items.append(torch.from_numpy(items[start:].copy()))
-            new_ts.append(torch.from_numpy(ts[start:].copy()) if time_bias else None)
-        queries = torch.empty(B, self.retriever.encoder.item_embeddings().shape[1], device=history.device,
-                              dtype=self._dtype())
+        if len(rows) == B:  # the common case: every row has a user
+            sel_history, sel_lens, sel_ts = history, lens, timestamps
+        else:
+            sel_history, sel_lens = history[rows], lens[rows]
+            sel_ts = timestamps[rows] if timestamps is not None else None
+        paths = ["no_user"] * B
+        queries = None
         if rows:
-            encoded, new_states = self.encoder.encode(states, new_items, new_ts if time_bias else None)
+            hist_host = np.ascontiguousarray(sel_history.cpu().numpy(), dtype=np.int64)
+            ts_host = np.ascontiguousarray(sel_ts.cpu().numpy(), dtype=np.int64) if time_bias else None
+            encoded, row_paths = self.cache.encode_batch(self.encoder, self.namespace, hist_host, sel_lens, ts_host,
+                                                         [users[b] for b in rows])
             encoded = l2_normalize(encoded) if self.retriever.l2_norm else encoded
+            if len(rows) == B:
+                return encoded, row_paths
+            queries = torch.empty(B, encoded.shape[1], device=history.device, dtype=self._dtype())
             queries[rows] = encoded.to(queries.device)
-            for i, b in enumerate(rows):
-                if new_items[i].numel():  # a row appending nothing keeps its entry as it is
-                    self.cache.put(users[b], CacheEntry(hashers[i].full(), new_states[i], new_states[i].nbytes))
+            for b, path in zip(rows, row_paths):
+                paths[b] = path
         others = [b for b in range(B) if users[b] is None]
         if others:  # exactly today's path for rows without a user id
             index = torch.tensor(others, device=history.device)
-            queries[others] = self.retriever.query(history[index], lengths[index],
-                                                   None if timestamps is None else timestamps[index])
-        ids, scores = self.retriever.rank(queries, history)
-        return ids, scores, paths
+            other_q = self.retriever.query(history[index], lengths[index],
+                                           None if timestamps is None else timestamps[index])
+            if queries is None:
+                queries = torch.empty(B, other_q.shape[1], device=history.device, dtype=other_q.dtype)
+            queries[others] = other_q
+        if queries is None:  # an empty batch
+            queries = self.retriever.query(history, lengths, timestamps)
+        return queries, paths

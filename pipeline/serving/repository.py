@@ -321,6 +321,10 @@ def _engine(scfg: DictConfig, name: str, engine: Engine, package: Package, kind:
             if value < 0:
                 raise PipelineError(f"serving.cache.{key}={value}: a budget is >= 0 bytes (0 turns the tier off)")
             config.parameters[f"cache_{key}"].string_value = str(value)
+        page_size = int(cache.get("page_size", 64))
+        if page_size < 1:
+            raise PipelineError(f"serving.cache.page_size={page_size}: a page holds >= 1 position")
+        config.parameters["cache_page_size"].string_value = str(page_size)
     config.parameters["time_bias"].string_value = str(uses_time(package)).lower()
     return config
 

@@ -71,7 +71,8 @@ class TritonPythonModel:
         self.predict = load_variant(Variant(**spec), self.device, int(params["max_k"]))
         self._warm(int(params["max_len"]))
         self.incremental, self.metrics, why = self._incremental(params, args["model_name"])
-        cache = (f"user-state cache of {self.incremental.cache.budget} bytes" if self.incremental
+        cache = (f"user-state cache of {self.incremental.cache.budget} bytes ({self.incremental.cache.num_pages} "
+                 f"device pages of {self.incremental.cache.page_size} positions)" if self.incremental
                  else f"no user-state cache: {why}")
         pb_utils.Logger.log_info(f"{args['model_name']}: {spec['name']} loaded and warmed in "
                                  f"{time.perf_counter() - start:.1f} s on {self.device} "
@@ -88,7 +89,8 @@ class TritonPythonModel:
         if form is None:
             return None, None, f"{self.variant} runs an exported artifact: the engine cannot reach the model's modules"
         retriever, self.kernel_choice = form
-        cache = KVCache(int(params["cache_gpu_bytes"]), int(params["cache_host_bytes"]), self.device)
+        cache = KVCache(int(params["cache_gpu_bytes"]), int(params["cache_host_bytes"]), self.device,
+                        page_size=int(params.get("cache_page_size", 64)))
         incremental = IncrementalRetriever(retriever, cache, namespace=name)
         if incremental.reason:
             return None, None, incremental.reason
@@ -101,8 +103,9 @@ class TritonPythonModel:
         from pipeline.serving.kvcache import IncrementalRetriever, KVCache
 
         length = max(1, max_len // 2)
-        budget = 2 * incremental.bytes_per_user(max_len)
-        warm = IncrementalRetriever(incremental.retriever, KVCache(budget, 0, self.device), incremental.namespace.decode())
+        budget = 2 * incremental.bytes_per_user(max_len)  # with max_len-position pages: two users
+        warm = IncrementalRetriever(incremental.retriever, KVCache(budget, 0, self.device, page_size=max_len),
+                                    incremental.namespace.decode())
         history = torch.ones(1, max_len, dtype=torch.int64, device=self.device)
         times = torch.zeros_like(history) if self.time_bias else None
         with torch.inference_mode(), self.kernel_choice():
