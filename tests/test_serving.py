@@ -383,8 +383,8 @@ def test_metrics_of_gpu_instances_are_counted():
 def test_batch_buckets_pad_a_batch_to_the_smallest_bucket_that_holds_it():
     from pipeline.serving.models.common import batch_buckets, bucket_for, pad_rows
 
-    assert batch_buckets("auto", 64, gpu=True) == [1, 2, 4, 8, 16, 32, 64]
-    assert batch_buckets("auto", 48, gpu=True) == [1, 2, 4, 8, 16, 32, 48]
+    assert batch_buckets("auto", 64, gpu=True) == [1, 4, 16, 64]
+    assert batch_buckets("auto", 48, gpu=True) == [1, 4, 16, 48]
     assert batch_buckets("auto", 64, gpu=False) == []
     assert batch_buckets("8,1", 64, gpu=False) == [1, 8]
     assert [bucket_for(n, [1, 8, 64]) for n in (1, 2, 8, 9, 64)] == [1, 8, 8, 64, 64]
