@@ -365,3 +365,14 @@ def test_concurrent_requests_for_the_same_users_stay_exact():
     assert not errors, errors[:3]
     stats = cache.stats()
     assert stats["hits_device"] + stats["hits_host"] > 0 and stats["stale"] > 0
+
+
+def test_a_cache_serves_one_model_layout_on_the_models_device():
+    cache = KVCache(10 ** 6, 0)
+    IncrementalRetriever(_retriever(), cache)
+    IncrementalRetriever(_retriever(seed=1), cache)            # the same layout: shares the pool (namespaces differ)
+    with pytest.raises(ValueError, match="another model layout"):
+        IncrementalRetriever(_retriever(time_bias=True), cache)
+    with pytest.raises(ValueError, match="device tier is on meta"):
+        IncrementalRetriever(_retriever(), KVCache(10 ** 6, 0, "meta"))
+    assert cache.pool_bytes() == 0                              # allocated at the first use only

@@ -385,20 +385,23 @@ class KVCache:
 class _Batch:
     """One encode_batch: plan on the host (lookups, page allocation, every index array), one copy of the
     index arrays to the device, then device work: host hits' states into their pages, one gather of the
-    cached keys, the encoder, one scatter of the new keys into their pages; then the entries are updated."""
+    cached pages, the encoder, one scatter of the new keys into their pages; then the entries are updated.
+    Per-row work is plain Python on lists (a few microseconds a row); everything per position is numpy."""
 
     def __init__(self, cache: KVCache, encoder: IncrementalEncoder, namespace: bytes, items: np.ndarray,
                  lengths: np.ndarray, times: np.ndarray | None, users: Sequence[Hashable]) -> None:
         self.cache, self.encoder, self.namespace = cache, encoder, namespace
-        self.items, self.times, self.users = items, times, users
+        self.items, self.times, self.users = items, times, list(users)
+        B = len(self.users)
         self.n = np.asarray(lengths, dtype=np.int64)
-        B = len(users)
-        self.c = np.zeros(B, dtype=np.int64)                 # cached positions each row reads
-        self.kind: list[str | None] = [None] * B             # tier its cached positions come from
+        self.n_list: list[int] = self.n.tolist()
+        self.c_list = [0] * B                                 # cached positions each row reads
+        self.kind: list[str | None] = [None] * B             # the tier they come from
         self.entries: list[_Entry | None] = [None] * B       # the entry read (device or host tier)
         self.tables: list[np.ndarray | None] = [None] * B    # pages after this batch (rows written to the pool)
-        self.restore = np.zeros(B, dtype=bool)              # host hits copied back into pool pages
-        self.to_host = np.zeros(B, dtype=bool)              # rows whose new state goes to the host tier
+        self.restore = [False] * B                           # host hits copied back into pool pages
+        self.to_host = [False] * B                           # rows whose new state goes to the host tier
+        self.firsts: list[int] = []                          # each user's first row
         self.paths = ["miss"] * B
         self.pending: list[np.ndarray] = []                  # pages allocated, not yet in an entry
 
@@ -417,132 +420,147 @@ class _Batch:
             raise
 
     def _lookup(self) -> None:
-        cache, counters = self.cache, self.cache.counters
+        cache, namespace, items, times = self.cache, self.namespace, self.items, self.times
         device, host = cache._tiers[DEVICE_TIER], cache._tiers[HOST_TIER]
-        self.first = np.zeros(len(self.users), dtype=bool)
+        n_list, c_list, kind, entries, paths = self.n_list, self.c_list, self.kind, self.entries, self.paths
+        hits = {DEVICE_TIER: 0, HOST_TIER: 0}
+        stale = 0
         seen: set = set()
         for b, user in enumerate(self.users):
-            counters["misses"] += 1  # undone below for a hit
             if user in seen:  # a second row of the same user: it recomputes and writes nothing
                 continue
             seen.add(user)
-            self.first[b] = True
+            self.firsts.append(b)
             tier, entry = DEVICE_TIER, device.get(user)
             if entry is None:
                 tier, entry = HOST_TIER, host.get(user)
-            if entry is None:
-                continue
-            n = int(self.n[b])
-            if not cache._matches(entry, self.namespace, self.items[b, :n],
-                                  None if self.times is None else self.times[b, :n]):
+                if entry is None:
+                    continue
+            c = entry.length
+            if not (c <= n_list[b] and entry.namespace == namespace and entry.items == items[b, :c].tobytes()
+                    and (entry.times is None or entry.times == times[b, :c].tobytes())):
                 cache._remove(user)  # stale or foreign: it can only be replaced
-                counters["stale"] += 1
+                stale += 1
                 continue
-            counters["misses"] -= 1
-            counters[f"hits_{tier}"] += 1
-            self.paths[b] = f"{tier}_hit"
-            self.kind[b], self.entries[b], self.c[b] = tier, entry, entry.length
+            hits[tier] += 1
+            paths[b] = f"{tier}_hit"
+            kind[b], entries[b], c_list[b] = tier, entry, c
             cache._tiers[tier].move_to_end(user)  # the batch's users are the most recent: never evicted by it
+        counters = cache.counters
+        counters["hits_device"] += hits[DEVICE_TIER]
+        counters["hits_host"] += hits[HOST_TIER]
+        counters["misses"] += len(self.users) - hits[DEVICE_TIER] - hits[HOST_TIER]
+        counters["stale"] += stale
         self.protect = seen
 
     def _allocate(self) -> None:
-        cache = self.cache
-        for b in np.flatnonzero(self.first):
-            n, c, entry, kind = int(self.n[b]), int(self.c[b]), self.entries[b], self.kind[b]
-            if kind == DEVICE_TIER:
-                extra = cache._pages_for(n) - len(entry.pages)
-                if n == c:
+        cache, S = self.cache, self.cache.page_size
+        n_list, c_list, kind, entries, tables = self.n_list, self.c_list, self.kind, self.entries, self.tables
+        for b in self.firsts:
+            n, entry = n_list[b], entries[b]
+            if kind[b] == DEVICE_TIER:
+                if n == c_list[b]:
                     continue
-                got = cache._allocate(extra, self.protect) if extra > 0 else entry.pages[:0]
-                if got is None:
-                    continue  # no room for the new positions: the entry keeps its prefix
-                self.pending.append(got)
-                self.tables[b] = np.concatenate([entry.pages, got]) if len(got) else entry.pages
+                have, need = len(entry.pages), -(-n // S)
+                if need <= have:  # the new positions fit in the last page
+                    tables[b] = entry.pages
+                    continue
+                got = cache._allocate(need - have, self.protect)
+                if got is not None:  # else no room for the new positions: the entry keeps its prefix
+                    self.pending.append(got)
+                    tables[b] = np.concatenate([entry.pages, got])
                 continue
             user = self.users[b]
-            if kind == HOST_TIER:  # it moves to the device: its host bytes are free for what spills
+            if kind[b] == HOST_TIER:  # it moves to the device: its host bytes are free for what spills
                 cache._remove(user)
-            got = cache._allocate(cache._pages_for(n), self.protect)
+            got = cache._allocate(-(-n // S), self.protect)
             if got is None:  # larger than the device tier, or no page left outside this batch
                 self.to_host[b] = True
-                if kind == HOST_TIER:  # it stays on the host
+                if kind[b] == HOST_TIER:  # it stays on the host
                     cache._store_host(user, entry.namespace, entry.items, entry.times, entry.state)
                 continue
             self.pending.append(got)
-            self.tables[b] = got
-            self.restore[b] = kind == HOST_TIER
+            tables[b] = got
+            self.restore[b] = kind[b] == HOST_TIER
 
     def _indexes(self) -> dict[str, np.ndarray]:
         """The batch's index arrays (int64, by name), built on the host; what the device work needs besides
         them is left in attributes."""
-        cache, S = self.cache, self.cache.page_size
-        B, n, c = len(self.users), self.n, self.c
-        m = n - c
-        active = np.flatnonzero(m > 0)
-        zero = np.flatnonzero(m == 0)
-        # Where each row's cached positions are read: pool pages (device hits, host hits copied back) or the
-        # host state itself (host hits with no room on the device), appended after the pool's.
-        in_pool = [b for b in active if c[b] and (self.kind[b] == DEVICE_TIER or self.restore[b])]
-        transient = [b for b in active if c[b] and self.kind[b] == HOST_TIER and not self.restore[b]]
-        # Whole pages are gathered (an index per page, not per position): row b's cached positions sit at
-        # c_off[b] onwards, the rest of its last page is never read (the kernel reads c_len[b] keys).
-        read_pages = -(-c[in_pool] // S)
-        gather = np.concatenate([(self.tables[b] if self.tables[b] is not None else self.entries[b].pages)[:k]
-                                 for b, k in zip(in_pool, read_pages.tolist())]) if in_pool else np.empty(0, np.int64)
+        S, B = self.cache.page_size, len(self.users)
+        n_list, c_list, kind, entries, tables, restore = (self.n_list, self.c_list, self.kind, self.entries,
+                                                          self.tables, self.restore)
+        # Each row's page table: as written by this batch, else as cached.
+        table = [tables[b] if tables[b] is not None else entries[b].pages if entries[b] is not None else None
+                 for b in range(B)]
+        pooled = [kind[b] == DEVICE_TIER or restore[b] for b in range(B)]
+        active = [b for b in range(B) if n_list[b] > c_list[b]]
+        zero = [b for b in range(B) if n_list[b] == c_list[b]]
+        # Where each row's cached positions are read: pool pages (device hits, host hits copied back), or the
+        # host state itself (host hits with no room on the device), appended after the pool's. Whole pages
+        # are gathered (an index per page): row b's positions start at c_off[b]; the rest of its last page is
+        # never read (the kernel reads c_len[b] keys).
+        c = np.array(c_list, dtype=np.int64)
+        n = self.n
+        in_pool = [b for b in active if c_list[b] and pooled[b]]
+        transient = [b for b in active if c_list[b] and not pooled[b]]
+        read_pages = [-(-c_list[b] // S) for b in in_pool]
+        gather = np.concatenate([table[b][:k] for b, k in zip(in_pool, read_pages)]) if in_pool else \
+            np.empty(0, np.int64)
         c_off = np.zeros(B, dtype=np.int64)
-        c_off[in_pool] = (np.cumsum(read_pages) - read_pages) * S
-        c_off[transient] = len(gather) * S + np.cumsum(c[transient]) - c[transient]
+        if in_pool:
+            pages = np.array(read_pages, dtype=np.int64)
+            c_off[in_pool] = (np.cumsum(pages) - pages) * S
+        if transient:
+            c_off[transient] = len(gather) * S + np.cumsum(c[transient]) - c[transient]
         # New positions, flat in the order of the active rows.
-        m_act = m[active]
-        which, pos = _ranges(c[active], n[active])
-        rows = active[which]
-        new_items = self.items[rows, pos]
+        act = np.array(active, dtype=np.int64)
+        m_act = n[act] - c[act]
+        which, pos = _ranges(c[act], n[act])
+        rows = act[which]
         n_off = np.cumsum(m_act) - m_act
-        written = [i for i, b in enumerate(active) if self.tables[b] is not None]
-        w_rows = active[written]
-        w_slots = _slots([self.tables[b] for b in w_rows], c[w_rows], n[w_rows], S)
-        keep = _ranges(n_off[written], n_off[written] + m_act[written])[1]
+        written = [i for i, b in enumerate(active) if tables[b] is not None]
+        w_rows = act[written]
         all_written = len(written) == len(active)
-        restored = np.flatnonzero(self.restore)
-        r_slots = _slots([self.tables[b] for b in restored], np.zeros(len(restored), np.int64), c[restored], S)
-        pooled_zero = [b for b in zero if self.kind[b] == DEVICE_TIER or self.restore[b]]
-        q_slot = lambda b: (self.tables[b] if self.tables[b] is not None else self.entries[b].pages)[0]  # noqa: E731
+        restored = [b for b in range(B) if restore[b]]
+        pooled_zero = [b for b in zero if pooled[b]]
         parts = {
-            "items": new_items, "positions": pos, "c_off": c_off[active], "c_len": c[active], "n_off": n_off,
-            "m_len": m_act, "last_rows": np.cumsum(m_act) - 1, "active": active, "gather": gather,
-            "w_slots": w_slots, "keep": keep if not all_written else keep[:0],
-            "w_query_slots": np.array([q_slot(b) for b in w_rows], dtype=np.int64),
+            "items": self.items[rows, pos], "positions": pos, "c_off": c_off[act], "c_len": c[act], "n_off": n_off,
+            "m_len": m_act, "last_rows": np.cumsum(m_act) - 1, "active": act, "gather": gather,
+            "w_slots": _slots([tables[b] for b in w_rows], c[w_rows], n[w_rows], S),
+            "keep": np.empty(0, np.int64) if all_written else
+            _ranges(n_off[written], n_off[written] + m_act[written])[1],
+            "w_query_slots": np.array([table[b][0] for b in w_rows], dtype=np.int64),
             "w_query_rows": np.array(written, dtype=np.int64),
-            "r_slots": r_slots, "r_query_slots": np.array([q_slot(b) for b in restored], dtype=np.int64),
+            "r_slots": _slots([tables[b] for b in restored], np.zeros(len(restored), np.int64), c[restored], S),
+            "r_query_slots": np.array([tables[b][0] for b in restored], dtype=np.int64),
             "zero": np.array(pooled_zero, dtype=np.int64),
-            "zero_slots": np.array([q_slot(b) for b in pooled_zero], dtype=np.int64),
+            "zero_slots": np.array([table[b][0] for b in pooled_zero], dtype=np.int64),
         }
         if self.times is not None:
             parts["ts_new"] = self.times[rows, pos]
-        self.active, self.zero, self.transient, self.restored = active, zero, transient, restored
-        self.pooled_zero, self.written, self.all_written, self.n_off = pooled_zero, written, all_written, n_off
+        self.active, self.zero, self.transient, self.restored = act, zero, transient, restored
+        self.pooled, self.written, self.all_written, self.n_off = pooled, written, all_written, n_off
         return parts
 
     def _device_work(self) -> Tensor:
         cache, encoder, S = self.cache, self.encoder, self.cache.page_size
         pool = cache._ensure_pool() if self.pending else cache._pool
         layout = cache._layout()
-        device, B, c = cache.device, len(self.users), self.c
+        device, B, c_list = cache.device, len(self.users), self.c_list
         parts = self._indexes()
         names = list(parts)
         sizes = [len(parts[k]) for k in names]
         flat = _to_device(np.concatenate([np.asarray(parts[k], dtype=np.int64) for k in names]), device)
         t = dict(zip(names, torch.split(flat, sizes)))  # one copy to the device, views by name
-        active, zero, transient, restored = self.active, self.zero, self.transient, self.restored
-        pooled_zero, written, all_written, n_off = self.pooled_zero, self.written, self.all_written, self.n_off
-        m_act = parts["m_len"]
+        active, transient, restored, written = self.active, self.transient, self.restored, self.written
+        all_written, m_act = self.all_written, parts["m_len"]
 
         # Host hits with room on the device: their states into their new pages (one copy per user).
         done = 0
         for i, b in enumerate(restored):
             state = self.entries[b].state
-            idx = t["r_slots"][done: done + int(c[b])]
-            done += int(c[b])
+            idx = t["r_slots"][done: done + c_list[b]]
+            done += c_list[b]
             pool.keys.index_copy_(1, idx, state.keys.to(device, non_blocking=True))
             pool.values.index_copy_(1, idx, state.values.to(device, non_blocking=True))
             pool.queries.index_copy_(0, t["r_query_slots"][i: i + 1], state.query.to(device, non_blocking=True)[None])
@@ -560,8 +578,8 @@ class _Batch:
                 v_cache = torch.empty(L, 0, H, layout.hidden_dim, dtype=layout.dtype, device=device)
             ts_cache = None
             if layout.time_bias:
-                ts_cache = pool.times.view(-1, S).index_select(0, t["gather"]).view(-1) if len(parts["gather"]) else \
-                    torch.empty(0, dtype=torch.long, device=device)
+                ts_cache = pool.times.view(-1, S).index_select(0, t["gather"]).view(-1) if len(parts["gather"]) \
+                    else torch.empty(0, dtype=torch.long, device=device)
             if transient:
                 states = [self.entries[b].state for b in transient]
                 k_cache = torch.cat([k_cache, *(s.keys.to(device, non_blocking=True) for s in states)], dim=1)
@@ -571,9 +589,9 @@ class _Batch:
             ts_new = t["ts_new"] if layout.time_bias else None
             x, k_new, v_new = encoder.encode_flat(
                 k_cache, v_cache, t["items"], t["positions"], t["c_off"], t["c_len"], t["n_off"], t["m_len"],
-                t["last_rows"], int((c[active] + m_act).max()), int(m_act.max()), ts_cache, ts_new)
+                t["last_rows"], int(self.n[active].max()), int(m_act.max()), ts_cache, ts_new)
             queries.index_copy_(0, t["active"], x)
-            if len(written):  # the new positions into their pages: one scatter per tensor
+            if written:  # the new positions into their pages: one scatter per tensor
                 src_k, src_v = (k_new, v_new) if all_written else \
                     (k_new.index_select(1, t["keep"]), v_new.index_select(1, t["keep"]))
                 pool.keys.index_copy_(1, t["w_slots"], src_k)
@@ -582,52 +600,51 @@ class _Batch:
                     pool.times.index_copy_(0, t["w_slots"], ts_new if all_written else ts_new.index_select(0, t["keep"]))
                 pool.queries.index_copy_(0, t["w_query_slots"],
                                          x if all_written else x.index_select(0, t["w_query_rows"]))
-            self._host_writes(active, x, k_new, v_new, ts_new, n_off)
-        if pooled_zero:
+            self._host_writes(x, k_new, v_new, ts_new)
+        if len(parts["zero"]):  # rows appending nothing: their cached query
             queries.index_copy_(0, t["zero"], pool.queries.index_select(0, t["zero_slots"]))
-        for b in zero:
-            if not (self.kind[b] == DEVICE_TIER or self.restore[b]):  # a host hit without room: its own query
+        for b in self.zero:
+            if not self.pooled[b]:  # a host hit without room on the device: its own query
                 queries[b] = self.entries[b].state.query.to(device, non_blocking=True)
         self._commit()
         return queries
 
-    def _host_writes(self, active: np.ndarray, x: Tensor, k_new: Tensor, v_new: Tensor, ts_new: Tensor | None,
-                     n_off: np.ndarray) -> None:
+    def _host_writes(self, x: Tensor, k_new: Tensor, v_new: Tensor, ts_new: Tensor | None) -> None:
         """Rows that found no room in the pool keep their new state in the host tier (one copy per user)."""
         cache = self.cache
-        for i, b in enumerate(active):
+        for i, b in enumerate(self.active.tolist()):
             if not self.to_host[b]:
                 continue
-            sl = slice(int(n_off[i]), int(n_off[i] + self.n[b] - self.c[b]))
+            n, c = self.n_list[b], self.c_list[b]
+            sl = slice(int(self.n_off[i]), int(self.n_off[i]) + n - c)
             keys, values = k_new[:, sl], v_new[:, sl]
             ts = ts_new[sl] if ts_new is not None else None
-            if self.c[b]:  # a host hit's state, extended
+            if c:  # a host hit's state, extended
                 old = self.entries[b].state
                 keys = torch.cat([old.keys.to(keys.device), keys], dim=1)
                 values = torch.cat([old.values.to(values.device), values], dim=1)
                 ts = torch.cat([old.timestamps.to(ts.device), ts]) if ts is not None else None
-            n = int(self.n[b])
             cache._store_host(self.users[b], self.namespace, self.items[b, :n].tobytes(),
                               None if self.times is None else self.times[b, :n].tobytes(),
                               UserState(keys, values, x[i], ts), count_too_large=True)
 
     def _commit(self) -> None:
-        cache = self.cache
-        device = cache._tiers[DEVICE_TIER]
-        for b in np.flatnonzero(self.first):
+        cache, namespace, items, times = self.cache, self.namespace, self.items, self.times
+        device, page_bytes = cache._tiers[DEVICE_TIER], cache.page_bytes
+        for b in self.firsts:
             pages = self.tables[b]
             if pages is None:
                 continue
-            user, n = self.users[b], int(self.n[b])
-            items = self.items[b, :n].tobytes()
-            times = None if self.times is None else self.times[b, :n].tobytes()
+            n = self.n_list[b]
+            row_items = items[b, :n].tobytes()
+            row_times = None if times is None else times[b, :n].tobytes()
             if self.kind[b] == DEVICE_TIER:
                 entry = self.entries[b]
-                entry.pages, entry.length, entry.items, entry.times = pages, n, items, times
-                entry.nbytes = len(pages) * cache.page_bytes
+                entry.pages, entry.length, entry.items, entry.times = pages, n, row_items, row_times
+                entry.nbytes = len(pages) * page_bytes
             else:
-                device[user] = _Entry(self.namespace, n, items, times, pages=pages,
-                                      nbytes=len(pages) * cache.page_bytes)
+                device[self.users[b]] = _Entry(namespace, n, row_items, row_times, pages=pages,
+                                               nbytes=len(pages) * page_bytes)
         self.pending = []  # the entries own the pages now
 
 
@@ -699,22 +716,25 @@ class IncrementalRetriever:
                            timestamps: Tensor | None = None) -> tuple[Tensor, Tensor, list[str]]:
         """recommend(), and each row's path (PATHS: device_hit, host_hit, miss, no_user)."""
         queries, paths = self.queries(history, lengths, user_ids, timestamps)
-        ids, scores = self.retriever.rank(queries, history)
+        ids, scores = self.retriever.rank(queries, history.to(queries.device, non_blocking=True))
         return ids, scores, paths
 
     @torch.no_grad()
     def queries(self, history: Tensor, lengths: Tensor, user_ids: UserIds | None = None,
                 timestamps: Tensor | None = None) -> tuple[Tensor, list[str]]:
         """recommend_detailed() up to the retrieval head's top-K: (queries [B, dim] as Retriever.query gives
-        them, each row's path)."""
+        them, on the model's device; each row's path). The inputs may be on the host or on the model's device:
+        host tensors save the cache a copy back (it reads the histories on the host)."""
         if history.dim() != 2 or lengths.shape != (history.shape[0],):
             raise ValueError(f"history must be [B, W] and lengths [B]; got {tuple(history.shape)} and "
                              f"{tuple(lengths.shape)}")
+        device = next(self.retriever.parameters()).device
+        on_device = lambda t: None if t is None else t.to(device, non_blocking=True)  # noqa: E731
         B = history.shape[0]
         if user_ids is None or self.cache is None or self.encoder is None:
             if user_ids is not None:
                 _user_list(user_ids, B)
-            return self.retriever.query(history, lengths, timestamps), ["no_user"] * B
+            return self.retriever.query(on_device(history), on_device(lengths), on_device(timestamps)), ["no_user"] * B
         users = _user_list(user_ids, B)
         time_bias = self.encoder.model.time_bias
         if time_bias and timestamps is None:
@@ -722,34 +742,32 @@ class IncrementalRetriever:
         lens = lengths.cpu().numpy().astype(np.int64, copy=False)
         if B and (lens.min() < 1 or lens.max() > history.shape[1]):
             raise ValueError(f"lengths must be between 1 and the history width {history.shape[1]}; got {lens.tolist()}")
+        hist_host = np.ascontiguousarray(history.cpu().numpy(), dtype=np.int64)
+        ts_host = np.ascontiguousarray(timestamps.cpu().numpy(), dtype=np.int64) if time_bias else None
         rows = [b for b in range(B) if users[b] is not None]
-        if len(rows) == B:  # the common case: every row has a user
-            sel_history, sel_lens, sel_ts = history, lens, timestamps
-        else:
-            sel_history, sel_lens = history[rows], lens[rows]
-            sel_ts = timestamps[rows] if timestamps is not None else None
+        if rows and len(rows) < B:
+            hist_host, lens = hist_host[rows], lens[rows]
+            ts_host = ts_host[rows] if time_bias else None
         paths = ["no_user"] * B
         queries = None
         if rows:
-            hist_host = np.ascontiguousarray(sel_history.cpu().numpy(), dtype=np.int64)
-            ts_host = np.ascontiguousarray(sel_ts.cpu().numpy(), dtype=np.int64) if time_bias else None
-            encoded, row_paths = self.cache.encode_batch(self.encoder, self.namespace, hist_host, sel_lens, ts_host,
+            encoded, row_paths = self.cache.encode_batch(self.encoder, self.namespace, hist_host, lens, ts_host,
                                                          [users[b] for b in rows])
             encoded = l2_normalize(encoded) if self.retriever.l2_norm else encoded
-            if len(rows) == B:
+            if len(rows) == B:  # the common case: every row has a user
                 return encoded, row_paths
-            queries = torch.empty(B, encoded.shape[1], device=history.device, dtype=self._dtype())
-            queries[rows] = encoded.to(queries.device)
+            queries = torch.empty(B, encoded.shape[1], device=device, dtype=self._dtype())
+            queries[rows] = encoded
             for b, path in zip(rows, row_paths):
                 paths[b] = path
         others = [b for b in range(B) if users[b] is None]
         if others:  # exactly today's path for rows without a user id
-            index = torch.tensor(others, device=history.device)
-            other_q = self.retriever.query(history[index], lengths[index],
-                                           None if timestamps is None else timestamps[index])
+            index = torch.tensor(others, device=device)
+            other_q = self.retriever.query(on_device(history)[index], on_device(lengths)[index],
+                                           None if timestamps is None else on_device(timestamps)[index])
             if queries is None:
-                queries = torch.empty(B, other_q.shape[1], device=history.device, dtype=other_q.dtype)
+                queries = torch.empty(B, other_q.shape[1], device=device, dtype=other_q.dtype)
             queries[others] = other_q
         if queries is None:  # an empty batch
-            queries = self.retriever.query(history, lengths, timestamps)
+            queries = self.retriever.query(on_device(history), on_device(lengths), on_device(timestamps))
         return queries, paths

@@ -157,11 +157,11 @@ class TritonPythonModel:
         """Rows with a user id through the cache (hits and misses in one ragged batch), the others through the
         variant's own call, exactly as without a cache -> numpy (ids, scores), each row's path."""
         known = np.flatnonzero(users >= 0)
-        history = torch.from_numpy(batch[known]).to(self.device)
+        # Host tensors: the cache reads the histories on the host and copies to the device what it needs.
         with self.kernel_choice():
             ids, scores, paths = self.incremental.recommend_detailed(
-                history, torch.from_numpy(lengths[known]).to(self.device), torch.from_numpy(users[known]),
-                None if times is None else torch.from_numpy(times[known]).to(self.device))
+                torch.from_numpy(batch[known]), torch.from_numpy(lengths[known]), torch.from_numpy(users[known]),
+                None if times is None else torch.from_numpy(times[known]))
         if len(known) == len(batch):
             return ids.cpu().numpy(), scores.float().cpu().numpy(), paths
         others = np.flatnonzero(users < 0)
