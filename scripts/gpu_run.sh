@@ -8,6 +8,8 @@
 #   scripts/gpu_run.sh run [OUT]      # with .whl/ present: installs, runs everything, writes OUT
 #   scripts/gpu_run.sh build [OUT]    # the first half of run: installs, stage=all, the validate table
 #   scripts/gpu_run.sh serve [OUT]    # the second half: deploy, query, load tests, GPU metrics, summary
+#   scripts/gpu_run.sh build-bg OUT   # build in its own process session, so that it outlives one device call
+#   scripts/gpu_run.sh wait OUT       # until that build has finished (WAIT_S, default 540 s; exit 1 if not)
 #   scripts/gpu_run.sh all [OUT]      # stash and run, when everything is here at once
 #   scripts/gpu_run.sh kernels [OUT]  # our kernels against the reference at 1k..1M items (torch+triton only), and
 #                                     # with ML1M_ROOT (a folder holding ml-1m/) the ML-1M preset's stage=all
@@ -105,6 +107,23 @@ PY
   echo "results in $out"
 }
 
+build_bg() {  # a cold build takes longer than one device call: run it detached, then `wait` in later calls
+  mkdir -p "$out" "$home"
+  setsid nohup "$PWD/scripts/gpu_run.sh" build "$out" > "$out/build.out" 2>&1 < /dev/null &
+  echo "build started in the background: $out (log $out/build.out)"
+}
+
+wait_build() {
+  local limit=${WAIT_S:-540} start=$SECONDS
+  until grep -q "^| stage_all |" "$out/steps.md" 2>/dev/null; do
+    if (( SECONDS - start >= limit )); then
+      echo "the build is still running after ${limit} s"; tail -3 "$out/build.out" 2>/dev/null; return 1
+    fi
+    sleep 5
+  done
+  cat "$out/steps.md"
+}
+
 kernels() {
   mkdir -p "$out"
   echo "| step | exit | seconds |" > "$out/steps.md"; echo "| --- | --- | --- |" >> "$out/steps.md"
@@ -136,9 +155,12 @@ case "$phase" in
   run) build; serve ;;
   build) build ;;
   serve) serve ;;
+  build-bg) build_bg ;;
+  wait) wait_build ;;
   all) stash; build; serve ;;
   kernels) kernels ;;
   incremental) incremental ;;
   tests) tests ;;
-  *) echo "usage: scripts/gpu_run.sh stash | run | build | serve | all | kernels | incremental | tests [OUT]" >&2; exit 2 ;;
+  *) echo "usage: scripts/gpu_run.sh stash | run | build | build-bg | wait | serve | all | kernels | incremental | tests [OUT]" >&2
+     exit 2 ;;
 esac
