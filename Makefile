@@ -23,7 +23,7 @@ run: $(PY)  ## the main job on the embedded default (synthetic data, CPU or GPU)
 	$(PY) -m pipeline stage=all precision=fp16 $(ARGS)
 
 test: $(PY)  ## the test suite (CPU)
-	$(PY) -m pytest -q $(ARGS)
+	$(PY) -m pytest -q --durations=15 $(ARGS)
 
 ui: $(PY)  ## MLflow UI on http://127.0.0.1:5000
 	$(PY) -m mlflow ui --host 127.0.0.1 --port 5000 \
