@@ -51,7 +51,7 @@ def rollout(server: LocalServer, ensemble: str, release: Path, version: str, smo
     it and smoke-tests that too; -> seconds the new models took to load. Raises RolledBack with the cause
     when anything fails, after putting back what served."""
     good = deployed(server.root)
-    new = list(release_models(ensemble, version).values())
+    new = [m for m in release_models(ensemble, version).values() if (Path(release) / m).is_dir()]  # fused: fewer
     old = [m for m in _models_in(Path(good["release"])) if m != ensemble] if good else []
     started = time.perf_counter()
     try:
