@@ -22,6 +22,21 @@ USER_ID is optional for clients. Preprocess always hands the python engines a us
 so that every request reaches the engine with the same inputs: Triton's dynamic batcher batches only
 requests that carry the same set of inputs, and hits, misses and requests without a user must run together.
 A native engine (production target) takes no user id; there USER_ID is checked and ignored.
+
+serving.fused=true folds the three steps into one python model, so that a request costs one stub round trip:
+
+    <name>, <name>_vN       the same ensembles (clients, the smoke test and the blue/green switch see no
+                            difference), each of one step
+    <name>_vN_engine        python (models/fused.py, over the python engine copied beside it as genrec_engine.py):
+                            the client's HISTORY (ragged: requests of any length batch together), K, USER_ID and
+                            TIMESTAMPS -> ITEM_IDS, SCORES. Each request is checked on its own with preprocess's
+                            checks and messages (a bad one gets its error, the rest of the batch is served),
+                            the good ones run as one batch (batch buckets, returning users' cache and its
+                            metrics as above), each answer is cut to its k and mapped back as postprocess does.
+
+USER_ID stays optional there, so requests with and without it are not batched together. A native engine
+(production target with onnxruntime or tensorrt_plan) cannot take the client's inputs: the writer refuses
+serving.fused=true for it.
 """
 from __future__ import annotations
 
