@@ -1,11 +1,12 @@
 """Putting a release live on the local server without ever stopping what serves.
 
-A release is its own models (repository.release_models: `<name>_vN_{preprocess,engine,postprocess}` and the
-ensemble `<name>_vN`), and the public ensemble `<name>` that clients call points at one release's steps. A
-deploy loads the new release beside the serving one and smoke-tests `<name>_vN`; only then is `<name>`
-switched to it (Triton swaps the ensemble once the new one is loaded) and the old release unloaded. On any
-failure before the switch the new release's models are unloaded and removed while the old release serves
-on, untouched. If the server dies during a deploy, it is started again on the last good release.
+A release is its own models (repository.release_models: `<name>_vN_{preprocess,engine,postprocess}`, or the
+engine alone with serving.fused, and the ensemble `<name>_vN`), and the public ensemble `<name>` that clients
+call points at one release's steps. A deploy loads the new release beside the serving one and smoke-tests
+`<name>_vN`; only then is `<name>` switched to it (Triton swaps the ensemble once the new one is loaded) and
+the old release unloaded. On any failure before the switch the new release's models are unloaded and removed
+while the old release serves on, untouched. If the server dies during a deploy, it is started again on the last
+good release.
 
 <serving.root>/deployed.json records the last good release: registry version, release and package
 folders, and the version that served before it.
