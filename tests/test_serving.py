@@ -64,6 +64,10 @@ def test_text_vocabulary_makes_uint8_ids_in_the_ensemble(tmp_path):
     assert kinds[("genrec", "HISTORY")] == kinds[("genrec", "ITEM_IDS")] == "TYPE_UINT8"
     assert kinds[("genrec_v1_preprocess", "HISTORY")] == kinds[("genrec_v1_postprocess", "ITEM_IDS")] == "TYPE_UINT8"
     assert kinds[("genrec_v1_preprocess", "HISTORY_PADDED")] == "TYPE_INT64"
+    fused = _configs(write_repository(package, _cfg(tmp_path, "serving.fused=true").serving, tmp_path / "f", 1, "local"))
+    engine = {t.name: t for t in (*fused["genrec_v1_engine"].input, *fused["genrec_v1_engine"].output)}
+    assert engine["HISTORY"].data_type == engine["ITEM_IDS"].data_type == mc.TYPE_UINT8
+    assert engine["HISTORY"].allow_ragged_batch  # rows of text of any byte length batch together
 
 
 def test_time_bias_model_takes_optional_timestamps_through_the_ensemble(tmp_path):
@@ -82,6 +86,11 @@ def test_time_bias_model_takes_optional_timestamps_through_the_ensemble(tmp_path
     assert steps[0].input_map["TIMESTAMPS"] == "TIMESTAMPS"
     assert steps[1].input_map["TIMESTAMPS"] == steps[0].output_map["TIMESTAMPS_PADDED"] == "timestamps_padded"
     assert configs["genrec_v1_engine"].parameters["time_bias"].string_value == "true"
+    fused = _configs(write_repository(package, _cfg(tmp_path, "serving.fused=true").serving, tmp_path / "f", 1, "local"))
+    times = {t.name: t for t in fused["genrec_v1_engine"].input}["TIMESTAMPS"]
+    assert times.optional and times.allow_ragged_batch and list(times.dims) == [-1]
+    assert fused["genrec"].ensemble_scheduling.step[0].input_map["TIMESTAMPS"] == "TIMESTAMPS"
+    assert fused["genrec_v1_engine"].parameters["time_bias"].string_value == "true"
     plain = _package(tmp_path, Variant("eager-fp32", "eager", "fp32", str(checkpoint), "train"))
     plain_configs = _configs(write_repository(plain, _cfg(tmp_path).serving, tmp_path / "repo2", 1, "local"))
     assert [t.name for t in plain_configs["genrec"].input] == ["HISTORY", "K", "USER_ID"]  # no TIMESTAMPS
