@@ -378,3 +378,56 @@ def test_champion_of_each_backend_deploys_and_answers_as_the_pipeline(env, compi
         want_ids, want_scores = _promoted_variant(env, version)(padded, torch.full((3,), 4), None)
     assert np.asarray(answer.item_ids).tolist() == want_ids[:, :10].tolist()
     np.testing.assert_allclose(answer.scores, want_scores[:, :10].numpy(), atol=1e-4)
+
+
+def test_fused_release_answers_as_the_pipeline_and_refuses_bad_requests_alone(env):
+    """serving.fused=true: one python model per release; the same answers, errors, cache, and blue/green switch."""
+    tmp, args, cfg, server, client, registry = env
+    source = registry.get_model_version("genrec", "2").tags["source_run"]  # the eager HSTU: the torch engine
+    code, output = _pipeline(env, "stage=[promote,deploy]", f"from_run={source}", "promote.backends=[eager]",
+                             "serving.fused=true")
+    assert code == 0, output  # the deploy's smoke test compared the server's answers with the pipeline's
+    version = deployed(server.root)["version"]
+    assert sorted(p.name for p in server.repository.iterdir()) == ["genrec", f"genrec_v{version}",
+                                                                   f"genrec_v{version}_engine"]
+    out = subprocess.run([sys.executable, "-m", "pipeline.client", "--check", "--example", "3", *args],
+                         cwd=tmp, env={**os.environ, "PYTHONPATH": str(ROOT)}, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0 and "MATCH" in out.stdout, out.stdout + out.stderr
+    for history, k, message in BAD.values():
+        with pytest.raises(RequestRejected, match=message.replace("(", r"\(").replace(")", r"\)")):
+            client.infer(history, np.array(k, dtype=np.int64))
+
+    # Good and bad requests of different lengths at once: the batcher queues them together (ragged HISTORY);
+    # each bad one gets its error, each good one the pipeline's answer.
+    test = load_splits(cfg).test
+    users = [u for u in range(len(test.lengths)) if test.lengths[u] >= 2][:12]
+    histories = [test.history[u, : test.lengths[u]].tolist() for u in users]  # synthetic: raw ids = model ids
+    with torch.inference_mode():
+        want, _ = _promoted_variant(env, version)(test.history[users], test.lengths[users], None)
+    results = {}
+
+    def ask(i: int) -> None:
+        one = GenrecClient(server.url)
+        try:
+            if i % 3 == 2:
+                with pytest.raises(RequestRejected, match="unknown item ids"):
+                    one.infer(np.array([[3, 4000 + i]]), np.array([[5]]))
+                results[i] = "refused"
+            else:
+                results[i] = one.recommend(histories[i], 10, user_id=i if i % 2 else None).item_ids.tolist()
+        finally:
+            one.close()
+
+    threads = [threading.Thread(target=ask, args=(i,)) for i in range(len(histories))]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert results == {i: "refused" if i % 3 == 2 else want[i, :10].tolist() for i in range(len(histories))}
+    # A returning user's second request, one action longer, is answered from the cache as from its whole history.
+    engine, before = f"genrec_v{version}_engine", scrape_cache(server.metrics_url)
+    longer = histories[0][:-1]
+    first = client.recommend(longer, 10, user_id=4321)
+    second = client.recommend(histories[0], 10, user_id=4321)
+    assert second.item_ids.tolist() == want[0, :10].tolist() and first.model_version == version
+    assert _cache_counts(server, engine, before, {"misses": 1, "hits_device": 1}) == {"misses": 1, "hits_device": 1}

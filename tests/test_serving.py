@@ -64,6 +64,10 @@ def test_text_vocabulary_makes_uint8_ids_in_the_ensemble(tmp_path):
     assert kinds[("genrec", "HISTORY")] == kinds[("genrec", "ITEM_IDS")] == "TYPE_UINT8"
     assert kinds[("genrec_v1_preprocess", "HISTORY")] == kinds[("genrec_v1_postprocess", "ITEM_IDS")] == "TYPE_UINT8"
     assert kinds[("genrec_v1_preprocess", "HISTORY_PADDED")] == "TYPE_INT64"
+    fused = _configs(write_repository(package, _cfg(tmp_path, "serving.fused=true").serving, tmp_path / "f", 1, "local"))
+    engine = {t.name: t for t in (*fused["genrec_v1_engine"].input, *fused["genrec_v1_engine"].output)}
+    assert engine["HISTORY"].data_type == engine["ITEM_IDS"].data_type == mc.TYPE_UINT8
+    assert engine["HISTORY"].allow_ragged_batch  # rows of text of any byte length batch together
 
 
 def test_time_bias_model_takes_optional_timestamps_through_the_ensemble(tmp_path):
@@ -82,6 +86,11 @@ def test_time_bias_model_takes_optional_timestamps_through_the_ensemble(tmp_path
     assert steps[0].input_map["TIMESTAMPS"] == "TIMESTAMPS"
     assert steps[1].input_map["TIMESTAMPS"] == steps[0].output_map["TIMESTAMPS_PADDED"] == "timestamps_padded"
     assert configs["genrec_v1_engine"].parameters["time_bias"].string_value == "true"
+    fused = _configs(write_repository(package, _cfg(tmp_path, "serving.fused=true").serving, tmp_path / "f", 1, "local"))
+    times = {t.name: t for t in fused["genrec_v1_engine"].input}["TIMESTAMPS"]
+    assert times.optional and times.allow_ragged_batch and list(times.dims) == [-1]
+    assert fused["genrec"].ensemble_scheduling.step[0].input_map["TIMESTAMPS"] == "TIMESTAMPS"
+    assert fused["genrec_v1_engine"].parameters["time_bias"].string_value == "true"
     plain = _package(tmp_path, Variant("eager-fp32", "eager", "fp32", str(checkpoint), "train"))
     plain_configs = _configs(write_repository(plain, _cfg(tmp_path).serving, tmp_path / "repo2", 1, "local"))
     assert [t.name for t in plain_configs["genrec"].input] == ["HISTORY", "K", "USER_ID"]  # no TIMESTAMPS
@@ -567,3 +576,53 @@ def test_cache_metrics_are_read_per_engine_over_an_interval():
     lines = report({"version": "2", "variant": "eager-fp32", "client": client, "server": {},
                     "returning_users": {"users": 100, "visited": 9, "cache": cache_side(before, after)}})
     assert "hits device 10, host 0; misses 3" in lines and "device_hit        10 rows, engine 0.200 ms" in lines
+
+
+def test_fused_repository_is_one_python_model_taking_ragged_histories(tmp_path):
+    checkpoint = tmp_path / "model.pt"
+    checkpoint.write_bytes(b"weights")
+    package = _package(tmp_path, Variant("eager-fp32", "eager", "fp32", str(checkpoint), "train"))
+    folders = write_repository(package, _cfg(tmp_path, "serving.fused=true").serving, tmp_path / "repo", 7, "local")
+    configs = _configs(folders)
+    assert set(configs) == {"genrec", "genrec_v7", "genrec_v7_engine"}
+    for name in ("genrec", "genrec_v7"):  # the ensembles keep their names (blue/green switch, smoke test), one step
+        steps = configs[name].ensemble_scheduling.step
+        assert [(s.model_name, s.model_version) for s in steps] == [("genrec_v7_engine", 7)]
+        assert dict(steps[0].input_map) == {"HISTORY": "HISTORY", "K": "K", "USER_ID": "USER_ID"}
+        assert dict(steps[0].output_map) == {"ITEM_IDS": "ITEM_IDS", "SCORES": "SCORES"}
+    engine = configs["genrec_v7_engine"]
+    inputs = {i.name: i for i in engine.input}
+    assert list(inputs) == ["HISTORY", "K", "USER_ID"] and inputs["USER_ID"].optional
+    assert inputs["HISTORY"].allow_ragged_batch and list(inputs["HISTORY"].dims) == [-1]
+    assert [o.name for o in engine.output] == ["ITEM_IDS", "SCORES"]
+    assert engine.backend == "python" and list(engine.dynamic_batching.preferred_batch_size) == [8, 16, 32]
+    assert engine.parameters["cache_enabled"].string_value == "true"
+    engine_dir = folders["genrec_v7_engine"] / "7"
+    assert (engine_dir / "model.py").read_text() == (ROOT / "pipeline/serving/models/fused.py").read_text()
+    assert (engine_dir / "genrec_engine.py").read_text() == (ROOT / "pipeline/serving/models/engine_torch.py").read_text()
+    assert {"genrec_common.py", "item_ids.npy", "variant.json", "model.pt"} <= {p.name for p in engine_dir.iterdir()}
+    assert len(list((engine_dir / "__pycache__").glob("*.pyc"))) == 3
+    model = _tiny_onnx(tmp_path / "retriever-fp32.onnx")
+    write_digest(model)
+    onnx_package = write_package(tmp_path / "pkg2", Variant("onnxruntime-fp32", "onnxruntime", "fp32", str(model), "onnx"),
+                                 model_config={"name": "hstu", "max_len": 8}, top_k=20, raw_item_ids=RAW,
+                                 examples=[[10, 20]], info={"metrics": {}})
+    with pytest.raises(PipelineError, match="serving.fused=true needs a python engine.*native onnxruntime backend"):
+        write_repository(onnx_package, _cfg(tmp_path, "serving.fused=true").serving, tmp_path / "prod", 3, "production")
+
+
+def test_request_and_answer_are_what_preprocess_and_postprocess_compute():
+    from pipeline.serving.models.common import Request, answer
+
+    vocab = Vocabulary(RAW)
+    request = Request(vocab, np.array([[10, 40]]), np.array([[2]]), None, None, max_len=4, max_k=20, time_bias=False)
+    assert request.history.tolist() == [[2, 4, 0, 0]] and request.lengths.tolist() == [[2]]
+    assert request.users.tolist() == [[-1]] and request.times is None and request.k == 2 and request.rows == 1
+    timed = Request(vocab, np.array([[10]]), np.array([[1]]), np.array([[7]]), np.array([[99]]), 3, 20, True)
+    assert timed.users.tolist() == [[7]] and timed.times.tolist() == [[99, 0, 0]]
+    with pytest.raises(RequestError, match="send TIMESTAMPS"):
+        Request(vocab, np.array([[10]]), np.array([[1]]), None, None, 3, 20, True)
+    with pytest.raises(RequestError, match="negative USER_ID"):
+        Request(vocab, np.array([[10]]), np.array([[1]]), np.array([[-3]]), None, 3, 20, False)
+    raw, scores = answer(vocab, np.array([[4, 1, 2]]), np.array([[3.0, 2.0, 1.0]], np.float64), 2)
+    assert raw.tolist() == [[40, 30]] and scores.dtype == np.float32 and scores.tolist() == [[3.0, 2.0]]

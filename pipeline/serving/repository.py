@@ -22,6 +22,21 @@ USER_ID is optional for clients. Preprocess always hands the python engines a us
 so that every request reaches the engine with the same inputs: Triton's dynamic batcher batches only
 requests that carry the same set of inputs, and hits, misses and requests without a user must run together.
 A native engine (production target) takes no user id; there USER_ID is checked and ignored.
+
+serving.fused=true folds the three steps into one python model, so that a request costs one stub round trip:
+
+    <name>, <name>_vN       the same ensembles (clients, the smoke test and the blue/green switch see no
+                            difference), each of one step
+    <name>_vN_engine        python (models/fused.py, over the python engine copied beside it as genrec_engine.py):
+                            the client's HISTORY (ragged: requests of any length batch together), K, USER_ID and
+                            TIMESTAMPS -> ITEM_IDS, SCORES. Each request is checked on its own with preprocess's
+                            checks and messages (a bad one gets its error, the rest of the batch is served),
+                            the good ones run as one batch (batch buckets, returning users' cache and its
+                            metrics as above), each answer is cut to its k and mapped back as postprocess does.
+
+USER_ID stays optional there, so requests with and without it are not batched together. A native engine
+(production target with onnxruntime or tensorrt_plan) cannot take the client's inputs: the writer refuses
+serving.fused=true for it.
 """
 from __future__ import annotations
 
@@ -43,6 +58,7 @@ TARGETS = ("local", "production")
 MODELS_DIR = Path(__file__).parent / "models"
 PLAN_FILE = "model.plan"
 COMMON = "genrec_common.py"
+ENGINE = "genrec_engine.py"  # the fused model's engine, beside its model.py
 
 
 @dataclass(frozen=True)
@@ -154,6 +170,8 @@ def write_repository(package: Package, scfg: DictConfig, dst: Path, version: int
     if dst.exists():
         shutil.rmtree(dst)
     names = release_models(scfg.model_name, version)
+    if scfg.get("fused", False):
+        return _write_fused(package, scfg, dst, version, engine, kind, names)
     folders = {
         names["preprocess"]: _write(dst, _preprocess(scfg, names["preprocess"], package), version),
         names["engine"]: _write(dst, _engine(scfg, names["engine"], engine, package, kind), version),
@@ -176,6 +194,64 @@ def write_repository(package: Package, scfg: DictConfig, dst: Path, version: int
         _python_files(engine_dir, "engine_" + engine.kind.removeprefix("python_"))
         (engine_dir / "variant.json").write_text(_variant_json(package))
     return folders
+
+
+def _write_fused(package: Package, scfg: DictConfig, dst: Path, version: int, engine: Engine, kind: str,
+                 names: dict[str, str]) -> dict[str, Path]:
+    """serving.fused=true: the engine takes the client's inputs and answers ITEM_IDS and SCORES (models/fused.py
+    over the python engine), and both ensembles have that one step."""
+    if not engine.kind.startswith("python_"):
+        raise PipelineError(f"serving.fused=true needs a python engine, and deploy.target=production serves "
+                            f"{package.variant.name} through Triton's native {engine.kind} backend; set "
+                            "serving.fused=false for that target")
+    folders = {
+        names["engine"]: _write(dst, _fused_engine(scfg, names["engine"], engine, package, kind), version),
+        names["ensemble"]: _write(dst, _fused_ensemble(names["ensemble"], scfg, names, version, package), version),
+        scfg.model_name: _write(dst, _fused_ensemble(scfg.model_name, scfg, names, version, package), version),
+    }
+    engine_dir = folders[names["engine"]] / str(version)
+    for path in package.root.iterdir():
+        if path.name not in (EXAMPLES_FILE, EXAMPLE_TIMES_FILE):
+            (shutil.copytree if path.is_dir() else shutil.copy2)(path, engine_dir / path.name)
+    shutil.copy2(MODELS_DIR / ("engine_" + engine.kind.removeprefix("python_") + ".py"), engine_dir / ENGINE)
+    _python_files(engine_dir, "fused")
+    (engine_dir / "variant.json").write_text(_variant_json(package))
+    return folders
+
+
+def _client_io(package: Package) -> tuple[list[Io], list[Io]]:
+    """What a client sends and gets: the ensemble's inputs and outputs (optional TIMESTAMPS: the checks name
+    what is missing)."""
+    ids = _id_type(package)
+    inputs = [Io("HISTORY", ids, (-1,)), Io("K", "TYPE_INT64", (1,)), CLIENT_USER_ID]
+    if uses_time(package):
+        inputs.append(Io("TIMESTAMPS", "TYPE_INT64", (-1,), optional=True))
+    return inputs, [Io("ITEM_IDS", ids, (-1,)), Io("SCORES", "TYPE_FP32", (-1,))]
+
+
+def _fused_engine(scfg: DictConfig, name: str, engine: Engine, package: Package, kind: str) -> mc.ModelConfig:
+    """The engine's config (batching, instances, parameters) with the client's inputs and outputs; HISTORY and
+    TIMESTAMPS ragged, so that requests of different history lengths batch together."""
+    inputs, outputs = _client_io(package)
+    config = _engine(scfg, name, Engine(engine.kind, tuple(inputs), tuple(outputs)), package, kind)
+    for tensor in config.input:
+        if tensor.name in ("HISTORY", "TIMESTAMPS"):
+            tensor.allow_ragged_batch = True
+    return config
+
+
+def _fused_ensemble(name: str, scfg: DictConfig, names: dict[str, str], version: int,
+                    package: Package) -> mc.ModelConfig:
+    config = mc.ModelConfig(name=name, platform="ensemble", max_batch_size=scfg.max_batch_size)
+    inputs, outputs = _client_io(package)
+    for io in inputs:
+        _add(config.input, io)
+    for io in outputs:
+        _add(config.output, io)
+    config.ensemble_scheduling.step.add(model_name=names["engine"], model_version=version,
+                                        input_map={io.name: io.name for io in inputs},
+                                        output_map={io.name: io.name for io in outputs})
+    return config
 
 
 def config_text(config: mc.ModelConfig) -> str:

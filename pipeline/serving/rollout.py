@@ -1,11 +1,12 @@
 """Putting a release live on the local server without ever stopping what serves.
 
-A release is its own models (repository.release_models: `<name>_vN_{preprocess,engine,postprocess}` and the
-ensemble `<name>_vN`), and the public ensemble `<name>` that clients call points at one release's steps. A
-deploy loads the new release beside the serving one and smoke-tests `<name>_vN`; only then is `<name>`
-switched to it (Triton swaps the ensemble once the new one is loaded) and the old release unloaded. On any
-failure before the switch the new release's models are unloaded and removed while the old release serves
-on, untouched. If the server dies during a deploy, it is started again on the last good release.
+A release is its own models (repository.release_models: `<name>_vN_{preprocess,engine,postprocess}`, or the
+engine alone with serving.fused, and the ensemble `<name>_vN`), and the public ensemble `<name>` that clients
+call points at one release's steps. A deploy loads the new release beside the serving one and smoke-tests
+`<name>_vN`; only then is `<name>` switched to it (Triton swaps the ensemble once the new one is loaded) and
+the old release unloaded. On any failure before the switch the new release's models are unloaded and removed
+while the old release serves on, untouched. If the server dies during a deploy, it is started again on the last
+good release.
 
 <serving.root>/deployed.json records the last good release: registry version, release and package
 folders, and the version that served before it.
@@ -51,7 +52,7 @@ def rollout(server: LocalServer, ensemble: str, release: Path, version: str, smo
     it and smoke-tests that too; -> seconds the new models took to load. Raises RolledBack with the cause
     when anything fails, after putting back what served."""
     good = deployed(server.root)
-    new = list(release_models(ensemble, version).values())
+    new = [m for m in release_models(ensemble, version).values() if (Path(release) / m).is_dir()]  # fused: fewer
     old = [m for m in _models_in(Path(good["release"])) if m != ensemble] if good else []
     started = time.perf_counter()
     try:

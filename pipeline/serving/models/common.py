@@ -206,3 +206,43 @@ def to_triton(pb_utils, name: str, array: np.ndarray):
     # spec, so numpy's capsule destructor would log an error for every tensor. Mark it as the spec says.
     _set_capsule_name(capsule, _CONSUMED)
     return tensor
+
+
+class Request:
+    """One request, checked and mapped to the engine's inputs (preprocess, and the fused engine, per request):
+    HISTORY [B, L] raw ids (UINT8 text for a text vocabulary), K [B, 1], USER_ID [B, 1] or None, TIMESTAMPS
+    [B, L] or None -> `history` [B, max_len] model ids right-padded with 0, `lengths` [B, 1], `users` [B, 1]
+    (NO_USER for none), `times` [B, max_len] or None, `k`. Raises RequestError for a bad one."""
+
+    def __init__(self, vocabulary: Vocabulary, history, k, user, timestamps, max_len: int, max_k: int,
+                 time_bias: bool) -> None:
+        history = np.asarray(history)
+        if vocabulary.text:  # UINT8 [B, bytes]: the ids of each row as UTF-8 text, newline-separated
+            history = unpack_text(history)
+        self.k = check_request(history, k, max_len, max_k)
+        self.history, self.lengths = pad(vocabulary.encode(history), max_len)
+        self.users = user_ids(None if user is None else np.asarray(user), history.shape[0])
+        self.times = pad(check_timestamps(timestamps, history), max_len)[0] if time_bias else None
+
+    @property
+    def rows(self) -> int:
+        return len(self.history)
+
+
+def read_request(pb_utils, request, vocabulary: Vocabulary, max_len: int, max_k: int, time_bias: bool) -> Request:
+    """A Triton request's HISTORY, K, USER_ID and TIMESTAMPS (None when it lacks one) -> a checked Request."""
+    def given(name):
+        tensor = pb_utils.get_input_tensor_by_name(request, name)
+        return None if tensor is None else from_triton(tensor)
+
+    return Request(vocabulary, given("HISTORY"), given("K"), given("USER_ID"),
+                   given("TIMESTAMPS") if time_bias else None, max_len, max_k, time_bias)
+
+
+def answer(vocabulary: Vocabulary, ids: np.ndarray, scores: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """The engine's top-K model ids and scores of one request -> (its first k as raw ids, the scores) as the
+    client gets them: ITEM_IDS (INT64, or UINT8 text for a text vocabulary) and SCORES (FP32)."""
+    raw = vocabulary.decode(np.asarray(ids)[:, :k])
+    if vocabulary.text:  # UINT8 [B, bytes]: each row's ids as UTF-8 text, newline-separated
+        raw = pack_text(raw)
+    return raw, np.asarray(scores)[:, :k].astype(np.float32)

@@ -37,16 +37,20 @@ class TritonPythonModel:
     def execute(self, requests):
         history = [from_triton(pb_utils.get_input_tensor_by_name(r, "HISTORY")) for r in requests]
         lengths = [from_triton(pb_utils.get_input_tensor_by_name(r, "LENGTHS")) for r in requests]
-        given = [np.concatenate(history), np.concatenate(lengths).reshape(-1)]
+        times = None
         if self.time_bias:
-            given.append(np.concatenate([from_triton(pb_utils.get_input_tensor_by_name(r, "TIMESTAMPS"))
-                                         for r in requests]))
-        feed = dict(zip(self.inputs, given))
+            times = np.concatenate([from_triton(pb_utils.get_input_tensor_by_name(r, "TIMESTAMPS")) for r in requests])
         try:
-            ids, scores = self.session.run(None, feed)[:2]
+            ids, scores = self.compute(np.concatenate(history), np.concatenate(lengths), None, times)
         except Exception as err:  # the whole batch fails alike; the server keeps serving
             return [pb_utils.InferenceResponse(error=pb_utils.TritonError(f"engine failed: {err}")) for _ in requests]
-        ids, scores = ids[:, : self.max_k].astype(np.int64), scores[:, : self.max_k].astype(np.float32)
         bounds = np.cumsum([len(h) for h in history])[:-1]
         return [pb_utils.InferenceResponse([to_triton(pb_utils, "TOP_IDS", i), to_triton(pb_utils, "TOP_SCORES", s)])
                 for i, s in zip(np.split(ids, bounds), np.split(scores, bounds))]
+
+    def compute(self, history: np.ndarray, lengths: np.ndarray, users, times: np.ndarray | None):
+        """One batch: history [B, max_len] model ids, lengths [B(, 1)], times [B, max_len] or None (users: not
+        used) -> numpy (ids [B, max_k] int64, scores [B, max_k] float32)."""
+        given = [history, lengths.reshape(-1)] + ([times] if self.time_bias else [])
+        ids, scores = self.session.run(None, dict(zip(self.inputs, given)))[:2]
+        return ids[:, : self.max_k].astype(np.int64), scores[:, : self.max_k].astype(np.float32)

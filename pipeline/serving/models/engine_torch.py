@@ -122,28 +122,34 @@ class TritonPythonModel:
             torch.cuda.synchronize(self.device)
 
     def execute(self, requests):
-        start = time.perf_counter()
         history = [from_triton(pb_utils.get_input_tensor_by_name(r, "HISTORY")) for r in requests]
         lengths = [from_triton(pb_utils.get_input_tensor_by_name(r, "LENGTHS")) for r in requests]
-        users = np.concatenate([from_triton(pb_utils.get_input_tensor_by_name(r, "USER_ID")) for r in requests])
-        batch, rows_in, users = np.concatenate(history), np.concatenate(lengths).reshape(-1), users.reshape(-1)
+        users = [from_triton(pb_utils.get_input_tensor_by_name(r, "USER_ID")) for r in requests]
         times = None
         if self.time_bias:
             times = np.concatenate([from_triton(pb_utils.get_input_tensor_by_name(r, "TIMESTAMPS")) for r in requests])
         try:
-            with torch.inference_mode():
-                if self.incremental is None or (users < 0).all():
-                    ids, scores = self._predict(batch, rows_in, times)
-                    paths = ["no_user"] * len(batch)
-                else:
-                    ids, scores, paths = self._with_cache(batch, rows_in, users, times)
+            ids, scores = self.compute(np.concatenate(history), np.concatenate(lengths), np.concatenate(users), times)
         except Exception as err:  # the whole batch fails alike; the server keeps serving
             return [pb_utils.InferenceResponse(error=pb_utils.TritonError(f"engine failed: {err}")) for _ in requests]
-        if self.metrics is not None:
-            self.metrics.update(self.incremental.cache.stats(), paths, (time.perf_counter() - start) * 1e6)
         bounds = np.cumsum([len(h) for h in history])[:-1]
         return [pb_utils.InferenceResponse([to_triton(pb_utils, "TOP_IDS", i), to_triton(pb_utils, "TOP_SCORES", s)])
                 for i, s in zip(np.split(ids, bounds), np.split(scores, bounds))]
+
+    def compute(self, batch: np.ndarray, lengths: np.ndarray, users: np.ndarray, times: np.ndarray | None):
+        """One batch: history [B, max_len] model ids, lengths [B(, 1)], user ids [B(, 1)] (-1: none), times
+        [B, max_len] or None -> numpy (ids [B, max_k], scores [B, max_k]); the cache's metrics updated."""
+        start = time.perf_counter()
+        rows_in, users = lengths.reshape(-1), users.reshape(-1)
+        with torch.inference_mode():
+            if self.incremental is None or (users < 0).all():
+                ids, scores = self._predict(batch, rows_in, times)
+                paths = ["no_user"] * len(batch)
+            else:
+                ids, scores, paths = self._with_cache(batch, rows_in, users, times)
+        if self.metrics is not None:
+            self.metrics.update(self.incremental.cache.stats(), paths, (time.perf_counter() - start) * 1e6)
+        return ids, scores
 
     def _predict(self, batch: np.ndarray, lengths: np.ndarray, times: np.ndarray | None):
         """The variant's own call, at the smallest batch bucket that holds the rows -> numpy (ids, scores)."""
