@@ -7,7 +7,7 @@
 #   scripts/gpu_run.sh stash          # with .whl-triton/ present: keeps the tritonserver wheel in $GENREC_GPU_HOME
 #   scripts/gpu_run.sh run [OUT]      # with .whl/ present: installs, runs everything, writes OUT
 #   scripts/gpu_run.sh build [OUT]    # the first half of run: installs, stage=all, the validate table
-#   scripts/gpu_run.sh serve [OUT]    # the second half: deploy, query, load tests, GPU metrics, summary
+#   scripts/gpu_run.sh serve [OUT]    # the second half: deploy, query, load tests (also serving.fused), GPU metrics
 #   scripts/gpu_run.sh build-bg OUT   # build in its own process session, so that it outlives one device call
 #   scripts/gpu_run.sh wait OUT       # until that build has finished (WAIT_S, default 540 s; exit 1 if not)
 #   scripts/gpu_run.sh all [OUT]      # stash and run, when everything is here at once
@@ -95,11 +95,15 @@ PY
   step deploy_nobatch "$py" -m pipeline stage=deploy "$gpu" serving.dynamic_batching.enabled=false
   step load_nobatch "$py" -m pipeline.serving.loadtest --requests "$n" --concurrency "$c" "$gpu" \
     serving.dynamic_batching.enabled=false
+  step deploy_fused "$py" -m pipeline stage=deploy "$gpu" serving.fused=true
+  step load_c1_fused "$py" -m pipeline.serving.loadtest --requests 500 --concurrency 1 "$gpu" serving.fused=true
+  step load_c1_fused_grpc "$py" -m pipeline.serving.loadtest --requests 500 --concurrency 1 --protocol grpc "$gpu" \
+    serving.fused=true
   "$py" -m pipeline.serving stop >/dev/null 2>&1
   {
     echo; echo "## steps"; cat "$out/steps.md"
     echo; echo "## validate (stage=all)"; cat "$out/validate_variants.md" 2>/dev/null
-    for s in query load_c1 load_c1_grpc load_dynamic load_returning load_nobatch; do
+    for s in query load_c1 load_c1_grpc load_dynamic load_returning load_nobatch load_c1_fused load_c1_fused_grpc; do
       echo; echo "## $s"; grep -v "^\s*$" "$out/$s.log" | tail -12
     done
     echo; echo "## GPU metrics"; cat "$out/gpu_metrics.txt" 2>/dev/null
