@@ -95,6 +95,7 @@ PY
   step deploy_nobatch "$py" -m pipeline stage=deploy "$gpu" serving.dynamic_batching.enabled=false
   step load_nobatch "$py" -m pipeline.serving.loadtest --requests "$n" --concurrency "$c" "$gpu" \
     serving.dynamic_batching.enabled=false
+  "$py" -m pipeline.serving stop >/dev/null 2>&1  # the same version in another layout: not beside itself
   step deploy_fused "$py" -m pipeline stage=deploy "$gpu" serving.fused=true
   step load_c1_fused "$py" -m pipeline.serving.loadtest --requests 500 --concurrency 1 "$gpu" serving.fused=true
   step load_c1_fused_grpc "$py" -m pipeline.serving.loadtest --requests 500 --concurrency 1 --protocol grpc "$gpu" \
