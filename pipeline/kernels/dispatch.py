@@ -19,6 +19,7 @@ instead of timing again (an engine loads in seconds rather than tuning at load).
 """
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import logging
@@ -151,6 +152,7 @@ def tuning_cache_path() -> Path | None:
     return _store_path
 
 
+@functools.lru_cache(maxsize=None)
 def _host_fingerprint(device: torch.device) -> str:
     """What a kept choice is valid for: the device model, torch and triton, and our kernels' source."""
     parts = [torch.__version__, device.type]

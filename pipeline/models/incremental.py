@@ -217,17 +217,20 @@ class IncrementalEncoder:
             last = index == L - 1
             D = x.shape[-1]
             normed = F.layer_norm(x, (D,), eps=layer.eps)
-            weight = layer.uvqk.weight  # rows: u, v, q, k
-            v = F.silu(F.linear(normed, weight[H * dv: 2 * H * dv])).view(-1, H, dv)
-            k = F.silu(F.linear(normed, weight[2 * H * dv + H * dqk:])).view(-1, H, dqk)
             if last:  # the last layer's output is needed at each row's latest action only (as in forward_last)
-                x_sel, normed_sel = x[last_rows], normed[last_rows]
+                weight = layer.uvqk.weight  # rows: u, v, q, k
+                v = F.silu(F.linear(normed, weight[H * dv: 2 * H * dv])).view(-1, H, dv)
+                k = F.silu(F.linear(normed, weight[2 * H * dv + H * dqk:])).view(-1, H, dqk)
+                x_sel = x[last_rows]
+                uq = F.linear(normed[last_rows], weight[: 2 * H * dv + H * dqk])
+                u, q = uq[:, : H * dv], uq[:, 2 * H * dv:]
                 q_off, q_len, width = last_off, last_len, 1
-            else:
-                x_sel, normed_sel = x, normed
+            else:  # every new position is a query: one projection, split as HSTULayer.forward does
+                x_sel = x
+                u, v, q, k = layer.uvqk(normed).split([H * dv, H * dv, H * dqk, H * dqk], dim=-1)
+                v, k = F.silu(v).reshape(-1, H, dv), F.silu(k).reshape(-1, H, dqk)
                 q_off, q_len, width = n_off, m_len, max_queries
-            uq = F.linear(normed_sel, weight[: 2 * H * dv + H * dqk])
-            u, q = uq[:, : H * dv], F.silu(uq[:, 2 * H * dv:]).view(-1, H, dqk)
+            q = F.silu(q).reshape(-1, H, dqk)
             bias = layer.relative_bias
             out = hstu_cached_attention(
                 q, k_cache[index], v_cache[index], k, v, c_off, c_len, n_off, m_len, q_off, q_len,
