@@ -229,6 +229,17 @@ def _client_io(package: Package) -> tuple[list[Io], list[Io]]:
     return inputs, [Io("ITEM_IDS", ids, (-1,)), Io("SCORES", "TYPE_FP32", (-1,))]
 
 
+def _client_ensemble(name: str, scfg: DictConfig, package: Package) -> mc.ModelConfig:
+    """An ensemble with the client's inputs and outputs, no steps yet."""
+    config = mc.ModelConfig(name=name, platform="ensemble", max_batch_size=scfg.max_batch_size)
+    inputs, outputs = _client_io(package)
+    for io in inputs:
+        _add(config.input, io)
+    for io in outputs:
+        _add(config.output, io)
+    return config
+
+
 def _fused_engine(scfg: DictConfig, name: str, engine: Engine, package: Package, kind: str) -> mc.ModelConfig:
     """The engine's config (batching, instances, parameters) with the client's inputs and outputs; HISTORY and
     TIMESTAMPS ragged, so that requests of different history lengths batch together."""
@@ -242,12 +253,8 @@ def _fused_engine(scfg: DictConfig, name: str, engine: Engine, package: Package,
 
 def _fused_ensemble(name: str, scfg: DictConfig, names: dict[str, str], version: int,
                     package: Package) -> mc.ModelConfig:
-    config = mc.ModelConfig(name=name, platform="ensemble", max_batch_size=scfg.max_batch_size)
+    config = _client_ensemble(name, scfg, package)
     inputs, outputs = _client_io(package)
-    for io in inputs:
-        _add(config.input, io)
-    for io in outputs:
-        _add(config.output, io)
     config.ensemble_scheduling.step.add(model_name=names["engine"], model_version=version,
                                         input_map={io.name: io.name for io in inputs},
                                         output_map={io.name: io.name for io in outputs})
@@ -320,16 +327,8 @@ def _id_type(package: Package) -> str:
 def _ensemble(name: str, scfg: DictConfig, names: dict[str, str], engine: Engine, version: int,
               package: Package) -> mc.ModelConfig:
     """Each step pinned to `version`: the ensemble never mixes steps of two releases."""
-    config = mc.ModelConfig(name=name, platform="ensemble", max_batch_size=scfg.max_batch_size)
-    ids = _id_type(package)
-    for io in (Io("HISTORY", ids, (-1,)), Io("K", "TYPE_INT64", (1,)), CLIENT_USER_ID):
-        _add(config.input, io)
+    config = _client_ensemble(name, scfg, package)
     timed = uses_time(package)
-    if timed:
-        _add(config.input, Io("TIMESTAMPS", "TYPE_INT64", (-1,)))
-        config.input[-1].optional = True  # the preprocess step names what is missing
-    for io in (Io("ITEM_IDS", ids, (-1,)), Io("SCORES", "TYPE_FP32", (-1,))):
-        _add(config.output, io)
     steps = config.ensemble_scheduling.step
     users = {"USER_IDS": "user_ids"} if engine.user_ids else {}
     steps.add(model_name=names["preprocess"], model_version=version,
@@ -352,15 +351,12 @@ def _ensemble(name: str, scfg: DictConfig, names: dict[str, str], engine: Engine
 
 def _preprocess(scfg: DictConfig, name: str, package: Package) -> mc.ModelConfig:
     config = _base(scfg, name, "python")
-    _add(config.input, Io("HISTORY", _id_type(package), (-1,)))
-    _add(config.input, Io("K", "TYPE_INT64", (1,)))
-    _add(config.input, CLIENT_USER_ID)
+    for io in _client_io(package)[0]:
+        _add(config.input, io)
     _add(config.output, Io("HISTORY_PADDED", "TYPE_INT64", (package.max_len,)))
     _add(config.output, Io("LENGTHS", "TYPE_INT64", (1,)))
     _add(config.output, Io("USER_IDS", "TYPE_INT64", (1,)))
     if uses_time(package):
-        _add(config.input, Io("TIMESTAMPS", "TYPE_INT64", (-1,)))
-        config.input[-1].optional = True
         _add(config.output, Io("TIMESTAMPS_PADDED", "TYPE_INT64", (package.max_len,)))
     config.parameters["max_len"].string_value = str(package.max_len)
     config.parameters["max_k"].string_value = str(scfg.max_k)
