@@ -18,7 +18,8 @@
 #
 # Environment: GENREC_GPU_HOME (default /tmp/genrec-gpu: installed wheels, the stashed server wheel),
 # PYTHON (default python3), GPU_RUN_ARGS (extra overrides for stage=all, e.g. "model=hstu data=ml-1m"),
-# LOAD_REQUESTS (default 3000), LOAD_CONCURRENCY (default 32), KERNELS_BUDGET_S (default 420). OUT gets summary.md plus each step's log.
+# LOAD_REQUESTS (default 3000), LOAD_CONCURRENCY (default 32), KERNELS_BUDGET_S (default 420), INC_ARGS (extra
+# arguments of the incremental bench, e.g. "--profile bench.iters=30"). OUT gets summary.md plus each step's log.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 home=${GENREC_GPU_HOME:-/tmp/genrec-gpu}
@@ -145,7 +146,8 @@ kernels() {
 
 incremental() {
   setup
-  step incremental "$py" -m pipeline.bench.incremental --workload incremental-1m --out "$out/incremental"
+  # shellcheck disable=SC2086
+  step incremental "$py" -m pipeline.bench.incremental --workload incremental-1m --out "$out/incremental" ${INC_ARGS:-}
   echo "results in $out"
 }
 

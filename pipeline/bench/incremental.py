@@ -100,8 +100,30 @@ def time_with_setup(fn: Callable[[], object], setup: Callable[[], object], devic
     return samples
 
 
+def profile_call(fn: Callable[[], object], setup: Callable[[], object], device: torch.device, path: Path) -> None:
+    """One call of fn under torch.profiler (after setup): where its time goes, per op, host and device."""
+    from torch.profiler import ProfilerActivity, profile
+
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    setup()
+    _sync(device)
+    with profile(activities=activities) as prof:
+        t0 = time.perf_counter()
+        fn()
+        _sync(device)
+        wall = (time.perf_counter() - t0) * 1e3
+    events = prof.key_averages()
+    launches = sum(e.count for e in events if e.key in ("cudaLaunchKernel", "cuLaunchKernel", "cuLaunchKernelEx",
+                                                         "cudaLaunchKernelExC"))
+    device_key = "self_device_time_total" if device.type == "cuda" else "self_cpu_time_total"
+    with open(path, "w") as f:
+        f.write(f"wall {wall:.3f} ms under the profiler; kernel launches {launches}\n\n")
+        f.write(events.table(sort_by=device_key, row_limit=30) + "\n\n")
+        f.write(events.table(sort_by="cpu_time_total", row_limit=30) + "\n")
+
+
 def run_workload(workload: IncrementalWorkload, device: torch.device, dtype: torch.dtype, warmup: int, iters: int,
-                 log: Callable[[str], None] = print) -> list[dict]:
+                 log: Callable[[str], None] = print, profile_dir: Path | None = None) -> list[dict]:
     rows = []
     for hist in workload.histories:
         retriever = workload.retriever(hist, device, dtype).freeze()
@@ -162,6 +184,10 @@ def run_workload(workload: IncrementalWorkload, device: torch.device, dtype: tor
                         samples = time_with_setup(fn, setup, device, warmup, iters)
                     row = {"history": hist, "appended": appended if not path.endswith("full") else 0, "path": path,
                            **summarize(samples, batch), "bytes_per_user": measured}
+                    if profile_dir is not None and hist == workload.histories[0] and appended == workload.appends[0] \
+                            and batch == max(workload.batch_sizes):
+                        with torch.no_grad():
+                            profile_call(fn, setup, device, profile_dir / f"profile-{path.replace(':', '-')}.txt")
                     if path in ("full", "encoder:full"):
                         base[path] = row["p50_ms"]
                     reference = base["encoder:full" if path.startswith("encoder") else "full"]
@@ -217,6 +243,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--precision", default=None, choices=sorted(DTYPES), help="default: bf16 on a GPU, fp32 on the CPU")
     parser.add_argument("--kernels", default=None, choices=kernels.BACKENDS,
                         help="both sides' kernels (default: triton on a GPU, reference on the CPU)")
+    parser.add_argument("--profile", action="store_true",
+                        help="also profile one call per path (first history, first append, largest batch) into OUT")
     parser.add_argument("--out", type=Path, default=None, help="default: <artifacts_dir>/bench/incremental-<UTC time>")
     args = parser.parse_args(argv)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -250,7 +278,8 @@ def main(argv: list[str] | None = None) -> int:
              "command": " ".join([Path(sys.executable).name, "-m", "pipeline.bench.incremental", *(argv or sys.argv[1:])])}
     print(f"# {name} on {device_name}: {precision}, kernels {backend}, warm-up {warmup}, {iters} iterations", flush=True)
     with kernels.use(backend):
-        rows = run_workload(workload, device, DTYPES[precision], warmup, iters, log=lambda s: print(s, flush=True))
+        rows = run_workload(workload, device, DTYPES[precision], warmup, iters, log=lambda s: print(s, flush=True),
+                           profile_dir=out if args.profile else None)
     with open(out / "incremental.csv", "w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=list(COLUMNS), extrasaction="ignore")
         writer.writeheader()
