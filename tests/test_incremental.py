@@ -170,6 +170,26 @@ def test_cached_attention_kernel_matches_full_attention(dtype):
     torch.testing.assert_close(reference.float(), expected, atol=atol, rtol=1e-2)
     torch.testing.assert_close(fused.float(), expected, atol=atol, rtol=1e-2)
 
+    # Paged: each row's cached keys in pages of 4 scattered over a pool (the last page partly filled), read
+    # in place through the page table by both paths.
+    S = 4
+    rows_pages = [-(-cb // S) for cb in c]
+    perm = torch.randperm(sum(rows_pages) + 3, generator=gen)                  # 3 pages nobody uses
+    table = perm[: sum(rows_pages)].to(DEVICE)
+    k_pool, v_pool = rand(len(perm) * S, H, dqk), rand(len(perm) * S, H, dv)
+    at, page_off = 0, []
+    for cb, pages in zip(c, rows_pages):
+        page_off.append(sum(rows_pages[: len(page_off)]) * S)
+        for j in range(cb):
+            slot = int(table[page_off[-1] // S + j // S]) * S + j % S
+            k_pool[slot], v_pool[slot] = kc[at + j], vc[at + j]
+        at += cb
+    paged_args = (q, k_pool, v_pool, kn, vn, meta(page_off), *args[6:])
+    for backend in ("reference", "triton"):
+        with kernels.use(backend, op="hstu_attention"):
+            paged = kernels.hstu_cached_attention(*paged_args, **widths, page_table=table, page_size=S)
+        torch.testing.assert_close(paged.float(), expected, atol=atol, rtol=1e-2)
+
 
 def test_incremental_encoder_with_triton_kernels_matches_full_recompute():
     if not _triton_usable():

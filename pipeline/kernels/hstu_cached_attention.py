@@ -13,6 +13,12 @@ c_off[b]), likewise the new keys/values (n_off) and the queries and the output (
 the longest: a batch mixing a 1,000-position hit with a 3-position miss reads 1,003 keys' worth, not 2,000.
 q, k and v are SiLU-activated already (the cache stores them so).
 
+Paged: with a page_table (int64 page ids, each row's pages one after another) and page_size > 0, k_cache
+and v_cache are a page pool ([num_pages * page_size, H, d], pipeline.serving.kvcache) and the flat cached
+row r of the batch is the pool's slot page_table[r // page_size] * page_size + r % page_size; c_off[b] is
+then a multiple of page_size (row b's first page in the table, times page_size). The Triton kernel reads
+the keys in place; the reference gathers them first.
+
 The Triton kernel (triton_hstu.py, cached_attention) computes the positional bias itself; with a time-gap
 bias the reference runs.
 """
@@ -27,6 +33,12 @@ def time_gap_buckets(query_ts: Tensor, key_ts: Tensor, num_buckets: int) -> Tens
     """RelativeBias's bucketing of |t_query - t_key| (log base 2 in steps of 0.301, clamped)."""
     gaps = (query_ts.unsqueeze(-1) - key_ts.unsqueeze(-2)).abs().clamp(min=1)
     return (gaps.to(torch.float32).log() / 0.301).long().clamp(0, num_buckets)
+
+
+def gather_pages(pool: Tensor, page_table: Tensor, page_size: int) -> Tensor:
+    """A page pool's pages page_table, one after another: [len(page_table) * page_size, ...]."""
+    pages = pool.view(-1, page_size, *pool.shape[1:])
+    return pages.index_select(0, page_table).view(-1, *pool.shape[1:])
 
 
 def _padded_index(offsets: Tensor, counts: Tensor, width: int, fill: int) -> tuple[Tensor, Tensor]:
@@ -86,17 +98,17 @@ def cached_attention_reference(
 def _cached_attention_triton(
     q: Tensor, k_cache: Tensor, v_cache: Tensor, k_new: Tensor, v_new: Tensor,
     c_off: Tensor, c_len: Tensor, n_off: Tensor, n_len: Tensor, q_off: Tensor, q_len: Tensor,
-    position_weight: Tensor, max_len: int, max_keys: int, max_queries: int,
+    position_weight: Tensor, max_len: int, max_keys: int, max_queries: int, page_table: Tensor, page_size: int,
 ) -> Tensor:
     from pipeline.kernels.triton_hstu import cached_attention
 
     return cached_attention(q, k_cache, v_cache, k_new, v_new, c_off, c_len, n_off, n_len, q_off, q_len,
-                            position_weight, max_len, max_keys, max_queries)
+                            position_weight, max_len, max_keys, max_queries, page_table, page_size)
 
 
 @_cached_attention_triton.register_fake
 def _(q, k_cache, v_cache, k_new, v_new, c_off, c_len, n_off, n_len, q_off, q_len, position_weight, max_len,
-      max_keys, max_queries):
+      max_keys, max_queries, page_table, page_size):
     return v_new.new_empty(q.shape[0], v_new.shape[1], v_new.shape[2])
 
 
@@ -105,13 +117,22 @@ def hstu_cached_attention(
     c_off: Tensor, c_len: Tensor, n_off: Tensor, n_len: Tensor, q_off: Tensor, q_len: Tensor,
     *, position_weight: Tensor, max_len: int, max_keys: int, max_queries: int,
     time_weight: Tensor | None = None, ts_cache: Tensor | None = None, ts_new: Tensor | None = None,
+    page_table: Tensor | None = None, page_size: int = 0,
 ) -> Tensor:
     """The op behind the switch: it follows the "hstu_attention" choice (pipeline.kernels), being that op's
-    variant for cached keys. The Triton kernel runs when selected and the bias is purely positional."""
+    variant for cached keys. The Triton kernel runs when selected and the bias is purely positional. With a
+    page_table, k_cache/v_cache are a page pool (and ts_cache the pool's timestamps): see the module's doc."""
     from pipeline.kernels import wants_triton
 
+    paged = page_table is not None and page_size > 0
     if time_weight is None and wants_triton("hstu_attention", q.device):
+        table = page_table if paged else c_len.new_empty(0)
         return torch.ops.genrec.hstu_cached_attention(q, k_cache, v_cache, k_new, v_new, c_off, c_len, n_off, n_len,
-                                                      q_off, q_len, position_weight, max_len, max_keys, max_queries)
+                                                      q_off, q_len, position_weight, max_len, max_keys, max_queries,
+                                                      table, page_size if paged else 0)
+    if paged:
+        k_cache, v_cache = gather_pages(k_cache, page_table, page_size), gather_pages(v_cache, page_table, page_size)
+        if ts_cache is not None:
+            ts_cache = gather_pages(ts_cache, page_table, page_size)
     return cached_attention_reference(q, k_cache, v_cache, k_new, v_new, c_off, c_len, n_off, n_len, q_off, q_len,
                                       position_weight, max_len, max_keys, max_queries, time_weight, ts_cache, ts_new)

@@ -151,14 +151,18 @@ def _cached_configs() -> list[triton.Config]:
 
 @triton.jit
 def _cached_block(acc, q, offs_m_pos, m_ok, K, V, row0, count, key0, h, skl, skh, svl, svh, PW, MAX_LEN, inv_max_len,
-                  DQK, DV, dq, dv, DOT_PRECISION: tl.constexpr, UPCAST: tl.constexpr, FAST: tl.constexpr,
-                  BLOCK_N: tl.constexpr):
+                  DQK, DV, dq, dv, PT, DOT_PRECISION: tl.constexpr, UPCAST: tl.constexpr, FAST: tl.constexpr,
+                  BLOCK_N: tl.constexpr, PAGE: tl.constexpr):
     """acc += silu(q k^T + bias) / max_len @ v over `count` keys stored from flat row `row0`, whose absolute
-    positions start at key0; query i sits at absolute position offs_m_pos[i]."""
+    positions start at key0; query i sits at absolute position offs_m_pos[i]. With PAGE > 0, K and V are a
+    page pool and flat row r lives in slot PT[r // PAGE] * PAGE + r % PAGE (the keys are read in place)."""
     for start_n in range(0, count, BLOCK_N):
         offs_n = start_n + tl.arange(0, BLOCK_N)
         n_ok = offs_n < count
-        kt = tl.load(K + (row0 + offs_n)[None, :] * skl + h * skh + dq[:, None],
+        rows = row0 + offs_n
+        if PAGE > 0:
+            rows = tl.load(PT + rows // PAGE, mask=n_ok, other=0) * PAGE + rows % PAGE
+        kt = tl.load(K + rows[None, :] * skl + h * skh + dq[:, None],
                      mask=n_ok[None, :] & (dq < DQK)[:, None], other=0.0)
         if UPCAST:
             s = tl.dot(q.to(tl.float32), kt.to(tl.float32), input_precision="ieee")
@@ -169,7 +173,7 @@ def _cached_block(acc, q, offs_m_pos, m_ok, K, V, row0, count, key0, h, skl, skh
         bias = tl.load(PW + key_pos[None, :] - offs_m_pos[:, None] + MAX_LEN - 1, mask=valid, other=0.0)
         s = s + bias.to(tl.float32)
         a = tl.where(valid, s * _sigmoid(s, FAST) * inv_max_len, 0.0)
-        vt = tl.load(V + (row0 + offs_n)[:, None] * svl + h * svh + dv[None, :],
+        vt = tl.load(V + rows[:, None] * svl + h * svh + dv[None, :],
                      mask=n_ok[:, None] & (dv < DV)[None, :], other=0.0)
         if UPCAST:
             acc = tl.dot(a.to(vt.dtype).to(tl.float32), vt.to(tl.float32), acc, input_precision="ieee")
@@ -178,14 +182,15 @@ def _cached_block(acc, q, offs_m_pos, m_ok, K, V, row0, count, key0, h, skl, skh
     return acc
 
 
-@triton.autotune(configs=_cached_configs(), key=["KEYS_BUCKET", "DQK", "DV", "FAST", "PAIRS_BUCKET"])
+@triton.autotune(configs=_cached_configs(), key=["KEYS_BUCKET", "DQK", "DV", "FAST", "PAIRS_BUCKET", "PAGE"])
 @triton.jit
 def _hstu_cached_attention_fwd(
-    Q, KC, VC, KN, VN, C_OFF, C_LEN, N_OFF, N_LEN, Q_OFF, Q_LEN, PW, O,
+    Q, KC, VC, KN, VN, C_OFF, C_LEN, N_OFF, N_LEN, Q_OFF, Q_LEN, PW, O, PT,
     H, DQK, DV, MAX_LEN, inv_max_len, KEYS_BUCKET, PAIRS_BUCKET,
     sql, sqh, skcl, skch, svcl, svch, sknl, sknh, svnl, svnh, sol, soh,
     DOT_PRECISION: tl.constexpr, UPCAST: tl.constexpr, FAST: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_DQK: tl.constexpr, BLOCK_DV: tl.constexpr,
+    PAGE: tl.constexpr,
 ):
     pid_m = tl.program_id(0)
     pid_bh = tl.program_id(1)
@@ -212,58 +217,70 @@ def _hstu_cached_attention_fwd(
     c_count = tl.where(pid_m * BLOCK_M < q_len, c_len, 0)
     n_count = tl.where(pid_m * BLOCK_M < q_len, n_len - q_len + block_end, 0)
     acc = _cached_block(acc, q, pos, m_ok, KC, VC, c_off, c_count, 0, h, skcl, skch, svcl, svch, PW, MAX_LEN,
-                        inv_max_len, DQK, DV, dq, dv, DOT_PRECISION, UPCAST, FAST, BLOCK_N)
+                        inv_max_len, DQK, DV, dq, dv, PT, DOT_PRECISION, UPCAST, FAST, BLOCK_N, PAGE)
     acc = _cached_block(acc, q, pos, m_ok, KN, VN, n_off, n_count, c_len, h, sknl, sknh, svnl, svnh, PW, MAX_LEN,
-                        inv_max_len, DQK, DV, dq, dv, DOT_PRECISION, UPCAST, FAST, BLOCK_N)
+                        inv_max_len, DQK, DV, dq, dv, PT, DOT_PRECISION, UPCAST, FAST, BLOCK_N, 0)
     tl.store(O + (q_off + offs_m)[:, None] * sol + h * soh + dv[None, :], acc.to(O.dtype.element_ty),
              mask=m_ok[:, None] & (dv < DV)[None, :])
 
 
 def fused_cached_attention(q: Tensor, k_cache: Tensor, v_cache: Tensor, k_new: Tensor, v_new: Tensor,
                            c_off: Tensor, c_len: Tensor, n_off: Tensor, n_len: Tensor, q_off: Tensor, q_len: Tensor,
-                           position_weight: Tensor, max_len: int, max_keys: int, max_queries: int) -> Tensor:
+                           position_weight: Tensor, max_len: int, max_keys: int, max_queries: int,
+                           page_table: Tensor | None = None, page_size: int = 0) -> Tensor:
     """The kernel: one program per (block of a row's queries, head), walking that row's cached keys and then
-    its new ones; each row reads its own keys only. -> [Nq, H, dv]."""
+    its new ones; each row reads its own keys only. With a page_table, k_cache/v_cache are a page pool read
+    in place (hstu_cached_attention.py). -> [Nq, H, dv]."""
     B = c_len.shape[0]
     H, dqk, dv = q.shape[1], q.shape[2], v_new.shape[2]
     q, k_cache, v_cache, k_new, v_new = (t if t.stride(-1) == 1 else t.contiguous()
                                          for t in (q, k_cache, v_cache, k_new, v_new))
     k_cache, v_cache = k_cache.to(k_new.dtype), v_cache.to(v_new.dtype)
+    paged = page_table is not None and page_size > 0
     if k_cache.shape[0] == 0:  # a batch of misses: no cached keys, but the kernel wants real pointers
         k_cache, v_cache = k_new[:1], v_new[:1]
     out = torch.empty(q.shape[0], H, dv, device=q.device, dtype=v_new.dtype)
     if B == 0 or q.shape[0] == 0:
         return out
+    pt = page_table.contiguous() if paged and page_table.numel() else c_len  # any int64 tensor when unread
     grid = lambda meta: (triton.cdiv(max(max_queries, 1), meta["BLOCK_M"]), B * H)  # noqa: E731
     _hstu_cached_attention_fwd[grid](
         q, k_cache, v_cache, k_new, v_new, c_off.contiguous(), c_len.contiguous(), n_off.contiguous(),
-        n_len.contiguous(), q_off.contiguous(), q_len.contiguous(), position_weight.contiguous(), out,
+        n_len.contiguous(), q_off.contiguous(), q_len.contiguous(), position_weight.contiguous(), out, pt,
         H, dqk, dv, max_len, 1.0 / max_len, _pow2(max_keys), dispatch.batch_bucket(B * H),
         q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1), v_cache.stride(0), v_cache.stride(1),
         k_new.stride(0), k_new.stride(1), v_new.stride(0), v_new.stride(1), out.stride(0), out.stride(1),
         DOT_PRECISION="ieee" if q.dtype == torch.float32 else None,
         UPCAST=q.device.type != "cuda",
         FAST=q.device.type == "cuda" and q.dtype in (torch.float16, torch.bfloat16),
-        BLOCK_DQK=_pow2(dqk), BLOCK_DV=_pow2(dv),
+        BLOCK_DQK=_pow2(dqk), BLOCK_DV=_pow2(dv), PAGE=page_size if paged else 0,
     )
     return out
 
 
 def cached_attention(q: Tensor, k_cache: Tensor, v_cache: Tensor, k_new: Tensor, v_new: Tensor,
                      c_off: Tensor, c_len: Tensor, n_off: Tensor, n_len: Tensor, q_off: Tensor, q_len: Tensor,
-                     position_weight: Tensor, max_len: int, max_keys: int, max_queries: int) -> Tensor:
+                     position_weight: Tensor, max_len: int, max_keys: int, max_queries: int,
+                     page_table: Tensor | None = None, page_size: int = 0) -> Tensor:
     """fused_cached_attention, or the reference where that was timed faster (pipeline.kernels.dispatch)."""
-    from pipeline.kernels.hstu_cached_attention import cached_attention_reference
+    from pipeline.kernels.hstu_cached_attention import cached_attention_reference, gather_pages
 
     B = c_len.shape[0]
+    paged = page_table is not None and page_size > 0
     key = (dispatch.batch_bucket(B), _pow2(max_keys), dispatch.batch_bucket(max(max_queries, 1)), q.shape[1],
-           q.shape[2], v_new.shape[2], q.dtype)
+           q.shape[2], v_new.shape[2], q.dtype, page_size if paged else 0)
     args = (q, k_cache, v_cache, k_new, v_new, c_off, c_len, n_off, n_len, q_off, q_len, position_weight, max_len,
             max_keys, max_queries)
+
+    def reference() -> Tensor:
+        if not paged:
+            return cached_attention_reference(*args)
+        return cached_attention_reference(q, gather_pages(k_cache, page_table, page_size),
+                                          gather_pages(v_cache, page_table, page_size), *args[3:])
+
     chosen = dispatch.choice("hstu_cached_attention", key) or dispatch.choose(
-        "hstu_cached_attention", key, q.device,
-        dispatch.Option(dispatch.REFERENCE, None, functools.partial(cached_attention_reference, *args)),
-        [dispatch.Option("triton", None, functools.partial(fused_cached_attention, *args))])
+        "hstu_cached_attention", key, q.device, dispatch.Option(dispatch.REFERENCE, None, reference),
+        [dispatch.Option("triton", None, functools.partial(fused_cached_attention, *args, page_table, page_size))])
     if chosen.algorithm == dispatch.REFERENCE:
-        return cached_attention_reference(*args)
-    return fused_cached_attention(*args)
+        return reference()
+    return fused_cached_attention(*args, page_table, page_size)

@@ -192,7 +192,8 @@ class IncrementalEncoder:
     @torch.no_grad()
     def encode_flat(self, k_cache: Tensor, v_cache: Tensor, items: Tensor, positions: Tensor, c_off: Tensor,
                     c_len: Tensor, n_off: Tensor, m_len: Tensor, last_rows: Tensor, max_keys: int, max_queries: int,
-                    ts_cache: Tensor | None = None, ts_new: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor]:
+                    ts_cache: Tensor | None = None, ts_new: Tensor | None = None, page_table: Tensor | None = None,
+                    page_size: int = 0) -> tuple[Tensor, Tensor, Tensor]:
         """The batch's new positions, everything flat (pipeline.kernels.hstu_cached_attention's layout): B rows,
         each appending m_len[b] >= 1 actions after c_len[b] cached positions.
 
@@ -200,7 +201,9 @@ class IncrementalEncoder:
         values (row b's at c_off[b]); items, positions int64 [sum m_len]: the new actions and their absolute
         positions (row b's at n_off[b]); last_rows [B]: each row's latest new action in that flat order;
         max_keys >= max(c_len + m_len), max_queries >= max(m_len) (host ints); ts_cache [sum c_len] and
-        ts_new [sum m_len] with time_bias. All on the model's device.
+        ts_new [sum m_len] with time_bias. All on the model's device. With page_table and page_size,
+        k_cache/v_cache [L, P, H, d] (and ts_cache [P]) are a page pool read in place: row b's cached positions
+        are the pages page_table[c_off[b] // page_size:] (pipeline.kernels.hstu_cached_attention).
         -> (the last layer's output at each row's latest action [B, dim] (the query before the retrieval
         head's L2 norm), the new positions' keys [L, sum m_len, H, attn_dim] and values [L, .., hidden_dim])."""
         model = self.model
@@ -236,7 +239,7 @@ class IncrementalEncoder:
                 q, k_cache[index], v_cache[index], k, v, c_off, c_len, n_off, m_len, q_off, q_len,
                 position_weight=bias.position_weight, max_len=layer.max_len, max_keys=max_keys,
                 max_queries=width, time_weight=bias.time_weight if time_bias else None,
-                ts_cache=ts_cache, ts_new=ts_new,
+                ts_cache=ts_cache, ts_new=ts_new, page_table=page_table, page_size=page_size,
             ).reshape(-1, H * dv)
             gated = layer_norm_gate(out, u, layer.eps, silu_u=True)
             x = x_sel + layer.out(gated)

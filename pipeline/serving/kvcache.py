@@ -8,8 +8,9 @@ tiers:
   `num_pages x page_size` positions each (plus a query slot per page and, with a time bias, the positions'
   timestamps), sized from the device byte budget and allocated once, at the first use. A user's entry is a
   list of page ids and a length; an append writes the new positions into the user's last, partly filled page
-  and into fresh pages. A batch reads every row's cached keys with one gather per tensor and writes every
-  row's new keys with one scatter per tensor (IncrementalRetriever.recommend);
+  and into fresh pages. The attention reads every row's cached keys in place through a page table (the
+  reference kernels, and batches holding host states, gather them first) and a batch writes every row's new
+  keys with one scatter per tensor (IncrementalRetriever.recommend);
 - the host tier keeps contiguous per-user tensors (pinned memory when CUDA is available, so copies back are
   asynchronous) within its own byte budget.
 
@@ -384,8 +385,8 @@ class KVCache:
 
 class _Batch:
     """One encode_batch: plan on the host (lookups, page allocation, every index array), one copy of the
-    index arrays to the device, then device work: host hits' states into their pages, one gather of the
-    cached pages, the encoder, one scatter of the new keys into their pages; then the entries are updated.
+    index arrays to the device, then device work: host hits' states into their pages, the encoder reading
+    the cached pages in place, one scatter of the new keys into their pages; then the entries are updated.
     Per-row work is plain Python on lists (a few microseconds a row); everything per position is numpy."""
 
     def __init__(self, cache: KVCache, encoder: IncrementalEncoder, namespace: bytes, items: np.ndarray,
@@ -568,7 +569,12 @@ class _Batch:
                 pool.times.index_copy_(0, idx, state.timestamps.to(device, non_blocking=True))
 
         queries = torch.empty(B, layout.dim, dtype=layout.dtype, device=device)
-        if len(active):
+        page_table, page_size = None, 0
+        if len(active) and len(parts["gather"]) and not transient:
+            # Every cached position is in the pool: the attention reads the pages in place (no gather).
+            k_cache, v_cache, ts_cache = pool.keys, pool.values, pool.times
+            page_table, page_size = t["gather"], S
+        elif len(active):
             L, H = layout.num_layers, layout.heads
             if len(parts["gather"]):  # one gather per tensor: [L, pages x page_size, H, d]
                 k_cache = pool.key_pages.index_select(1, t["gather"]).view(L, -1, H, layout.attn_dim)
@@ -586,10 +592,11 @@ class _Batch:
                 v_cache = torch.cat([v_cache, *(s.values.to(device, non_blocking=True) for s in states)], dim=1)
                 if layout.time_bias:
                     ts_cache = torch.cat([ts_cache, *(s.timestamps.to(device, non_blocking=True) for s in states)])
+        if len(active):
             ts_new = t["ts_new"] if layout.time_bias else None
             x, k_new, v_new = encoder.encode_flat(
                 k_cache, v_cache, t["items"], t["positions"], t["c_off"], t["c_len"], t["n_off"], t["m_len"],
-                t["last_rows"], int(self.n[active].max()), int(m_act.max()), ts_cache, ts_new)
+                t["last_rows"], int(self.n[active].max()), int(m_act.max()), ts_cache, ts_new, page_table, page_size)
             queries.index_copy_(0, t["active"], x)
             if written:  # the new positions into their pages: one scatter per tensor
                 src_k, src_v = (k_new, v_new) if all_written else \
