@@ -17,7 +17,8 @@
 #   scripts/gpu_run.sh tests [OUT]    # the gpu-marked tests, timed (needs pytest and, from .whl/, hydra)
 #
 # Environment: GENREC_GPU_HOME (default /tmp/genrec-gpu: installed wheels, the stashed server wheel),
-# PYTHON (default python3), GPU_RUN_ARGS (extra overrides for stage=all, e.g. "model=hstu data=ml-1m"),
+# PYTHON (default python3), GPU_RUN_ARGS (extra overrides for stage=all and serve, e.g. "model=hstu data=ml-1m
+# data.root=/tmp/data": keep a carried dataset outside the repo, whose ignored folders a later call may drop),
 # LOAD_REQUESTS (default 3000), LOAD_CONCURRENCY (default 32), KERNELS_BUDGET_S (default 420), INC_ARGS (extra
 # arguments of the incremental bench, e.g. "--profile bench.iters=30"). OUT gets summary.md plus each step's log.
 set -uo pipefail
@@ -76,30 +77,31 @@ build() {
   done
 }
 
-serve() {
+serve() {  # GPU_RUN_ARGS as for the build: the data and model the client checks against
+  # shellcheck disable=SC2086
   setup
   triton
   local gpu="serving.instance_group.kind=KIND_GPU"
-  step deploy "$py" -m pipeline stage=deploy "$gpu"
-  step query "$py" -m pipeline.client --check "$gpu"
+  step deploy "$py" -m pipeline stage=deploy "$gpu" ${GPU_RUN_ARGS:-}
+  step query "$py" -m pipeline.client --check "$gpu" ${GPU_RUN_ARGS:-}
   local n=${LOAD_REQUESTS:-3000} c=${LOAD_CONCURRENCY:-32}
-  step load_c1 "$py" -m pipeline.serving.loadtest --requests 500 --concurrency 1 "$gpu"
-  step load_c1_grpc "$py" -m pipeline.serving.loadtest --requests 500 --concurrency 1 --protocol grpc "$gpu"
-  step load_dynamic "$py" -m pipeline.serving.loadtest --requests "$n" --concurrency "$c" "$gpu"
+  step load_c1 "$py" -m pipeline.serving.loadtest --requests 500 --concurrency 1 "$gpu" ${GPU_RUN_ARGS:-}
+  step load_c1_grpc "$py" -m pipeline.serving.loadtest --requests 500 --concurrency 1 --protocol grpc "$gpu" ${GPU_RUN_ARGS:-}
+  step load_dynamic "$py" -m pipeline.serving.loadtest --requests "$n" --concurrency "$c" "$gpu" ${GPU_RUN_ARGS:-}
   step load_returning "$py" -m pipeline.serving.loadtest --returning-users --users 1000 --requests "$n" \
-    --concurrency 8 "$gpu"
+    --concurrency 8 "$gpu" ${GPU_RUN_ARGS:-}
   "$py" - "$out/gpu_metrics.txt" <<'PY'
 import sys, urllib.request
 text = urllib.request.urlopen("http://127.0.0.1:8002/metrics", timeout=5).read().decode()
 open(sys.argv[1], "w").write("\n".join(l for l in text.splitlines() if l.startswith(("nv_gpu", "nv_energy", "nv_inference_count", "nv_inference_exec_count"))) + "\n")
 PY
-  step deploy_nobatch "$py" -m pipeline stage=deploy "$gpu" serving.dynamic_batching.enabled=false
-  step load_nobatch "$py" -m pipeline.serving.loadtest --requests "$n" --concurrency "$c" "$gpu" \
+  step deploy_nobatch "$py" -m pipeline stage=deploy "$gpu" ${GPU_RUN_ARGS:-} serving.dynamic_batching.enabled=false
+  step load_nobatch "$py" -m pipeline.serving.loadtest --requests "$n" --concurrency "$c" "$gpu" ${GPU_RUN_ARGS:-} \
     serving.dynamic_batching.enabled=false
   "$py" -m pipeline.serving stop >/dev/null 2>&1  # the same version in another layout: not beside itself
-  step deploy_fused "$py" -m pipeline stage=deploy "$gpu" serving.fused=true
-  step load_c1_fused "$py" -m pipeline.serving.loadtest --requests 500 --concurrency 1 "$gpu" serving.fused=true
-  step load_c1_fused_grpc "$py" -m pipeline.serving.loadtest --requests 500 --concurrency 1 --protocol grpc "$gpu" \
+  step deploy_fused "$py" -m pipeline stage=deploy "$gpu" ${GPU_RUN_ARGS:-} serving.fused=true
+  step load_c1_fused "$py" -m pipeline.serving.loadtest --requests 500 --concurrency 1 "$gpu" ${GPU_RUN_ARGS:-} serving.fused=true
+  step load_c1_fused_grpc "$py" -m pipeline.serving.loadtest --requests 500 --concurrency 1 --protocol grpc "$gpu" ${GPU_RUN_ARGS:-} \
     serving.fused=true
   "$py" -m pipeline.serving stop >/dev/null 2>&1
   {
