@@ -395,6 +395,9 @@ def test_batch_buckets_pad_a_batch_to_the_smallest_bucket_that_holds_it():
     assert batch_buckets("auto", 64, gpu=True) == [1, 4, 16, 64]
     assert batch_buckets("auto", 48, gpu=True) == [1, 4, 16, 48]
     assert batch_buckets("auto", 64, gpu=False) == []
+    assert batch_buckets("auto:1,16,128", 128, gpu=True) == [1, 16, 128]   # the sizes the build made
+    assert batch_buckets("auto:1,16,128", 64, gpu=True) == [1, 16, 64]
+    assert batch_buckets("auto:1,16,128", 128, gpu=False) == []
     assert batch_buckets("8,1", 64, gpu=False) == [1, 8]
     assert [bucket_for(n, [1, 8, 64]) for n in (1, 2, 8, 9, 64)] == [1, 8, 8, 64, 64]
     assert bucket_for(5, []) == 5
@@ -409,10 +412,29 @@ def test_batch_buckets_pad_a_batch_to_the_smallest_bucket_that_holds_it():
 def test_bad_batch_buckets_are_refused_at_deploy(tmp_path):
     from pipeline.serving.repository import _buckets_param
 
-    cfg = load_config(["serving.batch_buckets=[1,128]"])
-    with pytest.raises(PipelineError, match=r"serving.batch_buckets: batch_buckets \[1, 128\] must lie in 1..64"):
+    cfg = load_config(["serving.batch_buckets=[1,256]"])
+    with pytest.raises(PipelineError, match=r"serving.batch_buckets: batch_buckets \[1, 256\] must lie in 1..128"):
         _buckets_param(cfg.serving)
     assert _buckets_param(load_config(["serving.batch_buckets=[8,1]"]).serving) == "8,1"
+
+
+def test_auto_batch_buckets_are_the_sizes_the_build_made(tmp_path):
+    """deploy turns batch_buckets=auto into the batch sizes validate compiled and timed the champion at (its
+    latency metrics), so that a GPU engine's load compiles nothing new."""
+    from pipeline.serving.repository import _buckets_param
+
+    checkpoint = tmp_path / "model.pt"
+    checkpoint.write_bytes(b"weights")
+    package = write_package(tmp_path / "pkg", Variant("eager-fp32", "eager", "fp32", str(checkpoint), "train"),
+                            model_config={"name": "hstu", "max_len": 8}, top_k=20, raw_item_ids=RAW,
+                            examples=[[10, 20]], info={"metrics": {"hr10": 0.5, "latency_p99_ms_b1": 0.2,
+                                                                   "latency_p99_ms_b16": 0.3, "users_per_s_b16": 9.0,
+                                                                   "latency_p99_ms_b128": 0.4}})
+    serving = load_config([]).serving
+    assert _buckets_param(serving, package) == "auto:1,16,128"
+    assert _buckets_param(serving, _package(tmp_path / "bare", package.variant)) == "auto"  # nothing recorded
+    configs = _configs(write_repository(package, _cfg(tmp_path).serving, tmp_path / "repo", 2, "local"))
+    assert configs["genrec_v2_engine"].parameters["batch_buckets"].string_value == "auto:1,16,128"
 
 
 def test_local_repository_takes_an_optional_user_id_and_hands_the_engine_one_per_row(tmp_path):

@@ -43,6 +43,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import py_compile
+import re
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
@@ -385,7 +386,7 @@ def _engine(scfg: DictConfig, name: str, engine: Engine, package: Package, kind:
     config.parameters["max_len"].string_value = str(package.max_len)
     config.parameters["threads"].string_value = str(scfg.threads)
     if python:
-        config.parameters["batch_buckets"].string_value = _buckets_param(scfg)
+        config.parameters["batch_buckets"].string_value = _buckets_param(scfg, package)
         cache = scfg.get("cache") or {}
         config.parameters["cache_enabled"].string_value = str(bool(cache.get("enabled", False))).lower()
         for key in ("gpu_bytes", "host_bytes"):
@@ -401,12 +402,22 @@ def _engine(scfg: DictConfig, name: str, engine: Engine, package: Package, kind:
     return config
 
 
-def _buckets_param(scfg: DictConfig) -> str:
-    """serving.batch_buckets as the engine's parameter ("auto" or "1,2,4"), checked here, at deploy."""
+def built_batch_sizes(package: Package) -> list[int]:
+    """The batch sizes the build compiled and timed this variant at (validate's latency_*_b<N> metrics)."""
+    metrics = (package.info or {}).get("metrics") or {}
+    sizes = {int(m.group(1)) for key in metrics if (m := re.fullmatch(r"latency_\w+_b(\d+)", key))}
+    return sorted(sizes)
+
+
+def _buckets_param(scfg: DictConfig, package: Package | None = None) -> str:
+    """serving.batch_buckets as the engine's parameter, checked here, at deploy: "auto" becomes "auto:<the
+    batch sizes the build made>" when the package records them; a list becomes "1,2,4"."""
     from pipeline.serving.models.common import batch_buckets
 
     value = scfg.get("batch_buckets", "auto")
     spec = value if isinstance(value, str) else str(value) if isinstance(value, int) else ",".join(map(str, value))
+    if spec.strip() == "auto" and package is not None and built_batch_sizes(package):
+        spec = "auto:" + ",".join(map(str, built_batch_sizes(package)))
     try:
         batch_buckets(spec, int(scfg.max_batch_size), gpu=True)
     except ValueError as err:

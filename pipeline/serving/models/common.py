@@ -153,17 +153,29 @@ def pad(model_ids: np.ndarray, max_len: int) -> tuple[np.ndarray, np.ndarray]:
 
 
 def batch_buckets(spec: str, max_batch: int, gpu: bool) -> list[int]:
-    """The batch sizes the engine runs, from its `batch_buckets` parameter: "auto" is the powers of four up to
-    max_batch (and max_batch) on a GPU instance, where every new batch size costs a CUDA-graph capture and,
-    unless the tuning cache has it, a kernel choice at the first call, and none on a CPU one (each batch
-    runs at its own size); else a comma-separated list. A batch runs at the smallest bucket that holds it,
-    padded; all are warmed at load. Powers of four rather than two: on the H200 seven buckets (1..64) kept
-    the champion's engine loading for over two and a half minutes, and a small model's padded rows cost
-    little on a GPU (the champion answers 128 rows in less time than one)."""
-    if spec.strip() == "auto":
+    """The batch sizes the engine runs, from its `batch_buckets` parameter. On a GPU instance every new batch
+    size costs a compile (unless Inductor's cache has it), a CUDA-graph capture and, unless the tuning cache
+    has it, a kernel choice at the first call; so there a batch runs at the smallest bucket that holds it,
+    padded, and all buckets are warmed at load:
+    - "auto:1,16,128" (what deploy writes for "auto"): the batch sizes the build compiled and timed (validate's)
+      below max_batch, and max_batch; on the H200 buckets the build had not made kept the champion's engine
+      loading for minutes;
+    - "auto": the powers of four below max_batch, and max_batch;
+    - a comma-separated list: those sizes.
+    On a CPU instance either "auto" is none: each batch runs at its own size."""
+    spec = spec.strip()
+    if spec == "auto" or spec.startswith("auto:"):
         if not gpu:
             return []
-        sizes = [4 ** i for i in range(max_batch.bit_length()) if 4 ** i < max_batch] + [max_batch]
+        built = spec[len("auto:"):] if spec.startswith("auto:") else ""
+        try:
+            sizes = [int(b) for b in built.split(",") if b.strip()]
+        except ValueError:
+            raise ValueError(f"batch_buckets must be 'auto', 'auto:<sizes>' or comma-separated sizes, got {spec!r}") \
+                from None
+        below = [b for b in sizes if 1 <= b < max_batch] if sizes else \
+            [4 ** i for i in range(max_batch.bit_length()) if 4 ** i < max_batch]
+        sizes = below + [max_batch]
     else:
         try:
             sizes = [int(b) for b in spec.split(",") if b.strip()]
