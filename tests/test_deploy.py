@@ -431,3 +431,47 @@ def test_fused_release_answers_as_the_pipeline_and_refuses_bad_requests_alone(en
     second = client.recommend(histories[0], 10, user_id=4321)
     assert second.item_ids.tolist() == want[0, :10].tolist() and first.model_version == version
     assert _cache_counts(server, engine, before, {"misses": 1, "hits_device": 1}) == {"misses": 1, "hits_device": 1}
+
+
+def test_the_serving_version_deployed_again_loads_beside_itself(env):
+    """The fused release's version deployed again with serving.fused=false (another layout of the same
+    registry version): a new release v<N>r2 loads beside the serving one while clients keep getting answers,
+    then replaces it; a deploy of that version that fails leaves v<N>r2 answering."""
+    tmp, args, cfg, server, client, registry = env
+    version = deployed(server.root)["version"]
+    assert sorted(p.name for p in server.repository.iterdir()) == ["genrec", f"genrec_v{version}",
+                                                                   f"genrec_v{version}_engine"]  # fused, from above
+    test = load_splits(cfg).test
+    history = test.history[0, : test.lengths[0]].tolist()
+    want = client.recommend(history, 10).item_ids.tolist()
+    answers, stop = [], threading.Event()
+
+    def ask() -> None:  # a client asking throughout the deploy: every answer must be the same
+        one = GenrecClient(server.url)
+        try:
+            while not stop.is_set():
+                answers.append(one.recommend(history, 10).item_ids.tolist())
+        finally:
+            one.close()
+
+    asker = threading.Thread(target=ask)
+    asker.start()
+    try:
+        code, output = _pipeline(env, "stage=deploy", "serving.fused=false")
+    finally:
+        stop.set()
+        asker.join()
+    assert code == 0, output
+    assert f"version {version} (release {version}r2, beside the one that served)" in output
+    assert answers and all(a == want for a in answers)
+    assert deployed(server.root)["release_id"] == f"{version}r2"
+    assert sorted(p.name for p in server.repository.iterdir()) == [
+        "genrec", f"genrec_v{version}r2", f"genrec_v{version}r2_engine", f"genrec_v{version}r2_postprocess",
+        f"genrec_v{version}r2_preprocess"]
+    assert client.recommend(history, 10).item_ids.tolist() == want
+
+    code, output = _pipeline(env, "stage=deploy", "deploy.smoke.k=21")  # fails its smoke test
+    assert code != 0 and f"version {version} failed and was rolled back" in output
+    assert client.recommend(history, 10).item_ids.tolist() == want
+    assert deployed(server.root)["release_id"] == f"{version}r2"
+    assert sorted(p.name for p in server.repository.iterdir())[1] == f"genrec_v{version}r2"

@@ -418,6 +418,14 @@ def test_bad_batch_buckets_are_refused_at_deploy(tmp_path):
     assert _buckets_param(load_config(["serving.batch_buckets=[8,1]"]).serving) == "8,1"
 
 
+def test_a_version_deployed_while_it_serves_is_a_new_release():
+    from pipeline.serving.repository import next_release, release_models
+
+    assert next_release("3", None) == "3" and next_release("3", "2") == "3" and next_release("3", "2r4") == "3"
+    assert next_release("3", "3") == "3r2" and next_release("3", "3r2") == "3r3" and next_release("3", "13") == "3"
+    assert release_models("genrec", "3r2")["engine"] == "genrec_v3r2_engine"
+
+
 def test_auto_batch_buckets_are_the_sizes_the_build_made(tmp_path):
     """deploy turns batch_buckets=auto into the batch sizes validate compiled and timed the champion at (its
     latency metrics), so that a GPU engine's load compiles nothing new."""

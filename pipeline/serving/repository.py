@@ -11,8 +11,10 @@
                             the torch engine keeps returning users' encoder state (docs/INCREMENTAL.md)
     <name>_vN_postprocess   python: the first k, model ids -> raw ids
 
-each `<model>/config.pbtxt` + `<model>/N/`. The steps carry the version in their names so that two releases,
-whose configs may differ (history length, K), can be loaded side by side while one serves. The engine
+each `<model>/config.pbtxt` + `<model>/N/`. The steps carry the release in their names so that two releases,
+whose configs may differ (history length, K), can be loaded side by side while one serves. A release is the
+registry version N, or `NrM` when version N is deployed again while it serves (other serving settings, say):
+`<name>_v1r2_engine` loads beside `<name>_v1_engine` rather than over it. The engine
 follows the variant and the target: `local` runs it in the python backend (ONNX Runtime for an ONNX
 variant, the pipeline's own loader for the others), `production` writes native onnxruntime or
 tensorrt_plan configs for a full Triton image. Every config is built with tritonclient's model_config_pb2
@@ -87,10 +89,21 @@ CLIENT_USER_ID = Io("USER_ID", "TYPE_INT64", (1,), optional=True)   # what a cli
 ENGINE_USER_ID = Io("USER_ID", "TYPE_INT64", (1,))                  # what a python engine always gets
 
 
-def release_models(name: str, version: int | str) -> dict[str, str]:
-    """The models of one release, in load order: its steps, then its own ensemble."""
-    return {"preprocess": f"{name}_v{version}_preprocess", "engine": f"{name}_v{version}_engine",
-            "postprocess": f"{name}_v{version}_postprocess", "ensemble": f"{name}_v{version}"}
+def release_models(name: str, release: int | str) -> dict[str, str]:
+    """The models of one release (a registry version, or `NrM`), in load order: its steps, then its own
+    ensemble."""
+    return {"preprocess": f"{name}_v{release}_preprocess", "engine": f"{name}_v{release}_engine",
+            "postprocess": f"{name}_v{release}_postprocess", "ensemble": f"{name}_v{release}"}
+
+
+def next_release(version: str, serving: str | None) -> str:
+    """The release name of registry `version`'s deploy while release `serving` serves: the version itself,
+    unless that version serves now (then one revision past it: 1 -> 1r2 -> 1r3), so that the new models never
+    share a name with the serving ones."""
+    m = re.fullmatch(r"(\d+)(?:r(\d+))?", str(serving or ""))
+    if m is None or m.group(1) != str(version):
+        return str(version)
+    return f"{version}r{int(m.group(2) or 1) + 1}"
 
 
 def cuda_only(package: Package) -> str | None:
@@ -160,8 +173,10 @@ def choose_engine(package: Package, target: str, max_k: int) -> Engine:
 
 
 def write_repository(package: Package, scfg: DictConfig, dst: Path, version: int, target: str,
-                     cuda_here: bool = False) -> dict[str, Path]:
-    """Writes the release's models into dst (emptied first); -> {model name: its folder}."""
+                     cuda_here: bool = False, release: str | None = None) -> dict[str, Path]:
+    """Writes the release's models into dst (emptied first); -> {model name: its folder}. version: the
+    registry version (each model's version folder); release: what the models are named after (default
+    the version)."""
     if scfg.max_k > package.top_k:
         raise PipelineError(f"serving.max_k={scfg.max_k} exceeds the {package.top_k} items the variant answers; "
                             f"set serving.max_k <= {package.top_k}")
@@ -170,7 +185,7 @@ def write_repository(package: Package, scfg: DictConfig, dst: Path, version: int
     dst = Path(dst)
     if dst.exists():
         shutil.rmtree(dst)
-    names = release_models(scfg.model_name, version)
+    names = release_models(scfg.model_name, release or version)
     if scfg.get("fused", False):
         return _write_fused(package, scfg, dst, version, engine, kind, names)
     folders = {

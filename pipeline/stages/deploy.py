@@ -12,6 +12,7 @@ model version (time, server URL, repository).
 from __future__ import annotations
 
 import logging
+import re
 import shutil
 import time
 from datetime import datetime, timezone
@@ -20,7 +21,7 @@ from pathlib import Path
 from pipeline.core import Context, PipelineError, StageResult
 from pipeline.serving.client import GenrecClient, mismatch
 from pipeline.serving.package import read_package
-from pipeline.serving.repository import engine_device, write_repository
+from pipeline.serving.repository import engine_device, next_release, write_repository
 from pipeline.serving.rollout import RolledBack, deployed, record, rollout, start_on_last_good
 from pipeline.serving.server import LocalServer, cuda_available
 from pipeline.tracking import CHAMPION, PREVIOUS, host_tags
@@ -39,11 +40,17 @@ def run(ctx: Context) -> StageResult:
     number = str(version.version)  # an int or a str, depending on the MLflow store
     _check_fingerprint(version, dcfg, ctx)
     root = Path(scfg.root)
-    package = read_package(ctx.tracker.download_model_version(name, number, _fresh(root / "packages" / f"v{number}")))
-    # A new release is written beside the serving one and takes its name only once it serves.
-    release = root / ("releases" if dcfg.target == "local" else dcfg.target) / f"v{number}"
+    # A new release is written beside the serving one and takes its name only once it serves; the version
+    # that serves now, deployed again, becomes a new release of its own (repository.next_release).
+    serving_now = deployed(root) if dcfg.target == "local" else None
+    serving_now = serving_now if serving_now is not None and serving_now["model"] == name else None
+    release_id = next_release(number, serving_now.get("release_id", serving_now["version"]) if serving_now else None)
+    package_dir = root / "packages" / f"v{release_id}"
+    package = read_package(ctx.tracker.download_model_version(name, number, _fresh(package_dir)))
+    release = root / ("releases" if dcfg.target == "local" else dcfg.target) / f"v{release_id}"
     staging = release.with_name(f".staging-{release.name}") if dcfg.target == "local" else release
-    folders = write_repository(package, scfg, staging, int(number), dcfg.target, cuda_here=cuda_available())
+    folders = write_repository(package, scfg, staging, int(number), dcfg.target, cuda_here=cuda_available(),
+                               release=release_id)
     for model, folder in folders.items():
         ctx.tracker.log_artifact(folder / "config.pbtxt", artifact_path=f"triton/{model}")
     log.info("models:/%s@%s is version %s (%s); repository written to %s", name, dcfg.alias, number,
@@ -65,10 +72,12 @@ def run(ctx: Context) -> StageResult:
     smoke = _smoke_test(package, server, number, dcfg.smoke, engine_device(package, scfg.instance_group.kind))
     start = time.perf_counter()
     try:
-        load_seconds = rollout(server, scfg.model_name, staging, number, smoke, dcfg.load_timeout_s,
+        load_seconds = rollout(server, scfg.model_name, staging, release_id, smoke, dcfg.load_timeout_s,
                                label=f"version {number}")
     except RolledBack as err:
         shutil.rmtree(staging, ignore_errors=True)
+        if serving_now is None or serving_now["package"] != str(package_dir):
+            shutil.rmtree(package_dir, ignore_errors=True)
         ctx.tracker.set_model_version_tags(name, number, {
             "deploy_status": "rolled_back", "deploy_failed_at": _now(), "deploy_error": str(err)[:4000]})
         _aliases_after_failure(ctx, name, number, deployed(root))
@@ -79,7 +88,8 @@ def run(ctx: Context) -> StageResult:
     before = deployed(root)
     before = before if before is not None and before["model"] == name else None
     served_before = before["version"] if before and before["version"] != number else (before or {}).get("previous")
-    record(root, {"model": name, "version": number, "variant": package.variant.name, "release": str(release),
+    record(root, {"model": name, "version": number, "release_id": release_id, "variant": package.variant.name,
+                  "release": str(release),
                   "package": str(package.root), "url": server.url, "grpc_url": server.grpc_url, "time": _now(),
                   "previous": served_before})
     ctx.tracker.set_model_version_tags(name, number, {
@@ -92,8 +102,9 @@ def run(ctx: Context) -> StageResult:
     ctx.tracker.set_alias(name, CHAMPION, number)
     ctx.tracker.set_alias(name, PREVIOUS, served_before)
     _prune(root, keep={str(release), before["release"] if before else ""})
-    log.info("version %s serves on http://%s (gRPC %s) and answers as the pipeline does (loaded in %.1f s)",
-             number, server.url, server.grpc_url, load_seconds)
+    log.info("version %s%s serves on http://%s (gRPC %s) and answers as the pipeline does (loaded in %.1f s)",
+             number, f" (release {release_id}, beside the one that served)" if release_id != number else "",
+             server.url, server.grpc_url, load_seconds)
     return StageResult(metrics={"deployed_version": int(number), "load_seconds": load_seconds,
                                 "load_and_smoke_seconds": seconds})
 
@@ -160,7 +171,11 @@ def _fresh(folder: Path) -> Path:
 
 def _prune(root: Path, keep: set[str]) -> None:
     """Keeps the newest releases (and their packages), always those in `keep`."""
-    releases = sorted((root / "releases").glob("v*"), key=lambda p: int(p.name[1:]), reverse=True)
+    def order(path: Path) -> tuple[int, int]:
+        m = re.fullmatch(r"v(\d+)(?:r(\d+))?", path.name)
+        return (int(m.group(1)), int(m.group(2) or 1)) if m else (-1, -1)
+
+    releases = sorted((p for p in (root / "releases").glob("v*") if order(p)[0] >= 0), key=order, reverse=True)
     for old in releases[KEEP_RELEASES:]:
         if str(old) not in keep:
             shutil.rmtree(old, ignore_errors=True)
