@@ -54,13 +54,19 @@ def cached_attention_reference(
     c_off: Tensor, c_len: Tensor, n_off: Tensor, n_len: Tensor, q_off: Tensor, q_len: Tensor,
     position_weight: Tensor, max_len: int, max_keys: int, max_queries: int,
     time_weight: Tensor | None = None, ts_cache: Tensor | None = None, ts_new: Tensor | None = None,
+    page_table: Tensor | None = None, page_size: int = 0,
 ) -> Tensor:
     """q [Nq, H, dqk], k_cache [Nc, H, dqk], v_cache [Nc, H, dv], k_new [Nn, H, dqk], v_new [Nn, H, dv];
     c_off .. q_len int64 [B]; max_keys >= max(c_len + n_len), max_queries >= max(q_len) (host ints, the padded
     widths). time_weight with ts_cache [Nc], ts_new [Nn]: add RelativeBias's time-gap bias. -> [Nq, H, dv].
+    With a page_table, k_cache/v_cache (and ts_cache) are a page pool: its pages are gathered first.
 
     Pads the rows to max_keys / max_queries with index tensors (no Python loop over rows), in the model's
     dtype as HSTULayer's reference attention computes."""
+    if page_table is not None and page_size > 0:
+        k_cache, v_cache = gather_pages(k_cache, page_table, page_size), gather_pages(v_cache, page_table, page_size)
+        if ts_cache is not None:
+            ts_cache = gather_pages(ts_cache, page_table, page_size)
     B = c_len.shape[0]
     H, dv = v_new.shape[1], v_new.shape[2]
     Nc, Nn = k_cache.shape[0], k_new.shape[0]
@@ -130,9 +136,6 @@ def hstu_cached_attention(
         return torch.ops.genrec.hstu_cached_attention(q, k_cache, v_cache, k_new, v_new, c_off, c_len, n_off, n_len,
                                                       q_off, q_len, position_weight, max_len, max_keys, max_queries,
                                                       table, page_size if paged else 0)
-    if paged:
-        k_cache, v_cache = gather_pages(k_cache, page_table, page_size), gather_pages(v_cache, page_table, page_size)
-        if ts_cache is not None:
-            ts_cache = gather_pages(ts_cache, page_table, page_size)
     return cached_attention_reference(q, k_cache, v_cache, k_new, v_new, c_off, c_len, n_off, n_len, q_off, q_len,
-                                      position_weight, max_len, max_keys, max_queries, time_weight, ts_cache, ts_new)
+                                      position_weight, max_len, max_keys, max_queries, time_weight, ts_cache, ts_new,
+                                      page_table, page_size)

@@ -263,7 +263,7 @@ def cached_attention(q: Tensor, k_cache: Tensor, v_cache: Tensor, k_new: Tensor,
                      position_weight: Tensor, max_len: int, max_keys: int, max_queries: int,
                      page_table: Tensor | None = None, page_size: int = 0) -> Tensor:
     """fused_cached_attention, or the reference where that was timed faster (pipeline.kernels.dispatch)."""
-    from pipeline.kernels.hstu_cached_attention import cached_attention_reference, gather_pages
+    from pipeline.kernels.hstu_cached_attention import cached_attention_reference
 
     B = c_len.shape[0]
     paged = page_table is not None and page_size > 0
@@ -271,13 +271,7 @@ def cached_attention(q: Tensor, k_cache: Tensor, v_cache: Tensor, k_new: Tensor,
            q.shape[2], v_new.shape[2], q.dtype, page_size if paged else 0)
     args = (q, k_cache, v_cache, k_new, v_new, c_off, c_len, n_off, n_len, q_off, q_len, position_weight, max_len,
             max_keys, max_queries)
-
-    def reference() -> Tensor:
-        if not paged:
-            return cached_attention_reference(*args)
-        return cached_attention_reference(q, gather_pages(k_cache, page_table, page_size),
-                                          gather_pages(v_cache, page_table, page_size), *args[3:])
-
+    reference = functools.partial(cached_attention_reference, *args, page_table=page_table, page_size=page_size)
     chosen = dispatch.choice("hstu_cached_attention", key) or dispatch.choose(
         "hstu_cached_attention", key, q.device, dispatch.Option(dispatch.REFERENCE, None, reference),
         [dispatch.Option("triton", None, functools.partial(fused_cached_attention, *args, page_table, page_size))])

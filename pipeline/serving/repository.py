@@ -431,8 +431,9 @@ def _buckets_param(scfg: DictConfig, package: Package | None = None) -> str:
 
     value = scfg.get("batch_buckets", "auto")
     spec = value if isinstance(value, str) else str(value) if isinstance(value, int) else ",".join(map(str, value))
-    if spec.strip() == "auto" and package is not None and built_batch_sizes(package):
-        spec = "auto:" + ",".join(map(str, built_batch_sizes(package)))
+    built = built_batch_sizes(package) if package is not None and spec.strip() == "auto" else []
+    if built:
+        spec = "auto:" + ",".join(map(str, built))
     try:
         batch_buckets(spec, int(scfg.max_batch_size), gpu=True)
     except ValueError as err:

@@ -76,8 +76,7 @@ def run(ctx: Context) -> StageResult:
                                label=f"version {number}")
     except RolledBack as err:
         shutil.rmtree(staging, ignore_errors=True)
-        if serving_now is None or serving_now["package"] != str(package_dir):
-            shutil.rmtree(package_dir, ignore_errors=True)
+        shutil.rmtree(package_dir, ignore_errors=True)  # never the serving release's: its name differs
         ctx.tracker.set_model_version_tags(name, number, {
             "deploy_status": "rolled_back", "deploy_failed_at": _now(), "deploy_error": str(err)[:4000]})
         _aliases_after_failure(ctx, name, number, deployed(root))

@@ -164,23 +164,19 @@ def batch_buckets(spec: str, max_batch: int, gpu: bool) -> list[int]:
     - a comma-separated list: those sizes.
     On a CPU instance either "auto" is none: each batch runs at its own size."""
     spec = spec.strip()
-    if spec == "auto" or spec.startswith("auto:"):
+    auto = spec == "auto" or spec.startswith("auto:")
+    listed = spec.removeprefix("auto").removeprefix(":") if auto else spec
+    try:
+        sizes = [int(b) for b in listed.split(",") if b.strip()]
+    except ValueError:
+        raise ValueError(f"batch_buckets must be 'auto' or comma-separated sizes (or 'auto:' and sizes), got "
+                         f"{spec!r}") from None
+    if auto:
         if not gpu:
             return []
-        built = spec[len("auto:"):] if spec.startswith("auto:") else ""
-        try:
-            sizes = [int(b) for b in built.split(",") if b.strip()]
-        except ValueError:
-            raise ValueError(f"batch_buckets must be 'auto', 'auto:<sizes>' or comma-separated sizes, got {spec!r}") \
-                from None
         below = [b for b in sizes if 1 <= b < max_batch] if sizes else \
             [4 ** i for i in range(max_batch.bit_length()) if 4 ** i < max_batch]
         sizes = below + [max_batch]
-    else:
-        try:
-            sizes = [int(b) for b in spec.split(",") if b.strip()]
-        except ValueError:
-            raise ValueError(f"batch_buckets must be 'auto' or comma-separated sizes, got {spec!r}") from None
     if any(not 1 <= b <= max_batch for b in sizes):
         raise ValueError(f"batch_buckets {sizes} must lie in 1..{max_batch} (max_batch_size)")
     return sorted(set(sizes))
