@@ -3,6 +3,7 @@ attention kernel (Triton under the interpreter on the CPU) against the full atte
 import os
 import sys
 
+import numpy as np
 import pytest
 import torch
 
@@ -225,3 +226,79 @@ def test_paged_cache_with_triton_kernels_matches_full_recompute():
             torch.testing.assert_close(scores, want_scores, atol=1e-5, rtol=1e-4)
             assert (ids[:, :, None] == want_ids[:, None, :]).any(-1).float().mean().item() >= 0.999
     assert engine.cache.stats()["hits_device"] == 9
+    graphs = engine.encoder.graphs  # every batch's cached keys were in the pool: the padded (graphed) call ran
+    assert graphs.eager + graphs.replayed == 4
+
+
+def _paged_case(model: HSTU, page_size: int = 3):
+    """Three rows (cached 5, 0 and 7 positions; appending 2, 4 and 1) over a pool whose pages are scattered:
+    the flat inputs of IncrementalEncoder.encode_flat's paged form, as numpy arrays, and the pool."""
+    encoder = IncrementalEncoder(model, cuda_graphs=False)
+    gen = torch.Generator().manual_seed(7)
+    c, m = [5, 0, 7], [2, 4, 1]
+    full = [torch.randint(1, 61, (c[b] + m[b],), generator=gen).to(DEVICE) for b in range(3)]
+    _, states = encoder.encode([None, None, None], [full[0][:5], full[1][:1], full[2][:7]])
+    L, H = encoder.num_layers, encoder.heads
+    pages = {0: [6, 2], 2: [0, 4, 3]}  # row 1 is a miss: no pages
+    num_pages = 8
+    k_pool = torch.randn(L, num_pages * page_size, H, encoder.attn_dim, device=DEVICE)  # garbage elsewhere
+    v_pool = torch.randn(L, num_pages * page_size, H, encoder.hidden_dim, device=DEVICE)
+    for b, table in pages.items():
+        slots = torch.tensor([p * page_size + i % page_size for p in table for i in range(page_size)][: c[b]],
+                             device=DEVICE)
+        k_pool[:, slots], v_pool[:, slots] = states[b].keys, states[b].values
+    page_table = np.array(pages[0] + pages[2], dtype=np.int64)
+    c_off = np.array([0, 0, 2 * page_size], dtype=np.int64)
+    m_len = np.array(m, dtype=np.int64)
+    parts = {
+        "items": torch.cat([full[b][c[b]:] for b in range(3)]).cpu().numpy(),
+        "positions": np.concatenate([np.arange(c[b], c[b] + m[b]) for b in range(3)]),
+        "c_off": c_off, "c_len": np.array(c, dtype=np.int64), "n_off": np.cumsum(m_len) - m_len, "m_len": m_len,
+        "last_rows": np.cumsum(m_len) - 1, "page_table": page_table,
+    }
+    return encoder, parts, k_pool, v_pool, full
+
+
+@pytest.mark.parametrize("backend", ["reference", "triton"])
+def test_padded_paged_call_equals_the_unpadded_one(backend):
+    """PagedGraphs pads the batch (3 rows -> 4, 7 new positions -> 8, 5 page-table entries -> 8, widths to
+    powers of two) so that a CUDA graph serves many batches; the padding must change nothing: the same
+    queries and new keys as encode_flat on the exact shapes, which equal a full recompute."""
+    if backend == "triton" and not _triton_usable():
+        pytest.skip("triton was imported before this module without TRITON_INTERPRET=1")
+    model = _model()
+    encoder, parts, k_pool, v_pool, full = _paged_case(model)
+    t = {k: torch.as_tensor(v, device=DEVICE) for k, v in parts.items()}
+    with kernels.use(backend, op="hstu_attention"):
+        want = encoder.encode_flat(k_pool, v_pool, t["items"], t["positions"], t["c_off"], t["c_len"], t["n_off"],
+                                   t["m_len"], t["last_rows"], 8, 4, page_table=t["page_table"], page_size=3)
+        got = encoder.graphs.run(k_pool, v_pool, None, 3, parts, 8, 4)
+    (bucket,) = encoder.graphs._buckets.values()
+    assert bucket.sizes["c_len"] == 4 and bucket.sizes["items"] == 8 and bucket.sizes["page_table"] == 8
+    assert encoder.graphs.eager == 1 and encoder.graphs.captured == 0
+    for g, w in zip(got, want):
+        assert g.shape == w.shape
+        torch.testing.assert_close(g, w, atol=1e-6, rtol=1e-5)
+    torch.testing.assert_close(got[0], _full_query(model, full, None), atol=1e-5, rtol=1e-4)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_paged_graphs_replay_new_inputs_exactly():
+    """On CUDA the paged call is captured once per bucket and replayed: a second batch of the same bucket,
+    other rows and values, must give its own answer (the graph reads the new inputs), as eager does."""
+    model = _model()
+    encoder, parts, k_pool, v_pool, full = _paged_case(model)
+    graphed = IncrementalEncoder(model, cuda_graphs=True)
+    with kernels.use("triton", op="hstu_attention"):
+        first = [t.clone() for t in graphed.graphs.run(k_pool, v_pool, None, 3, parts, 8, 4)]
+        swapped = {**parts, "items": parts["items"][::-1].copy()}
+        second = [t.clone() for t in graphed.graphs.run(k_pool, v_pool, None, 3, swapped, 8, 4)]
+        eager_first = encoder.graphs.run(k_pool, v_pool, None, 3, parts, 8, 4)
+        eager_second = [t.clone() for t in encoder.graphs.run(k_pool, v_pool, None, 3, swapped, 8, 4)]
+    assert graphed.graphs.captured == 1 and graphed.graphs.replayed == 2
+    torch.testing.assert_close(first[0], _full_query(model, full, None), atol=1e-4, rtol=1e-3)
+    for g, w in zip(second, eager_second):
+        torch.testing.assert_close(g, w, atol=1e-5, rtol=1e-4)
+    assert not torch.allclose(first[0], second[0])
+    del eager_first

@@ -460,6 +460,7 @@ def test_local_repository_takes_an_optional_user_id_and_hands_the_engine_one_per
     params = {k: v.string_value for k, v in configs["genrec_v3_engine"].parameters.items()}
     assert (params["cache_enabled"], params["cache_gpu_bytes"], params["cache_host_bytes"]) == ("true", "1000", "0")
     assert params["cache_page_size"] == "64"
+    assert params["cache_cuda_graphs"] == "true"
     off = _configs(write_repository(package, _cfg(tmp_path, "serving.cache.enabled=false").serving,
                                     tmp_path / "off", 3, "local"))["genrec_v3_engine"]
     assert off.parameters["cache_enabled"].string_value == "false"

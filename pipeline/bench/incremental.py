@@ -12,7 +12,9 @@ history. Timed per path, at batch 1 (latency) and the workload's largest batch (
 - device_hit / host_hit: IncrementalRetriever.recommend with every row's prefix in the device / host tier;
 - miss: the same with an empty cache (encode the whole history, seed the cache, top-K);
 - encoder:full and encoder:device_hit: the query alone, without the top-K (the encoder's share; a device
-  hit's includes the cache's lookups, gather and write-back).
+  hit's includes the cache's lookups and write-back);
+- on CUDA, device_hit:eager and encoder:device_hit:eager: the same without CUDA graphs (the encoder's
+  kernels launched one by one), to show what the graphs save.
 Each timed call starts from the same cache contents (re-seeded before it, untimed), so a hit stays a hit.
 Reports p50/p99, users/s, each path's speed-up over full recompute, and the bytes one cached user costs.
 Settings (warm-up, iterations, CPU threads) come from the bench config group (conf/bench/default.yaml).
@@ -69,6 +71,7 @@ WORKLOADS = {
 COLUMNS = ("history", "appended", "path", "batch_size", "p50_ms", "p90_ms", "p99_ms", "mean_ms", "users_per_s",
            "speedup_vs_full", "bytes_per_user")
 PATHS = ("full", "device_hit", "host_hit", "miss", "encoder:full", "encoder:device_hit")
+EAGER_PATHS = ("device_hit:eager", "encoder:device_hit:eager")  # CUDA only: without the encoder's CUDA graphs
 
 
 def _sync(device: torch.device) -> None:
@@ -152,7 +155,9 @@ def run_workload(workload: IncrementalWorkload, device: torch.device, dtype: tor
                 device_cache = KVCache(per_user * batch * 2, per_user * batch * 2, device)
                 host_cache = KVCache(per_user * batch * 2, per_user * batch * 2, device)
                 miss_cache = KVCache(per_user * batch * 2, 0, device)
+                eager_cache = KVCache(per_user * batch * 2, 0, device) if device.type == "cuda" else None
                 hit = IncrementalRetriever(retriever, device_cache)
+                eager = IncrementalRetriever(retriever, eager_cache, cuda_graphs=False) if eager_cache else None
                 host = IncrementalRetriever(retriever, host_cache)
                 miss = IncrementalRetriever(retriever, miss_cache)
 
@@ -168,6 +173,13 @@ def run_workload(workload: IncrementalWorkload, device: torch.device, dtype: tor
                     "miss": (lambda: miss.recommend(history, lengths, users), miss_cache.clear),
                     "encoder:device_hit": (lambda: hit.queries(history, lengths, users), lambda: seed(device_cache)),
                 })
+                if eager is not None:
+                    calls.update({
+                        "device_hit:eager": (lambda: eager.recommend(history, lengths, users),
+                                             lambda: seed(eager_cache)),
+                        "encoder:device_hit:eager": (lambda: eager.queries(history, lengths, users),
+                                                     lambda: seed(eager_cache)),
+                    })
                 # Every cached path must answer what full recompute answers (the point of the cache).
                 for name, cache, tier in (("device_hit", device_cache, DEVICE_TIER), ("host_hit", host_cache, HOST_TIER)):
                     seed(cache, tier)
@@ -176,7 +188,7 @@ def run_workload(workload: IncrementalWorkload, device: torch.device, dtype: tor
                         raise PipelineError(f"{name} setup served paths {sorted(set(paths))}")
                     overlap = (ids.cpu()[:, :, None] == full_ids.cpu()[:, None, :]).any(-1).float().mean().item()
                     log(f"  history {hist} +{appended} b={batch} {name}: top-K overlap with full recompute {overlap:.4f}")
-                for path in PATHS:
+                for path in PATHS + (EAGER_PATHS if eager is not None else ()):
                     if path in base and path in ("full", "encoder:full"):
                         continue  # the same call for every number of appended actions
                     fn, setup = calls[path]
@@ -196,7 +208,7 @@ def run_workload(workload: IncrementalWorkload, device: torch.device, dtype: tor
                     log(f"history {hist:5d} +{row['appended']} b={batch:<4d} {path:20s} p50 {row['p50_ms']:9.3f} ms "
                         f"p99 {row['p99_ms']:9.3f} ms {row['users_per_s']:10.0f} users/s "
                         f"x{row['speedup_vs_full']:.2f} vs full")
-                del pinned, device_cache, host_cache, miss_cache
+                del pinned, device_cache, host_cache, miss_cache, eager_cache
     return rows
 
 

@@ -97,7 +97,13 @@ def cached_attention_reference(
     scores = torch.einsum("bihd,bjhd->bhij", queries, k_pad) + bias.unsqueeze(1).to(queries.dtype)
     attn = F.silu(scores) / max_len * mask.unsqueeze(1).to(scores.dtype)
     out = torch.einsum("bhij,bjhd->bihd", attn, v_pad)               # [B, M, H, dv]
-    return out[q_valid].reshape(-1, H, dv) if B else v_new.new_empty(0, H, dv)
+    if not B:
+        return v_new.new_zeros(q.shape[0], H, dv)
+    # Back to the flat query layout by index (not by boolean mask, which would synchronize with the host and
+    # keep the call out of a CUDA graph); padded slots land in a spare row, dropped.
+    flat = out.new_zeros(q.shape[0] + 1, H, dv)
+    flat.index_copy_(0, q_index.reshape(-1), out.reshape(-1, H, dv))
+    return flat[: q.shape[0]]
 
 
 @torch.library.custom_op("genrec::hstu_cached_attention", mutates_args=())

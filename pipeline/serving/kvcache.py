@@ -549,12 +549,16 @@ class _Batch:
         layout = cache._layout()
         device, B, c_list = cache.device, len(self.users), self.c_list
         parts = self._indexes()
-        names = list(parts)
+        active, transient, restored, written = self.active, self.transient, self.restored, self.written
+        all_written, m_act = self.all_written, parts["m_len"]
+        # Every cached position in the pool (device hits, host hits copied back, misses): the encoder reads the
+        # pages in place, replayed from a CUDA graph (PagedGraphs), which takes its inputs in its own copy.
+        graphed = bool(len(active)) and not transient and pool is not None and encoder.graphs.accepts(len(parts["items"]))
+        encoder_parts = ("items", "positions", "c_off", "c_len", "n_off", "m_len", "last_rows")
+        names = [k for k in parts if not (graphed and k in encoder_parts)]
         sizes = [len(parts[k]) for k in names]
         flat = _to_device(np.concatenate([np.asarray(parts[k], dtype=np.int64) for k in names]), device)
         t = dict(zip(names, torch.split(flat, sizes)))  # one copy to the device, views by name
-        active, transient, restored, written = self.active, self.transient, self.restored, self.written
-        all_written, m_act = self.all_written, parts["m_len"]
 
         # Host hits with room on the device: their states into their new pages (one copy per user).
         done = 0
@@ -570,7 +574,9 @@ class _Batch:
 
         queries = torch.empty(B, layout.dim, dtype=layout.dtype, device=device)
         page_table, page_size = None, 0
-        if len(active) and len(parts["gather"]) and not transient:
+        if graphed:
+            pass
+        elif len(active) and len(parts["gather"]) and not transient:
             # Every cached position is in the pool: the attention reads the pages in place (no gather).
             k_cache, v_cache, ts_cache = pool.keys, pool.values, pool.times
             page_table, page_size = t["gather"], S
@@ -594,9 +600,16 @@ class _Batch:
                     ts_cache = torch.cat([ts_cache, *(s.timestamps.to(device, non_blocking=True) for s in states)])
         if len(active):
             ts_new = t["ts_new"] if layout.time_bias else None
-            x, k_new, v_new = encoder.encode_flat(
-                k_cache, v_cache, t["items"], t["positions"], t["c_off"], t["c_len"], t["n_off"], t["m_len"],
-                t["last_rows"], int(self.n[active].max()), int(m_act.max()), ts_cache, ts_new, page_table, page_size)
+            max_keys, max_queries = int(self.n[active].max()), int(m_act.max())
+            if graphed:
+                x, k_new, v_new = encoder.graphs.run(
+                    pool.keys, pool.values, pool.times, S, {**{k: parts[k] for k in encoder_parts},
+                                                            "page_table": parts["gather"], "ts_new": parts.get("ts_new")},
+                    max_keys, max_queries)
+            else:
+                x, k_new, v_new = encoder.encode_flat(
+                    k_cache, v_cache, t["items"], t["positions"], t["c_off"], t["c_len"], t["n_off"], t["m_len"],
+                    t["last_rows"], max_keys, max_queries, ts_cache, ts_new, page_table, page_size)
             queries.index_copy_(0, t["active"], x)
             if written:  # the new positions into their pages: one scatter per tensor
                 src_k, src_v = (k_new, v_new) if all_written else \
@@ -684,10 +697,12 @@ class IncrementalRetriever:
     An encoder that cannot be encoded incrementally (SASRec) always takes it; `reason` says why.
     """
 
-    def __init__(self, retriever: Retriever, cache: KVCache | None, namespace: str = "") -> None:
+    def __init__(self, retriever: Retriever, cache: KVCache | None, namespace: str = "",
+                 cuda_graphs: bool | None = None) -> None:
         self.retriever, self.cache = retriever, cache
         self.reason = unsupported_reason(retriever.encoder)
-        self.encoder = None if self.reason else IncrementalEncoder(retriever.encoder)
+        # cuda_graphs: replay the cache's batches from CUDA graphs (None: on CUDA; models.incremental.PagedGraphs)
+        self.encoder = None if self.reason else IncrementalEncoder(retriever.encoder, cuda_graphs)
         # Entries of another model (or another precision) must never match: the namespace is in every entry.
         self.namespace = f"{namespace}|{type(retriever.encoder).__name__}|{self._dtype()}".encode()
         if self.encoder is not None and cache is not None:

@@ -413,6 +413,7 @@ def _engine(scfg: DictConfig, name: str, engine: Engine, package: Package, kind:
         if page_size < 1:
             raise PipelineError(f"serving.cache.page_size={page_size}: a page holds >= 1 position")
         config.parameters["cache_page_size"].string_value = str(page_size)
+        config.parameters["cache_cuda_graphs"].string_value = str(bool(cache.get("cuda_graphs", True))).lower()
     config.parameters["time_bias"].string_value = str(uses_time(package)).lower()
     return config
 

@@ -91,7 +91,8 @@ class TritonPythonModel:
         retriever, self.kernel_choice = form
         cache = KVCache(int(params["cache_gpu_bytes"]), int(params["cache_host_bytes"]), self.device,
                         page_size=int(params.get("cache_page_size", 64)))
-        incremental = IncrementalRetriever(retriever, cache, namespace=name)
+        incremental = IncrementalRetriever(retriever, cache, namespace=name,
+                                           cuda_graphs=params.get("cache_cuda_graphs", "true") == "true")
         if incremental.reason:
             return None, None, incremental.reason
         self._warm_incremental(incremental, int(params["max_len"]))
