@@ -214,6 +214,31 @@ def test_compiled_triton_retriever_traces_once_per_batch_regime_without_graph_br
     torch._dynamo.reset()
 
 
+def test_timestamps_that_the_model_ignores_do_not_trace_or_tune_again():
+    """The build's validate passes the dataset's timestamps and the serving engine none, for a model without a
+    time bias: both must reach one traced graph and one whole-call choice, or the engine compiles every batch
+    bucket again at load (seen on the H200: 117 s under max-autotune instead of 15 s)."""
+    from torch._dynamo.utils import counters
+
+    from pipeline.export.inductor import CompiledRetriever
+
+    retriever, history, lengths = _retriever()
+    assert not retriever.encoder.time_bias
+    times = torch.arange(history.numel()).view_as(history)
+    torch._dynamo.reset()
+    counters.clear()
+    compiled = CompiledRetriever(retriever, "default", "triton", compiler="eager")
+    costs = {"reference": 2.0, "passes": 1.0, "gemv": 3.0, "triton": 1.0}
+    with dispatch.timed_by(_timer(costs)):
+        with_times = compiled(history[:3], lengths[:3], times[:3])
+        graphs = counters["stats"]["unique_graphs"]
+        without = compiled(history[:3], lengths[:3])
+    assert counters["stats"]["unique_graphs"] == graphs
+    assert sum(1 for op, *_ in dispatch.TUNING_LOG if op == "retriever") == 2  # ours and the twin, timed once
+    torch.testing.assert_close(with_times, without)
+    torch._dynamo.reset()
+
+
 @pytest.mark.parametrize("reference_ms,served_by", [(1.0, "reference"), (3.0, "triton")])
 def test_compiled_triton_retriever_serves_a_bucket_by_its_reference_twin_where_faster(reference_ms, served_by):
     """The whole call against the same spec with the reference kernels: where the twin was timed faster it
