@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import dataclasses
 import sys
 import time
 from dataclasses import dataclass
@@ -138,6 +139,12 @@ def run_workload(workload: IncrementalWorkload, device: torch.device, dtype: tor
             lengths = torch.full((batch,), hist, device=device)
             users = list(range(batch))
             history_host = history.cpu().numpy()
+            # The cached paths take the request as the server has it, on the host (pinned with CUDA): the cache
+            # plans on the host, and a device history would cost it a copy back. Full recompute takes it on
+            # the device, which spares it the copy there (in its favour).
+            pin = device.type == "cuda"
+            history_in = history.cpu().pin_memory() if pin else history.cpu()
+            lengths_in = lengths.cpu().pin_memory() if pin else lengths.cpu()
             with torch.no_grad():
                 full_ids, _ = retriever(history, lengths)
             calls: dict[str, tuple[Callable, Callable]] = {
@@ -168,22 +175,22 @@ def run_workload(workload: IncrementalWorkload, device: torch.device, dtype: tor
                         cache.put_state(b, state, history_host[b, :prefix], None, engine.namespace, tier)
 
                 calls.update({
-                    "device_hit": (lambda: hit.recommend(history, lengths, users), lambda: seed(device_cache)),
-                    "host_hit": (lambda: host.recommend(history, lengths, users), lambda: seed(host_cache, HOST_TIER)),
-                    "miss": (lambda: miss.recommend(history, lengths, users), miss_cache.clear),
-                    "encoder:device_hit": (lambda: hit.queries(history, lengths, users), lambda: seed(device_cache)),
+                    "device_hit": (lambda: hit.recommend(history_in, lengths_in, users), lambda: seed(device_cache)),
+                    "host_hit": (lambda: host.recommend(history_in, lengths_in, users), lambda: seed(host_cache, HOST_TIER)),
+                    "miss": (lambda: miss.recommend(history_in, lengths_in, users), miss_cache.clear),
+                    "encoder:device_hit": (lambda: hit.queries(history_in, lengths_in, users), lambda: seed(device_cache)),
                 })
                 if eager is not None:
                     calls.update({
-                        "device_hit:eager": (lambda: eager.recommend(history, lengths, users),
+                        "device_hit:eager": (lambda: eager.recommend(history_in, lengths_in, users),
                                              lambda: seed(eager_cache)),
-                        "encoder:device_hit:eager": (lambda: eager.queries(history, lengths, users),
+                        "encoder:device_hit:eager": (lambda: eager.queries(history_in, lengths_in, users),
                                                      lambda: seed(eager_cache)),
                     })
                 # Every cached path must answer what full recompute answers (the point of the cache).
                 for name, cache, tier in (("device_hit", device_cache, DEVICE_TIER), ("host_hit", host_cache, HOST_TIER)):
                     seed(cache, tier)
-                    ids, _, paths = (hit if name == "device_hit" else host).recommend_detailed(history, lengths, users)
+                    ids, _, paths = (hit if name == "device_hit" else host).recommend_detailed(history_in, lengths_in, users)
                     if set(paths) != {name}:
                         raise PipelineError(f"{name} setup served paths {sorted(set(paths))}")
                     overlap = (ids.cpu()[:, :, None] == full_ids.cpu()[:, None, :]).any(-1).float().mean().item()
@@ -255,6 +262,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--precision", default=None, choices=sorted(DTYPES), help="default: bf16 on a GPU, fp32 on the CPU")
     parser.add_argument("--kernels", default=None, choices=kernels.BACKENDS,
                         help="both sides' kernels (default: triton on a GPU, reference on the CPU)")
+    parser.add_argument("--histories", type=int, nargs="+", default=None,
+                        help="only these of the workload's history lengths (e.g. --histories 1000)")
     parser.add_argument("--profile", action="store_true",
                         help="also profile one call per path (first history, first append, largest batch) into OUT")
     parser.add_argument("--out", type=Path, default=None, help="default: <artifacts_dir>/bench/incremental-<UTC time>")
@@ -271,6 +280,11 @@ def main(argv: list[str] | None = None) -> int:
     name = "incremental-smoke" if args.smoke else args.workload or configured or (
         "incremental-1m" if device.type == "cuda" else "incremental-cpu")
     workload = WORKLOADS[name]
+    if args.histories:
+        unknown = sorted(set(args.histories) - set(workload.histories))
+        if unknown:
+            parser.error(f"--histories {unknown}: {name} has histories {list(workload.histories)}")
+        workload = dataclasses.replace(workload, histories=tuple(h for h in workload.histories if h in args.histories))
     precision = args.precision or ("bf16" if device.type == "cuda" else "fp32")
     backend = args.kernels or ("triton" if device.type == "cuda" else "reference")
     if backend == "triton" and not kernels.triton_runs_on(device):

@@ -99,8 +99,9 @@ class IncrementalEncoder:
         self.max_len = first.max_len
         self.num_layers = len(model.layers)
         self.heads, self.attn_dim, self.hidden_dim = first.num_heads, first.attn_dim, first.hidden_dim
-        # The paged path (a cache's batches) replays CUDA graphs on CUDA (None: there), else runs eagerly.
-        self.graphs = PagedGraphs(self, capture=self.device.type == "cuda" if cuda_graphs is None else cuda_graphs)
+        # The paged path (a cache's batches) replays CUDA graphs on CUDA (unless cuda_graphs=False), else runs
+        # eagerly.
+        self.graphs = PagedGraphs(self, capture=self.device.type == "cuda" and cuda_graphs is not False)
 
     @property
     def device(self) -> torch.device:
@@ -268,6 +269,11 @@ class _Bucket:
         self.sizes = sizes
         self.flat = torch.zeros(sum(sizes.values()), dtype=torch.long, device=device)
         self.views = dict(zip(sizes, torch.split(self.flat, list(sizes.values()))))
+        # Where the host fills the inputs: pinned once (pinning per call cost ~0.25 ms of host time on the
+        # H200's host); `copied` marks the end of the last copy from it, which the next fill waits for.
+        cuda = device.type == "cuda"
+        self.host = torch.zeros(self.flat.numel(), dtype=torch.long, pin_memory=cuda)
+        self.copied = torch.cuda.Event() if cuda else None
         self.graph: torch.cuda.CUDAGraph | None = None
         self.outputs: tuple[Tensor, Tensor, Tensor] | None = None
 
@@ -320,16 +326,18 @@ class PagedGraphs:
             bucket = _Bucket(sizes, enc.device)
         else:
             self._buckets.move_to_end(key)
-        host = np.zeros(bucket.flat.numel(), dtype=np.int64)  # padding: item 0 at position 0, empty rows, page 0
+        if bucket.copied is not None:
+            bucket.copied.synchronize()  # the last copy from the staging buffer is done (long since, as a rule)
+        host = bucket.host.numpy()
+        host.fill(0)  # padding: item 0 at position 0, rows without positions, page 0
         start = 0
         for name, size in bucket.sizes.items():
             values = parts[name]
             host[start: start + len(values)] = values
             start += size
-        staged = torch.from_numpy(host)
-        if bucket.flat.device.type == "cuda":
-            staged = staged.pin_memory()
-        bucket.flat.copy_(staged, non_blocking=True)
+        bucket.flat.copy_(bucket.host, non_blocking=True)
+        if bucket.copied is not None:
+            bucket.copied.record()
         v = bucket.views
         call = lambda: enc.encode_flat(  # noqa: E731
             k_pool, v_pool, v["items"], v["positions"], v["c_off"], v["c_len"], v["n_off"], v["m_len"],
@@ -361,7 +369,8 @@ class PagedGraphs:
             with torch.cuda.graph(graph):
                 outputs = call()
         except Exception as err:  # noqa: BLE001 - the bucket still runs, eagerly
-            torch.cuda.synchronize()
+            if torch.cuda.is_available():
+                torch.cuda.synchronize()
             log.warning("incremental encoder: CUDA graph capture failed for %s, running it eagerly: %s",
                         bucket.sizes, err)
             return
