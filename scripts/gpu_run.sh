@@ -103,11 +103,18 @@ PY
   step load_c1_fused "$py" -m pipeline.serving.loadtest --requests 500 --concurrency 1 "$gpu" ${GPU_RUN_ARGS:-} serving.fused=true
   step load_c1_fused_grpc "$py" -m pipeline.serving.loadtest --requests 500 --concurrency 1 --protocol grpc "$gpu" ${GPU_RUN_ARGS:-} \
     serving.fused=true
+  step load_dynamic_fused "$py" -m pipeline.serving.loadtest --requests "$n" --concurrency "$c" "$gpu" ${GPU_RUN_ARGS:-} \
+    serving.fused=true
+  step deploy_fused_nobatch "$py" -m pipeline stage=deploy "$gpu" ${GPU_RUN_ARGS:-} serving.fused=true \
+    serving.dynamic_batching.enabled=false
+  step load_nobatch_fused "$py" -m pipeline.serving.loadtest --requests "$n" --concurrency "$c" "$gpu" ${GPU_RUN_ARGS:-} \
+    serving.fused=true serving.dynamic_batching.enabled=false
   "$py" -m pipeline.serving stop >/dev/null 2>&1
   {
     echo; echo "## steps"; cat "$out/steps.md"
     echo; echo "## validate (stage=all)"; cat "$out/validate_variants.md" 2>/dev/null
-    for s in query load_c1 load_c1_grpc load_dynamic load_returning load_nobatch load_c1_fused load_c1_fused_grpc; do
+    for s in query load_c1 load_c1_grpc load_dynamic load_returning load_nobatch load_c1_fused load_c1_fused_grpc \
+             load_dynamic_fused load_nobatch_fused; do
       echo; echo "## $s"; grep -v "^\s*$" "$out/$s.log" | tail -12
     done
     echo; echo "## GPU metrics"; cat "$out/gpu_metrics.txt" 2>/dev/null

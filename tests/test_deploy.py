@@ -23,7 +23,8 @@ from pipeline.core import Manifest
 from pipeline.data import load_splits
 from pipeline.serving.client import GenrecClient, RequestRejected
 from pipeline.serving.config import load_config
-from pipeline.serving.loadtest import ReturningUsers, cache_side, run_load, scrape, scrape_cache, server_side
+from pipeline.serving.loadtest import (ReturningUsers, cache_side, run_load, run_load_processes, scrape, scrape_cache,
+                                       server_side)
 from pipeline.serving.package import read_package
 from pipeline.serving.repository import compile_python, write_repository
 from pipeline.serving.rollout import RolledBack, deployed, rollout
@@ -163,6 +164,22 @@ def test_load_test_counts_what_the_server_counts(env):
         time.sleep(0.2)
         counted = server_side(before, scrape(server.metrics_url))
     assert counted["genrec"]["requests"] == 40 and counted["genrec_v1_engine"]["batches"] >= 1
+
+
+def test_a_load_split_over_client_processes_counts_every_request(env):
+    """Two client processes (one Python process's threads share one interpreter lock, which capped the client
+    before the server): every request is answered and counted once, by the client and by the server."""
+    server = env[3]
+    before = scrape(server.metrics_url)
+    result = run_load_processes(2, server.url, "genrec", [[1, 2, 3], [4, 5]], k=10, requests=30, concurrency=4)
+    assert (result["ok"], result["errors"], result["processes"]) == (30, 0, 2)
+    assert len(result["latencies_ms"]) == 30 and result["p50_ms"] > 0
+    deadline = time.monotonic() + 10
+    counted = server_side(before, scrape(server.metrics_url))
+    while counted["genrec"]["requests"] < 30 and time.monotonic() < deadline:
+        time.sleep(0.2)
+        counted = server_side(before, scrape(server.metrics_url))
+    assert counted["genrec"]["requests"] == 30
 
 
 def _broken_release(env, tmp_path, version: int, sabotage: str) -> Path:

@@ -259,8 +259,9 @@ def _paged_case(model: HSTU, page_size: int = 3):
     return encoder, parts, k_pool, v_pool, full
 
 
-@pytest.mark.parametrize("backend", ["reference", "triton"])
-def test_padded_paged_call_equals_the_unpadded_one(backend):
+@pytest.mark.parametrize("backend,coarse", [("reference", False), ("triton", False), ("reference", True),
+                                            ("triton", True)])
+def test_padded_paged_call_equals_the_unpadded_one(backend, coarse):
     """PagedGraphs pads the batch (3 rows -> 4, 7 new positions -> 8, 5 page-table entries -> 8, widths to
     powers of two) so that a CUDA graph serves many batches; the padding must change nothing: the same
     queries and new keys as encode_flat on the exact shapes, which equal a full recompute."""
@@ -269,17 +270,30 @@ def test_padded_paged_call_equals_the_unpadded_one(backend):
     model = _model()
     encoder, parts, k_pool, v_pool, full = _paged_case(model)
     t = {k: torch.as_tensor(v, device=DEVICE) for k, v in parts.items()}
+    encoder.graphs.coarse = coarse  # the CUDA graphs' padding (widths to their bounds), run eagerly here
     with kernels.use(backend, op="hstu_attention"):
         want = encoder.encode_flat(k_pool, v_pool, t["items"], t["positions"], t["c_off"], t["c_len"], t["n_off"],
                                    t["m_len"], t["last_rows"], 8, 4, page_table=t["page_table"], page_size=3)
         got = encoder.graphs.run(k_pool, v_pool, None, 3, parts, 8, 4)
     (bucket,) = encoder.graphs._buckets.values()
-    assert bucket.sizes["c_len"] == 4 and bucket.sizes["items"] == 8 and bucket.sizes["page_table"] == 8
+    assert bucket.sizes["c_len"] == 4 and bucket.sizes["items"] == 8
+    assert bucket.sizes["page_table"] == (4 * 5 if coarse else 8)  # max_len 14 in pages of 3: 5 per row
     assert encoder.graphs.eager == 1 and encoder.graphs.captured == 0
     for g, w in zip(got, want):
         assert g.shape == w.shape
         torch.testing.assert_close(g, w, atol=1e-6, rtol=1e-5)
     torch.testing.assert_close(got[0], _full_query(model, full, None), atol=1e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize("coarse,buckets", [(True, 1), (False, 2)])
+def test_graph_shapes_depend_on_rows_and_positions_only(coarse, buckets):
+    """With CUDA graphs a shape is (rows, new positions): batches whose longest history differs share one graph
+    (a served stream would otherwise capture again and again); eager calls keep tight widths."""
+    encoder, parts, k_pool, v_pool, _ = _paged_case(_model())
+    encoder.graphs.coarse = coarse
+    for max_keys in (8, 13):
+        encoder.graphs.run(k_pool, v_pool, None, 3, parts, max_keys, 4)
+    assert len(encoder.graphs._buckets) == buckets
 
 
 @pytest.mark.gpu

@@ -133,6 +133,8 @@ def _crash(signal_name="SIGSEGV"):
 
 def test_a_crashing_package_is_rebuilt_once_with_the_system_compiler(tmp_path, monkeypatch, caplog):
     builds, probes = [], []
+    record = tmp_path / "cache" / "cxx.json"
+    monkeypatch.setattr(inductor, "_cxx_record_path", lambda: record)
     monkeypatch.setattr(inductor, "system_cxx", lambda exclude: "/usr/bin/g++" if exclude != "/usr/bin/g++" else None)
     monkeypatch.setenv("CXX", "/opt/toolchain/bin/g++-wrapper")
     wrapper = torch._inductor.config.patch({"cpp.cxx": (None, "/opt/toolchain/bin/g++-wrapper")})
@@ -158,6 +160,30 @@ def test_a_crashing_package_is_rebuilt_once_with_the_system_compiler(tmp_path, m
     assert rebuild["cache"] != first["cache"]  # a fresh Inductor cache: the crashed build is not served again
     assert os.environ["CXX"] == "/opt/toolchain/bin/g++-wrapper"
     assert "crashed its loader with CXX=/opt/toolchain/bin/g++-wrapper; rebuilt with /usr/bin/g++" in caplog.text
+
+    # the host remembers: the next package is built with the system compiler at once, in a fresh cache
+    assert record.is_file()
+    monkeypatch.setattr(inductor.shutil, "which", lambda name: name if name == "/usr/bin/g++" else None)
+    builds.clear()
+    probes.clear()
+    monkeypatch.setattr(inductor, "_probe_load", lambda package, device: probes.append(package))
+    with caplog.at_level("INFO", logger="pipeline.export.inductor"), wrapper:
+        package = inductor.package_program("program", tmp_path / "q.pt2", torch.device("cpu"))
+    assert package.cxx == "/usr/bin/g++" and len(builds) == 1 and len(probes) == 1
+    assert builds[0]["configs"] == {"cpp.cxx": (None, "/usr/bin/g++")} and builds[0]["CXX"] == "/usr/bin/g++"
+    assert builds[0]["cache"] != first["cache"]
+    assert "built AOTInductor packages that crashed their loader on this host before" in caplog.text
+
+    # if the remembered compiler's package crashes too, that is the variant's failure, and the record goes
+    monkeypatch.setattr(inductor, "_probe_load", lambda package, device: (_ for _ in ()).throw(_crash()))
+    with pytest.raises(inductor.PackageCrash, match="which had replaced CXX=/opt/toolchain/bin/g\\+\\+-wrapper"), \
+            wrapper:
+        inductor.package_program("program", tmp_path / "q.pt2", torch.device("cpu"))
+    assert inductor._known_replacement("/opt/toolchain/bin/g++-wrapper") is None
+    monkeypatch.undo()
+    monkeypatch.setattr(inductor, "_cxx_record_path", lambda: record)
+    monkeypatch.setattr(inductor, "system_cxx", lambda exclude: "/usr/bin/g++" if exclude != "/usr/bin/g++" else None)
+    monkeypatch.setattr(inductor, "_compile_package", compile_package)
 
     # a crash of the rebuilt package too is the variant's failure, naming both compilers
     probes.clear()
@@ -199,8 +225,12 @@ exec /usr/bin/g++ "$@"
     # a fresh cache so that the wrapper really builds the first package
     with inductor._fresh_inductor_cache(), torch._inductor.config.patch({"cpp.cxx": (None, str(wrapper))}):
         package = inductor.package_program(program, tmp_path / "linear.pt2", torch.device("cpu"))
-    assert " -shared " in calls.read_text()  # the wrapper built (and broke) the first package
-    assert package.cxx == "/usr/bin/g++"
+        assert " -shared " in calls.read_text()  # the wrapper built (and broke) the first package
+        calls.write_text("")
+        # remembered on this host: the next package is built by the system compiler alone, once
+        again = inductor.package_program(program, tmp_path / "again.pt2", torch.device("cpu"))
+    assert package.cxx == "/usr/bin/g++" and again.cxx == "/usr/bin/g++"
+    assert " -shared " not in calls.read_text()
     loaded = torch._inductor.aoti_load_package(str(package.path))
     x = torch.randn(2, 4)
     torch.testing.assert_close(loaded(x), model(x))

@@ -3,6 +3,7 @@ loads and runs without the model's Python code."""
 from __future__ import annotations
 
 import functools
+import json
 import logging
 import os
 import shutil
@@ -212,16 +213,85 @@ def package_aoti(retriever: nn.Module, path: Path, batch: ShapeRange, history: S
 
 def package_program(program, path: Path, device: torch.device) -> AotiPackage:
     """An exported program as a .pt2 package that a fresh process loads. A package that crashes the process
-    loading it is built once more with the system's C++ compiler (rebuild_with_system_cxx)."""
+    loading it is built once more with the system's C++ compiler (rebuild_with_system_cxx), and the host
+    remembers it: later packages are built with that compiler at once (one build instead of two)."""
     path.parent.mkdir(parents=True, exist_ok=True)
+    used = configured_cxx()
+    instead = _known_replacement(used)
+    if instead is not None:
+        log.info("CXX=%s built AOTInductor packages that crashed their loader on this host before (%s): "
+                 "building with %s", used, _cxx_record_path(), instead)
+        start = time.perf_counter()
+        with _cxx(instead), _fresh_inductor_cache():  # not the crashing compiler's objects from Inductor's cache
+            out = _compile_package(program, path, {"cpp.cxx": (None, instead)})
+        package = AotiPackage(out, time.perf_counter() - start, instead)
+        try:
+            _probe_load(out, device)
+        except PackageCrash as crash:
+            _forget_replacement(used)
+            raise PackageCrash(f"built with {instead} (which had replaced CXX={used} on this host), {crash}",
+                               crash.signal) from crash
+        return package
     start = time.perf_counter()
     out = _compile_package(program, path)
-    package = AotiPackage(out, time.perf_counter() - start, configured_cxx())
+    package = AotiPackage(out, time.perf_counter() - start, used)
     try:
         _probe_load(out, device)
     except PackageCrash as crash:
         return rebuild_with_system_cxx(program, path, device, crash)
     return package
+
+
+def _cxx_record_path() -> Path:
+    """Compilers found to build crashing packages on this host, and what replaced them (beside Inductor's
+    cache, which is per host and user)."""
+    return Path(inductor_cache_dir()) / "genrec" / "cxx.json"
+
+
+def _cxx_key(cxx: str) -> str:
+    """The compiler as a file (its real path, size and time), and the torch it built for: a changed toolchain
+    or torch is tried again."""
+    real = os.path.realpath(shutil.which(cxx) or cxx)
+    try:
+        stat = os.stat(real)
+        ident = f"{real}:{stat.st_size}:{int(stat.st_mtime)}"
+    except OSError:
+        ident = real
+    return f"{ident}|torch {torch.__version__}"
+
+
+def _read_cxx_record() -> dict:
+    try:
+        record = json.loads(_cxx_record_path().read_text())
+        return record if isinstance(record, dict) else {}
+    except (OSError, ValueError):
+        return {}
+
+
+def _known_replacement(cxx: str) -> str | None:
+    replacement = _read_cxx_record().get(_cxx_key(cxx))
+    return replacement if isinstance(replacement, str) and shutil.which(replacement) else None
+
+
+def _write_cxx_record(record: dict) -> None:
+    path = _cxx_record_path()
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(f".{os.getpid()}.tmp")
+        tmp.write_text(json.dumps(record, indent=1))
+        os.replace(tmp, path)
+    except OSError as err:  # a read-only cache folder: the next package is built twice again, nothing worse
+        log.warning("could not record the C++ compiler choice in %s: %s", path, err)
+
+
+def _remember_replacement(cxx: str, replacement: str) -> None:
+    _write_cxx_record({**_read_cxx_record(), _cxx_key(cxx): replacement})
+
+
+def _forget_replacement(cxx: str) -> None:
+    record = _read_cxx_record()
+    if record.pop(_cxx_key(cxx), None) is not None:
+        _write_cxx_record(record)
 
 
 def rebuild_with_system_cxx(program, path: Path, device: torch.device, crash: PackageCrash) -> AotiPackage:
@@ -243,7 +313,9 @@ def rebuild_with_system_cxx(program, path: Path, device: torch.device, crash: Pa
         _probe_load(out, device)
     except PackageCrash as again:
         raise PackageCrash(f"rebuilt with {system} after it crashed with CXX={used}, {again}", again.signal) from again
-    log.warning("AOTInductor package crashed its loader with CXX=%s; rebuilt with %s", used, system)
+    log.warning("AOTInductor package crashed its loader with CXX=%s; rebuilt with %s (remembered in %s for later "
+                "packages on this host)", used, system, _cxx_record_path())
+    _remember_replacement(used, system)
     return AotiPackage(out, seconds, system)
 
 

@@ -284,8 +284,12 @@ class PagedGraphs:
     launch, instead of about a hundred kernel launches and the dispatch's Python around them (a batch of 128
     device hits at history 1,000 spent 8 ms of wall time on 1.2 ms of GPU work launched op by op).
 
-    Shapes are padded to powers of two: rows (B), new positions (N), page-table entries and the widths
-    max_queries and max_keys (capped at max_len). Padding rows have no cached and no new positions and read
+    Shapes are padded so that few graphs serve a stream of batches: rows (B) and new positions (N) to powers
+    of two, the widths to their bounds (max_keys to max_len, max_queries to min(N, max_len), the page table
+    to max_len's pages per row), so that a shape is (B, N) alone (a served returning-users load on the
+    H200, whose batches mixed 1-8 rows and 1-400 positions, recaptured constantly when every width had its
+    own power of two). Without capture (coarse=False, the CPU) the widths are powers of two of the batch's
+    own. Padding rows have no cached and no new positions and read
     nothing; padding positions belong to no row, so no row's attention reads them; what they compute is
     sliced off. So a padded call returns exactly what the unpadded one does (the kernels see other widths,
     not other values). A graph is captured at a bucket's first call, after two eager calls that compile
@@ -294,10 +298,11 @@ class PagedGraphs:
     (the CPU) runs the same padded call eagerly; a capture that fails is logged and its bucket runs eagerly.
     The outputs are the graph's own buffers: the caller uses them before the next call (the cache's lock)."""
 
-    def __init__(self, encoder: IncrementalEncoder, capture: bool, max_graphs: int = 16,
-                 max_positions: int = 16384) -> None:
+    def __init__(self, encoder: IncrementalEncoder, capture: bool, max_graphs: int = 64,
+                 max_positions: int = 16384, coarse: bool | None = None) -> None:
         self.encoder, self.capture = encoder, capture
         self.max_graphs, self.max_positions = max_graphs, max_positions
+        self.coarse = capture if coarse is None else coarse
         self._buckets: OrderedDict[tuple, _Bucket] = OrderedDict()
         self.captured = self.replayed = self.eager = 0
 
@@ -311,8 +316,13 @@ class PagedGraphs:
         values [L, N, H, dv]) as encode_flat returns them."""
         enc = self.encoder
         B, N, T = len(parts["c_len"]), len(parts["items"]), len(parts["page_table"])
-        Bp, Np, Tp = _pow2(B), _pow2(N), _pow2(max(T, 1))
-        Kp, Qp = min(_pow2(max_keys), max(enc.max_len, max_keys)), _pow2(max_queries)
+        Bp, Np = _pow2(B), _pow2(N)
+        if self.coarse:  # as few shapes as the rows and new positions allow: a served stream reuses its graphs
+            Kp, Qp = enc.max_len, min(Np, enc.max_len)
+            Tp = max(Bp * -(-enc.max_len // page_size), T)
+        else:  # tight widths, for eager calls (the reference's work grows with them)
+            Kp, Qp = min(_pow2(max_keys), max(enc.max_len, max_keys)), _pow2(max_queries)
+            Tp = _pow2(max(T, 1))
         from pipeline import kernels
         key = (Bp, Np, Tp, Kp, Qp, page_size, k_pool.data_ptr(), v_pool.data_ptr(),
                None if ts_pool is None else ts_pool.data_ptr(), tuple(kernels.backend(op) for op in kernels.OPS))

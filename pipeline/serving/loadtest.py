@@ -20,6 +20,8 @@ from __future__ import annotations
 
 import argparse
 import json
+import multiprocessing
+import os
 import re
 import threading
 import time
@@ -107,12 +109,65 @@ def run_load(url: str, model: str, histories: list[list[int]], k: int, requests:
         t.start()
     for t in threads:
         t.join()
-    seconds = time.perf_counter() - start
+    return _summary(requests, concurrency, k, protocol, latencies, errors, time.perf_counter() - start, 1)
+
+
+def _summary(requests: int, concurrency: int, k: int, protocol: str, latencies: list[float], errors: list[str],
+             seconds: float, processes: int) -> dict:
     ms = np.array(latencies) if latencies else np.array([float("nan")])
     return {"requests": requests, "concurrency": concurrency, "k": k, "protocol": protocol, "ok": len(latencies),
             "errors": len(errors), "first_errors": sorted(set(errors))[:3], "seconds": seconds,
             "throughput_rps": len(latencies) / seconds, "p50_ms": float(np.percentile(ms, 50)),
-            "p90_ms": float(np.percentile(ms, 90)), "p99_ms": float(np.percentile(ms, 99)), "mean_ms": float(ms.mean())}
+            "p90_ms": float(np.percentile(ms, 90)), "p99_ms": float(np.percentile(ms, 99)), "mean_ms": float(ms.mean()),
+            "processes": processes, "latencies_ms": latencies}
+
+
+def default_processes(concurrency: int) -> int:
+    """Client processes for a load: one per 8 concurrent requests, at most half the host's cores. One Python
+    process's threads share one interpreter lock: on the H200's host 32 threads topped out near 2,500 requests/s
+    while the server had room, so a load of one process measured the client."""
+    return max(1, min(concurrency // 8, (os.cpu_count() or 2) // 2))
+
+
+def _load_part(queue, barrier, args: tuple) -> None:
+    """One client process of run_load_processes: waits for the others, runs its share, reports."""
+    try:
+        barrier.wait(timeout=120)
+        start = time.time()
+        result = run_load(*args)
+        queue.put((start, time.time(), result, None))
+    except BaseException as err:  # noqa: BLE001 - reported to the parent, which raises it
+        queue.put((0.0, 0.0, None, f"{type(err).__name__}: {err}"))
+
+
+def run_load_processes(processes: int, url: str, model: str, histories: list[list[int]], k: int, requests: int,
+                       concurrency: int, protocol: str = "http", timestamps: list[list[int]] | None = None) -> dict:
+    """run_load spread over `processes` client processes (requests and concurrency split between them), started
+    together; throughput over the wall time from the first start to the last finish, percentiles over every
+    request. processes=1 is run_load itself."""
+    if processes <= 1:
+        return run_load(url, model, histories, k, requests, concurrency, protocol, None, timestamps)
+    processes = min(processes, concurrency, requests)
+    ctx = multiprocessing.get_context("spawn")
+    queue, barrier = ctx.Queue(), ctx.Barrier(processes)
+    shares = zip(np.array_split(np.arange(requests), processes), np.array_split(np.arange(concurrency), processes))
+    workers = [ctx.Process(target=_load_part, args=(queue, barrier, (url, model, histories, k, len(r), len(c),
+                                                                     protocol, None, timestamps)), daemon=True)
+               for r, c in shares]
+    for w in workers:
+        w.start()
+    parts = [queue.get() for _ in workers]
+    for w in workers:
+        w.join()
+    failed = [why for *_, why in parts if why]
+    if failed:
+        raise PipelineError(f"a load-test client process failed: {failed[0]}")
+    latencies = [ms for _, _, r, _ in parts for ms in r["latencies_ms"]]
+    errors = [e for _, _, r, _ in parts for e in r["first_errors"]]
+    result = _summary(requests, concurrency, k, protocol, latencies, errors,
+                      max(end for _, end, _, _ in parts) - min(start for start, *_ in parts), processes)
+    result["errors"] = sum(r["errors"] for _, _, r, _ in parts)
+    return result
 
 
 def scrape(metrics_url: str) -> dict[tuple[str, str], float]:
@@ -205,6 +260,9 @@ def main() -> int:
                         help="users who come back with a few new actions, sent with their USER_ID")
     parser.add_argument("--users", type=int, default=1000, help="with --returning-users: the population")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--processes", type=int, default=None,
+                        help="client processes sharing the load (default: one per 8 of --concurrency, at most half "
+                             "the cores; 1 with --returning-users, whose users' histories live in one process)")
     args = parser.parse_intermixed_args()
     cfg = load_config(args.overrides)
     server = LocalServer(cfg.serving)
@@ -221,7 +279,15 @@ def main() -> int:
     model = cfg.serving.model_name
     run_load(url, model, histories, args.k, args.warmup, args.concurrency, args.protocol, visits, times)
     before, cache_before = scrape(server.metrics_url), scrape_cache(server.metrics_url)
-    client = run_load(url, model, histories, args.k, args.requests, args.concurrency, args.protocol, visits, times)
+    if args.processes is not None and args.processes < 1:
+        raise PipelineError(f"--processes must be >= 1, got {args.processes}")
+    processes = 1 if visits else args.processes or default_processes(args.concurrency)
+    if processes > 1:
+        client = run_load_processes(processes, url, model, histories, args.k, args.requests, args.concurrency,
+                                    args.protocol, times)
+    else:
+        client = run_load(url, model, histories, args.k, args.requests, args.concurrency, args.protocol, visits, times)
+    client.pop("latencies_ms", None)
     result = {"version": record["version"], "variant": record["variant"], "client": client,
               "server": server_side(before, scrape(server.metrics_url)), "time": time.strftime("%Y-%m-%d %H:%M:%S")}
     if visits:
@@ -235,7 +301,8 @@ def main() -> int:
 def report(result: dict) -> str:
     c = result["client"]
     lines = [f"version {result['version']} ({result['variant']}): {c['ok']}/{c['requests']} ok, {c['errors']} errors, "
-             f"concurrency {c['concurrency']}, {c['protocol']}, k={c['k']}",
+             f"concurrency {c['concurrency']}, {c['protocol']}, k={c['k']}"
+             + (f", {c['processes']} client processes" if c.get("processes", 1) > 1 else ""),
              f"client: {c['throughput_rps']:.1f} requests/s, p50 {c['p50_ms']:.2f} ms, p90 {c['p90_ms']:.2f} ms, "
              f"p99 {c['p99_ms']:.2f} ms",
              "server (Prometheus, same interval):",
