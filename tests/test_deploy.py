@@ -288,6 +288,13 @@ def test_failed_smoke_test_rolls_back_then_second_deploy_moves_champion(env):
     assert (alias("champion"), alias("previous")) == ("1", "2")
 
 
+def _settled_cache_metrics(server) -> dict:
+    """genrec_cache_* once the engine has sent what it counted: it sends them every half second
+    (engine_torch.CacheMetrics.FLUSH_S), so a snapshot taken sooner can miss the last requests' counts."""
+    time.sleep(0.7)
+    return scrape_cache(server.metrics_url)
+
+
 def _cache_counts(server, engine: str, before: dict, want: dict) -> dict:
     """The engine's genrec_cache_* counters since `before`, once they reach `want` (or after 10 s)."""
     deadline = time.monotonic() + 10
@@ -316,7 +323,7 @@ def test_returning_user_is_answered_from_its_cached_state(env):
     with torch.inference_mode():
         want_ids, want_scores = _promoted_variant(env, version)(padded, torch.tensor([len(history), len(longer)]), None)
 
-    before = scrape_cache(server.metrics_url)
+    before = _settled_cache_metrics(server)
     first = client.recommend(history, 10, user_id=1234)
     second = client.recommend(longer, 10, user_id=1234)  # one new action: only it is encoded
     for answer, ids, scores in ((first, want_ids[0], want_scores[0]), (second, want_ids[1], want_scores[1])):
@@ -343,7 +350,7 @@ def test_returning_user_is_answered_from_its_cached_state(env):
     # The load test's returning users, beside requests without USER_ID: every request answered, and hits.
     items = read_package(Path(deployed(server.root)["package"])).vocabulary.raw[1:]
     visits = ReturningUsers(8, [longer], items, test.history.shape[1], seed=1)
-    before, results = scrape_cache(server.metrics_url), {}
+    before, results = _settled_cache_metrics(server), {}
     loads = [threading.Thread(target=lambda: results.update(users=run_load(
                  server.url, "genrec", [], 10, 40, 4, visits=visits))),
              threading.Thread(target=lambda: results.update(plain=run_load(server.url, "genrec", [longer], 10, 20, 2)))]
@@ -354,7 +361,7 @@ def test_returning_user_is_answered_from_its_cached_state(env):
     assert results["users"]["errors"] == results["plain"]["errors"] == 0, results
     counted = _cache_counts(server, engine, before, {"no_user": 20})
     assert counted == {"no_user": 20}
-    cache = cache_side(before, scrape_cache(server.metrics_url))[engine]
+    cache = cache_side(before, _settled_cache_metrics(server))[engine]
     assert cache["hits_device"] > 0 and cache["misses"] >= 1
     assert cache["hits_device"] + cache["hits_host"] + cache["misses"] == 40
 
@@ -442,7 +449,7 @@ def test_fused_release_answers_as_the_pipeline_and_refuses_bad_requests_alone(en
         thread.join()
     assert results == {i: "refused" if i % 3 == 2 else want[i, :10].tolist() for i in range(len(histories))}
     # A returning user's second request, one action longer, is answered from the cache as from its whole history.
-    engine, before = f"genrec_v{version}_engine", scrape_cache(server.metrics_url)
+    engine, before = f"genrec_v{version}_engine", _settled_cache_metrics(server)
     longer = histories[0][:-1]
     first = client.recommend(longer, 10, user_id=4321)
     second = client.recommend(histories[0], 10, user_id=4321)

@@ -539,6 +539,7 @@ def test_engine_batches_hits_misses_and_rows_without_a_user_together(monkeypatch
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     monkeypatch.setattr(module, "to_triton", lambda pb_utils, name, array: (name, array))
+    monkeypatch.setattr(module.CacheMetrics, "FLUSH_S", 60.0)  # nothing is sent before close() here
 
     torch.manual_seed(0)
     max_len = 8
@@ -568,6 +569,9 @@ def test_engine_batches_hits_misses_and_rows_without_a_user_together(monkeypatch
         assert response.outputs["TOP_IDS"].tolist() == [ids.tolist()]
         np.testing.assert_allclose(response.outputs["TOP_SCORES"][0], scores.numpy(), atol=1e-5)
     value = _FakeBackend.value
+    # Updates are sent in batches (each is a message to the server): none yet, all of them at close.
+    assert value("genrec_cache_path_rows", model="m_v1_engine") == value("genrec_cache_misses", model="m_v1_engine") == 0
+    engine.finalize()
     assert value("genrec_cache_hits", model="m_v1_engine", tier="device") == 1
     assert value("genrec_cache_misses", model="m_v1_engine") == 2
     assert [value("genrec_cache_path_rows", model="m_v1_engine", path=p) for p in ("miss", "device_hit", "no_user")] == [2, 1, 1]

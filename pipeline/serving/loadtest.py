@@ -278,6 +278,8 @@ def main() -> int:
     url = server.url if args.protocol == "http" else server.grpc_url
     model = cfg.serving.model_name
     run_load(url, model, histories, args.k, args.warmup, args.concurrency, args.protocol, visits, times)
+    if visits:  # the engine sends its cache metrics every half second (engine_torch.CacheMetrics.FLUSH_S)
+        time.sleep(0.7)
     before, cache_before = scrape(server.metrics_url), scrape_cache(server.metrics_url)
     if args.processes is not None and args.processes < 1:
         raise PipelineError(f"--processes must be >= 1, got {args.processes}")
@@ -288,6 +290,8 @@ def main() -> int:
     else:
         client = run_load(url, model, histories, args.k, args.requests, args.concurrency, args.protocol, visits, times)
     client.pop("latencies_ms", None)
+    if visits:  # the engine sends its cache metrics every half second (engine_torch.CacheMetrics.FLUSH_S)
+        time.sleep(0.7)
     result = {"version": record["version"], "variant": record["variant"], "client": client,
               "server": server_side(before, scrape(server.metrics_url)), "time": time.strftime("%Y-%m-%d %H:%M:%S")}
     if visits:

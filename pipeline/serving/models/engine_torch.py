@@ -21,6 +21,7 @@ import json
 import locale
 import os
 import sys
+import threading
 import time
 from collections import Counter
 from pathlib import Path
@@ -137,6 +138,10 @@ class TritonPythonModel:
         return [pb_utils.InferenceResponse([to_triton(pb_utils, "TOP_IDS", i), to_triton(pb_utils, "TOP_SCORES", s)])
                 for i, s in zip(np.split(ids, bounds), np.split(scores, bounds))]
 
+    def finalize(self):
+        if getattr(self, "metrics", None) is not None:
+            self.metrics.close()
+
     def compute(self, batch: np.ndarray, lengths: np.ndarray, users: np.ndarray, times: np.ndarray | None):
         """One batch: history [B, max_len] model ids, lengths [B(, 1)], user ids [B(, 1)] (-1: none), times
         [B, max_len] or None -> numpy (ids [B, max_k], scores [B, max_k]); the cache's metrics updated."""
@@ -186,10 +191,17 @@ class TritonPythonModel:
 class CacheMetrics:
     """The cache's counters and bytes, and the engine's time per path, as genrec_cache_* metrics (the python
     backend's custom metrics, on the server's metrics endpoint), labelled with the engine's model name. A row's
-    time is its whole batch's time in execute(): what the row waited for."""
+    time is its whole batch's time in execute(): what the row waited for.
+
+    Each metric update is a message from the stub to the server: two of them per request (rows and time of
+    its path) cost about 0.2 ms of a 1.2 ms request on the CPU server. So updates accumulate here and are sent
+    at most every FLUSH_S seconds, from execute() when one is due and from a timer thread when the engine is
+    idle: the server's figures trail the engine's by at most FLUSH_S (the load test waits that long before
+    its last scrape)."""
 
     TIERS = ("device", "host")
     PATHS = ("device_hit", "host_hit", "miss", "no_user")
+    FLUSH_S = 0.5
 
     def __init__(self, model: str, stats: dict) -> None:
         counter, gauge = pb_utils.MetricFamily.COUNTER, pb_utils.MetricFamily.GAUGE
@@ -218,17 +230,53 @@ class CacheMetrics:
         self.gauges.update({f"entries_{t}": entries.Metric(labels={**label, "tier": t}) for t in self.TIERS})
         self.rows = {p: rows.Metric(labels={**label, "path": p}) for p in self.PATHS}
         self.micros = {p: micros.Metric(labels={**label, "path": p}) for p in self.PATHS}
-        self.last = dict(stats)
+        self.sent = dict(stats)     # the cache's stats as the server has them
+        self.stats = dict(stats)    # as the engine last saw them
+        self.path_rows: Counter = Counter()
+        self.path_micros: Counter = Counter()
+        self.last_flush = time.monotonic()
+        self.lock = threading.Lock()
+        self.closed = threading.Event()
+        self.timer = threading.Thread(target=self._flush_when_idle, name="genrec-cache-metrics", daemon=True)
+        self.timer.start()
 
     def update(self, stats: dict, paths: list, micros: float) -> None:
-        """Each metric is a message to the server: only what changed is sent."""
+        with self.lock:
+            self.stats = dict(stats)
+            for path, count in Counter(paths).items():
+                self.path_rows[path] += count
+                self.path_micros[path] += count * micros
+            if time.monotonic() - self.last_flush >= self.FLUSH_S:
+                self._flush()
+
+    def close(self) -> None:
+        """Send what is pending and stop the timer (the engine's finalize)."""
+        self.closed.set()
+        with self.lock:
+            self._flush()
+
+    def _flush_when_idle(self) -> None:
+        while not self.closed.wait(self.FLUSH_S):
+            with self.lock:
+                if time.monotonic() - self.last_flush >= self.FLUSH_S:
+                    try:
+                        self._flush()
+                    except Exception as err:  # noqa: BLE001 - the server went away; execute() flushes too
+                        pb_utils.Logger.log_warn(f"genrec_cache metrics not sent: {err}")
+
+    def _flush(self) -> None:
+        """Only what changed is sent (callers hold the lock)."""
+        stats = self.stats
         for key, metric in self.counters.items():
-            if stats[key] != self.last[key]:
-                metric.increment(stats[key] - self.last[key])
+            if stats[key] != self.sent[key]:
+                metric.increment(stats[key] - self.sent[key])
         for key, metric in self.gauges.items():
-            if stats[key] != self.last[key]:
+            if stats[key] != self.sent[key]:
                 metric.set(stats[key])
-        for path, count in Counter(paths).items():
+        for path, count in self.path_rows.items():
             self.rows[path].increment(count)
-            self.micros[path].increment(count * micros)
-        self.last = dict(stats)
+            self.micros[path].increment(self.path_micros[path])
+        self.sent = dict(stats)
+        self.path_rows.clear()
+        self.path_micros.clear()
+        self.last_flush = time.monotonic()
