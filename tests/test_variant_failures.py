@@ -135,6 +135,7 @@ def test_a_crashing_package_is_rebuilt_once_with_the_system_compiler(tmp_path, m
     builds, probes = [], []
     record = tmp_path / "cache" / "cxx.json"
     monkeypatch.setattr(inductor, "_cxx_record_path", lambda: record)
+    monkeypatch.setattr(inductor, "_probe_toolchain", lambda used, work: used)  # the probe passed, the package crashed
     monkeypatch.setattr(inductor, "system_cxx", lambda exclude: "/usr/bin/g++" if exclude != "/usr/bin/g++" else None)
     monkeypatch.setenv("CXX", "/opt/toolchain/bin/g++-wrapper")
     wrapper = torch._inductor.config.patch({"cpp.cxx": (None, "/opt/toolchain/bin/g++-wrapper")})
@@ -172,7 +173,7 @@ def test_a_crashing_package_is_rebuilt_once_with_the_system_compiler(tmp_path, m
     assert package.cxx == "/usr/bin/g++" and len(builds) == 1 and len(probes) == 1
     assert builds[0]["configs"] == {"cpp.cxx": (None, "/usr/bin/g++")} and builds[0]["CXX"] == "/usr/bin/g++"
     assert builds[0]["cache"] != first["cache"]
-    assert "built AOTInductor packages that crashed their loader on this host before" in caplog.text
+    assert "builds AOTInductor packages that crash their loader on this host" in caplog.text
 
     # if the remembered compiler's package crashes too, that is the variant's failure, and the record goes
     monkeypatch.setattr(inductor, "_probe_load", lambda package, device: (_ for _ in ()).throw(_crash()))
@@ -182,6 +183,7 @@ def test_a_crashing_package_is_rebuilt_once_with_the_system_compiler(tmp_path, m
     assert inductor._known_replacement("/opt/toolchain/bin/g++-wrapper") is None
     monkeypatch.undo()
     monkeypatch.setattr(inductor, "_cxx_record_path", lambda: record)
+    monkeypatch.setattr(inductor, "_probe_toolchain", lambda used, work: used)
     monkeypatch.setattr(inductor, "system_cxx", lambda exclude: "/usr/bin/g++" if exclude != "/usr/bin/g++" else None)
     monkeypatch.setattr(inductor, "_compile_package", compile_package)
 
@@ -196,6 +198,49 @@ def test_a_crashing_package_is_rebuilt_once_with_the_system_compiler(tmp_path, m
             torch._inductor.config.patch({"cpp.cxx": (None, "/usr/bin/g++")}):
         inductor.package_program("program", tmp_path / "p.pt2", torch.device("cpu"))
     assert "rebuilt" not in str(err.value)
+
+
+def test_a_probe_package_finds_a_crashing_toolchain_before_the_real_build(tmp_path, monkeypatch):
+    """On a host with a second compiler, the first package is preceded by a one-layer probe package built with
+    the configured compiler: if it crashes its loader, the real package is built once, with the system
+    compiler; if it loads, the real build uses the configured one. Either verdict is recorded: no probe
+    for the next package."""
+    record = tmp_path / "cache" / "cxx.json"
+    monkeypatch.setattr(inductor, "_cxx_record_path", lambda: record)
+    monkeypatch.setattr(inductor, "system_cxx", lambda exclude: "/usr/bin/g++" if exclude != "/usr/bin/g++" else None)
+    monkeypatch.setattr(inductor.shutil, "which", lambda name: name)
+    builds = []
+
+    def compile_package(program, path, configs=None):
+        builds.append((Path(path).name, (configs or {}).get("cpp.cxx"), os.environ.get("CXX")))
+        return Path(path)
+
+    monkeypatch.setattr(inductor, "_compile_package", compile_package)
+    crashing = {"/opt/bad/g++"}
+
+    def probe(package, device):
+        if os.environ.get("CXX") in crashing or (package.name.startswith(".cxx-probe") and current[0] in crashing):
+            raise _crash()
+
+    current = ["/opt/bad/g++"]
+    monkeypatch.setattr(inductor, "_probe_load", probe)
+    with torch._inductor.config.patch({"cpp.cxx": (None, "/opt/bad/g++")}):
+        package = inductor.package_program("program", tmp_path / "p.pt2", torch.device("cpu"))
+        assert package.cxx == "/usr/bin/g++"
+        assert [b[0] for b in builds] == [builds[0][0], "p.pt2"] and builds[0][0].startswith(".cxx-probe")
+        assert builds[1][1:] == ((None, "/usr/bin/g++"), "/usr/bin/g++")  # the real package: built once
+        builds.clear()
+        inductor.package_program("program", tmp_path / "q.pt2", torch.device("cpu"))
+        assert [b[0] for b in builds] == ["q.pt2"]  # remembered: no probe
+    current[0] = "/opt/good/g++"
+    builds.clear()
+    with torch._inductor.config.patch({"cpp.cxx": (None, "/opt/good/g++")}):
+        package = inductor.package_program("program", tmp_path / "r.pt2", torch.device("cpu"))
+        assert package.cxx == "/opt/good/g++" and builds[-1] == ("r.pt2", None, None) and len(builds) == 2
+        builds.clear()
+        inductor.package_program("program", tmp_path / "s.pt2", torch.device("cpu"))
+        assert builds == [("s.pt2", None, None)]
+    assert not list(tmp_path.glob(".cxx-probe*"))
 
 
 CRASH_ON_LOAD = """

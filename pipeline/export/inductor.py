@@ -212,15 +212,18 @@ def package_aoti(retriever: nn.Module, path: Path, batch: ShapeRange, history: S
 
 
 def package_program(program, path: Path, device: torch.device) -> AotiPackage:
-    """An exported program as a .pt2 package that a fresh process loads. A package that crashes the process
-    loading it is built once more with the system's C++ compiler (rebuild_with_system_cxx), and the host
-    remembers it: later packages are built with that compiler at once (one build instead of two)."""
+    """An exported program as a .pt2 package that a fresh process loads. The C++ compiler is the configured
+    one unless this host is known (or found, by a one-layer probe package: _probe_toolchain) to build crashing
+    packages with it; then the system's. A package that crashes the process loading it all the same is built
+    once more with the system's compiler (rebuild_with_system_cxx), which the host then remembers."""
     path.parent.mkdir(parents=True, exist_ok=True)
     used = configured_cxx()
     instead = _known_replacement(used)
-    if instead is not None:
-        log.info("CXX=%s built AOTInductor packages that crashed their loader on this host before (%s): "
-                 "building with %s", used, _cxx_record_path(), instead)
+    if instead is None:
+        instead = _probe_toolchain(used, path.parent)
+    if instead != used:
+        log.info("CXX=%s builds AOTInductor packages that crash their loader on this host (%s): building with %s",
+                 used, _cxx_record_path(), instead)
         start = time.perf_counter()
         with _cxx(instead), _fresh_inductor_cache():  # not the crashing compiler's objects from Inductor's cache
             out = _compile_package(program, path, {"cpp.cxx": (None, instead)})
@@ -240,6 +243,33 @@ def package_program(program, path: Path, device: torch.device) -> AotiPackage:
     except PackageCrash as crash:
         return rebuild_with_system_cxx(program, path, device, crash)
     return package
+
+
+def _probe_toolchain(used: str, work: Path) -> str:
+    """The compiler to build packages with on this host, found once and recorded: `used`, unless a one-layer
+    package it builds crashes the process that loads it and the system has another compiler. A few seconds
+    the first time on a host that has a second compiler (none where `used` is the only one), against a whole
+    second build of a large package when the toolchain turns out to be bad (148 s for the GPU tests' package)."""
+    system = system_cxx(exclude=used)
+    if system is None:  # nothing to replace it with: build with it, and rebuild_with_system_cxx reports a crash
+        return used
+    probe = work / f".cxx-probe-{os.getpid()}.pt2"
+    try:
+        program = torch.export.export(nn.Linear(4, 2).eval(), (torch.randn(1, 4),))
+        with _fresh_inductor_cache():  # compiled by `used` now, not found in Inductor's cache
+            _probe_load(_compile_package(program, probe), torch.device("cpu"))
+    except PackageCrash as crash:
+        log.warning("CXX=%s builds AOTInductor packages that crash their loader (%s); building with %s, "
+                    "remembered in %s", used, crash.signal, system, _cxx_record_path())
+        _remember_replacement(used, system)
+        return system
+    except Exception as err:  # noqa: BLE001 - no verdict: build with it, and rebuild if that package crashes
+        log.info("could not try CXX=%s on a one-layer AOTInductor package: %s", used, err)
+        return used
+    finally:
+        probe.unlink(missing_ok=True)
+    _remember_replacement(used, used)
+    return used
 
 
 def _cxx_record_path() -> Path:
@@ -269,6 +299,7 @@ def _read_cxx_record() -> dict:
 
 
 def _known_replacement(cxx: str) -> str | None:
+    """The compiler recorded for `cxx` on this host (`cxx` itself when its packages load); None: not tried."""
     replacement = _read_cxx_record().get(_cxx_key(cxx))
     return replacement if isinstance(replacement, str) and shutil.which(replacement) else None
 
