@@ -376,3 +376,29 @@ def test_a_cache_serves_one_model_layout_on_the_models_device():
     with pytest.raises(ValueError, match="device tier is on meta"):
         IncrementalRetriever(_retriever(), KVCache(10 ** 6, 0, "meta"))
     assert cache.pool_bytes() == 0                              # allocated at the first use only
+
+
+def test_warm_graphs_prepares_the_served_shapes_and_leaves_the_cache_as_it_was():
+    """At load the engine runs throwaway returning users through its own cache, so that the CUDA graphs of
+    every power-of-two batch (misses, and hits appending 1 or 2 actions) exist before the first request; the
+    throwaway users and their counts are gone after, and real users are answered exactly. (Forced on the CPU,
+    where the padded calls run eagerly and the shapes are recorded all the same.)"""
+    retriever = _retriever()
+    per_user = IncrementalRetriever(retriever, None).encoder.state_bytes(MAX_LEN)
+    cache = KVCache(device_bytes=40 * per_user, host_bytes=0, page_size=4)
+    engine = IncrementalRetriever(retriever, cache, namespace="m1")
+    engine.encoder.graphs.coarse = True  # the CUDA graphs' shapes: rows and new positions
+    counters = dict(cache.counters)
+    assert engine.warm_graphs(4, appends=(1, 2)) == 0  # nothing to capture on the CPU
+    shapes = engine.warm_graphs(4, appends=(1, 2), force=True)
+    # rows 1, 2, 4; new positions: the misses' 6 per row (8, 16, 32 padded) and the hits' 1 or 2 per row
+    assert {key[:2] for key in engine.encoder.graphs._buckets} == {
+        (1, 8), (1, 1), (1, 2), (2, 16), (2, 2), (2, 4), (4, 32), (4, 4), (4, 8)}
+    assert shapes == 9
+    assert cache.stats()["entries_device"] == 0 and cache.stats()["bytes_device"] == 0
+    assert cache.counters == counters
+    history, lengths, _ = _batch([[5, 6, 7], [8, 9]])
+    _check_same(retriever, engine.recommend(history, lengths, [1, 2]), history, lengths)
+    history, lengths, _ = _batch([[5, 6, 7, 10], [8, 9, 11]])
+    _check_same(retriever, engine.recommend(history, lengths, [1, 2]), history, lengths)
+    assert cache.stats()["hits_device"] == 2

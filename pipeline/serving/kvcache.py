@@ -601,8 +601,8 @@ class _Batch:
 
         queries = torch.empty(B, layout.dim, dtype=layout.dtype, device=device)
         page_table, page_size = None, 0
-        if graphed:
-            pass
+        if graphed:  # the graph reads the pool through the page table itself
+            k_cache = v_cache = ts_cache = None
         elif len(active) and len(parts["gather"]) and not transient:
             # Every cached position is in the pool: the attention reads the pages in place (no gather).
             k_cache, v_cache, ts_cache = pool.keys, pool.values, pool.times
@@ -753,6 +753,43 @@ class IncrementalRetriever:
                                           None if times is None else [times.to(self.encoder.device)])
         self.cache.put_state(user, state, items.cpu().numpy(), None if times is None else times.cpu().numpy(),
                              self.namespace, tier)
+
+    @torch.no_grad()
+    def warm_graphs(self, max_batch: int, appends: Sequence[int] = (1, 2, 4, 8), force: bool = False) -> int:
+        """Capture at load the CUDA graphs (models.incremental.PagedGraphs) that a served stream of returning
+        users needs, so that no request waits for a capture or a kernel's tuning: for every power-of-two batch
+        up to max_batch, a batch of misses and batches of hits appending `appends` actions, through this
+        cache (its pool is what the graphs read), by throwaway users removed after; the counters are left as
+        they were. Nothing to do without graphs (the CPU) unless force. -> the shapes the encoder now holds."""
+        if self.encoder is None or self.cache is None or not (self.encoder.graphs.capture or force):
+            return 0
+        cache, max_len, device = self.cache, self.encoder.max_len, self.encoder.device
+        counters = dict(cache.counters)
+        time_bias = self.encoder.model.time_bias
+        batch = 1
+        try:
+            while batch <= max(1, max_batch):
+                users = [("__genrec_warm__", b) for b in range(batch)]
+                for added in appends:
+                    if added >= max_len:
+                        continue
+                    cached = max(1, min(max_len - added, max_len // 2))
+                    history = torch.ones(batch, cached + added, dtype=torch.long)
+                    times = torch.zeros_like(history) if time_bias else None
+                    for user in users:
+                        cache.invalidate(user)
+                    for length in (cached, cached + added):  # a miss that seeds, then a hit that appends
+                        self.queries(history, torch.full((batch,), length, dtype=torch.long), users, times)
+                for user in users:
+                    cache.invalidate(user)
+                batch *= 2
+        finally:
+            for b in range(max(1, max_batch) * 2):
+                cache.invalidate(("__genrec_warm__", b))
+            cache.counters.update(counters)
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        return len(self.encoder.graphs._buckets)
 
     def recommend(self, history: Tensor, lengths: Tensor, user_ids: UserIds | None = None,
                   timestamps: Tensor | None = None) -> tuple[Tensor, Tensor]:

@@ -73,7 +73,8 @@ class TritonPythonModel:
         self._warm(int(params["max_len"]))
         self.incremental, self.metrics, why = self._incremental(params, args["model_name"])
         cache = (f"user-state cache of {self.incremental.cache.budget} bytes ({self.incremental.cache.num_pages} "
-                 f"device pages of {self.incremental.cache.page_size} positions)" if self.incremental
+                 f"device pages of {self.incremental.cache.page_size} positions, "
+                 f"{getattr(self, 'graph_shapes', 0)} CUDA-graph shapes warmed)" if self.incremental
                  else f"no user-state cache: {why}")
         pb_utils.Logger.log_info(f"{args['model_name']}: {spec['name']} loaded and warmed in "
                                  f"{time.perf_counter() - start:.1f} s on {self.device} "
@@ -97,6 +98,8 @@ class TritonPythonModel:
         if incremental.reason:
             return None, None, incremental.reason
         self._warm_incremental(incremental, int(params["max_len"]))
+        with torch.inference_mode(), self.kernel_choice():  # the served stream's CUDA graphs (GPU only)
+            self.graph_shapes = incremental.warm_graphs(max(self.buckets or [8]))
         return incremental, CacheMetrics(name, cache.stats()), None
 
     def _warm_incremental(self, incremental, max_len: int) -> None:
