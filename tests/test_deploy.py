@@ -23,8 +23,8 @@ from pipeline.core import Manifest
 from pipeline.data import load_splits
 from pipeline.serving.client import GenrecClient, RequestRejected
 from pipeline.serving.config import load_config
-from pipeline.serving.loadtest import (ReturningUsers, cache_side, run_load, run_load_processes, scrape, scrape_cache,
-                                       server_side)
+from pipeline.serving.loadtest import (CACHE_METRICS_SETTLE_S, ReturningUsers, cache_side, run_load,
+                                       run_load_processes, scrape, scrape_cache, server_side)
 from pipeline.serving.package import read_package
 from pipeline.serving.repository import compile_python, write_repository
 from pipeline.serving.rollout import RolledBack, deployed, rollout
@@ -289,9 +289,8 @@ def test_failed_smoke_test_rolls_back_then_second_deploy_moves_champion(env):
 
 
 def _settled_cache_metrics(server) -> dict:
-    """genrec_cache_* once the engine has sent what it counted: it sends them every half second
-    (engine_torch.CacheMetrics.FLUSH_S), so a snapshot taken sooner can miss the last requests' counts."""
-    time.sleep(0.7)
+    """genrec_cache_* once the engine has sent what it counted (loadtest.CACHE_METRICS_SETTLE_S)."""
+    time.sleep(CACHE_METRICS_SETTLE_S)
     return scrape_cache(server.metrics_url)
 
 

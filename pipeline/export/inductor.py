@@ -224,12 +224,9 @@ def package_program(program, path: Path, device: torch.device) -> AotiPackage:
     if instead != used:
         log.info("CXX=%s builds AOTInductor packages that crash their loader on this host (%s): building with %s",
                  used, _cxx_record_path(), instead)
-        start = time.perf_counter()
-        with _cxx(instead), _fresh_inductor_cache():  # not the crashing compiler's objects from Inductor's cache
-            out = _compile_package(program, path, {"cpp.cxx": (None, instead)})
-        package = AotiPackage(out, time.perf_counter() - start, instead)
+        package = _build_with(program, path, instead)
         try:
-            _probe_load(out, device)
+            _probe_load(package.path, device)
         except PackageCrash as crash:
             _forget_replacement(used)
             raise PackageCrash(f"built with {instead} (which had replaced CXX={used} on this host), {crash}",
@@ -336,18 +333,24 @@ def rebuild_with_system_cxx(program, path: Path, device: torch.device, crash: Pa
         raise crash
     log.info("AOTInductor package crashed its loader with CXX=%s (%s); rebuilding it with %s", used,
                 crash.signal, system)
-    start = time.perf_counter()
-    with _cxx(system), _fresh_inductor_cache():
-        out = _compile_package(program, path, {"cpp.cxx": (None, system)})
-    seconds = time.perf_counter() - start
+    package = _build_with(program, path, system)
     try:
-        _probe_load(out, device)
+        _probe_load(package.path, device)
     except PackageCrash as again:
         raise PackageCrash(f"rebuilt with {system} after it crashed with CXX={used}, {again}", again.signal) from again
     log.warning("AOTInductor package crashed its loader with CXX=%s; rebuilt with %s (remembered in %s for later "
                 "packages on this host)", used, system, _cxx_record_path())
     _remember_replacement(used, system)
-    return AotiPackage(out, seconds, system)
+    return package
+
+
+def _build_with(program, path: Path, compiler: str) -> AotiPackage:
+    """The package built with `compiler` (CXX and Inductor's cpp.cxx) in a fresh Inductor cache: the cache keys
+    compiled code by its source, not by the compiler, so the other compiler's objects would be served again."""
+    start = time.perf_counter()
+    with _cxx(compiler), _fresh_inductor_cache():
+        out = _compile_package(program, path, {"cpp.cxx": (None, compiler)})
+    return AotiPackage(out, time.perf_counter() - start, compiler)
 
 
 def configured_cxx() -> str:

@@ -46,7 +46,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from pipeline.models.incremental import IncrementalEncoder, UserState, unsupported_reason
+from pipeline.models.incremental import IncrementalEncoder, PinnedStaging, UserState, unsupported_reason
 from pipeline.models.retrieval import Retriever, l2_normalize
 
 DEVICE_TIER, HOST_TIER = "device", "host"
@@ -100,32 +100,6 @@ class _Entry:
                  pages: np.ndarray | None = None, state: UserState | None = None, nbytes: int = 0) -> None:
         self.namespace, self.length, self.items, self.times = namespace, length, items, times
         self.pages, self.state, self.nbytes = pages, state, nbytes
-
-
-class _Staging:
-    """A pinned host buffer for the index arrays a batch copies to the device, grown as needed and reused:
-    pinning a fresh array per batch cost a quarter of a millisecond of host time on the H200's host. The next
-    copy waits for the last one from the buffer to finish (an event)."""
-
-    def __init__(self) -> None:
-        self.host: Tensor | None = None
-        self.copied: torch.cuda.Event | None = None
-
-    def to_device(self, array: np.ndarray, device: torch.device) -> Tensor:
-        if device.type != "cuda":
-            return torch.from_numpy(array).to(device)
-        n = array.size
-        if self.copied is not None:
-            self.copied.synchronize()
-        if self.host is None or self.host.numel() < n:
-            self.host = torch.empty(max(n, 2 * (0 if self.host is None else self.host.numel()), 4096),
-                                    dtype=torch.long, pin_memory=True)
-            self.copied = torch.cuda.Event()
-        self.host.numpy()[:n] = array
-        out = torch.empty(n, dtype=torch.long, device=device)
-        out.copy_(self.host[:n], non_blocking=True)
-        self.copied.record()
-        return out
 
 
 def _to_device(array: np.ndarray, device: torch.device) -> Tensor:
@@ -199,7 +173,7 @@ class KVCache:
         self._tiers: dict[str, OrderedDict[Hashable, _Entry]] = {DEVICE_TIER: OrderedDict(), HOST_TIER: OrderedDict()}
         self._host_bytes = 0
         self._lock = threading.RLock()
-        self._staging = _Staging()
+        self._staging = PinnedStaging(self.device)  # a batch's index arrays, on their way to the device
         self.counters = {"hits_device": 0, "hits_host": 0, "misses": 0, "stale": 0, "evictions_device": 0,
                          "evictions_host": 0, "too_large": 0}
 
@@ -584,7 +558,9 @@ class _Batch:
         encoder_parts = ("items", "positions", "c_off", "c_len", "n_off", "m_len", "last_rows")
         names = [k for k in parts if not (graphed and k in encoder_parts)]
         sizes = [len(parts[k]) for k in names]
-        flat = cache._staging.to_device(np.concatenate([np.asarray(parts[k], dtype=np.int64) for k in names]), device)
+        host = cache._staging.host(sum(sizes))
+        np.concatenate([np.asarray(parts[k], dtype=np.int64) for k in names], out=host)
+        flat = cache._staging.send(torch.empty(len(host), dtype=torch.long, device=device))
         t = dict(zip(names, torch.split(flat, sizes)))  # one copy to the device, views by name
 
         # Host hits with room on the device: their states into their new pages (one copy per user).
@@ -780,11 +756,9 @@ class IncrementalRetriever:
                         cache.invalidate(user)
                     for length in (cached, cached + added):  # a miss that seeds, then a hit that appends
                         self.queries(history, torch.full((batch,), length, dtype=torch.long), users, times)
-                for user in users:
-                    cache.invalidate(user)
                 batch *= 2
         finally:
-            for b in range(max(1, max_batch) * 2):
+            for b in range(batch):
                 cache.invalidate(("__genrec_warm__", b))
             cache.counters.update(counters)
         if device.type == "cuda":

@@ -39,6 +39,9 @@ from pipeline.serving.client import GenrecClient, RequestRejected
 # model=, and its counters appear only under that label set (the plain one stays 0): labels in any order.
 _SAMPLE = re.compile(r'^(\w+)\{([^}]*)\} ([0-9.e+-]+)$')
 _LABEL = re.compile(r'(\w+)="([^"]*)"')
+# The engine sends its genrec_cache_* metrics every half second (engine_torch.CacheMetrics.FLUSH_S): a snapshot
+# of them is taken this long after the last request, or it misses that request's counts.
+CACHE_METRICS_SETTLE_S = 0.7
 _COUNTERS = ("request_success", "request_failure", "count", "exec_count", "queue_duration_us",
              "compute_infer_duration_us", "request_duration_us")
 
@@ -278,8 +281,8 @@ def main() -> int:
     url = server.url if args.protocol == "http" else server.grpc_url
     model = cfg.serving.model_name
     run_load(url, model, histories, args.k, args.warmup, args.concurrency, args.protocol, visits, times)
-    if visits:  # the engine sends its cache metrics every half second (engine_torch.CacheMetrics.FLUSH_S)
-        time.sleep(0.7)
+    if visits:
+        time.sleep(CACHE_METRICS_SETTLE_S)
     before, cache_before = scrape(server.metrics_url), scrape_cache(server.metrics_url)
     if args.processes is not None and args.processes < 1:
         raise PipelineError(f"--processes must be >= 1, got {args.processes}")
@@ -290,8 +293,8 @@ def main() -> int:
     else:
         client = run_load(url, model, histories, args.k, args.requests, args.concurrency, args.protocol, visits, times)
     client.pop("latencies_ms", None)
-    if visits:  # the engine sends its cache metrics every half second (engine_torch.CacheMetrics.FLUSH_S)
-        time.sleep(0.7)
+    if visits:
+        time.sleep(CACHE_METRICS_SETTLE_S)
     result = {"version": record["version"], "variant": record["variant"], "client": client,
               "server": server_side(before, scrape(server.metrics_url)), "time": time.strftime("%Y-%m-%d %H:%M:%S")}
     if visits:

@@ -199,8 +199,8 @@ class CacheMetrics:
     Each metric update is a message from the stub to the server: two of them per request (rows and time of
     its path) cost about 0.2 ms of a 1.2 ms request on the CPU server. So updates accumulate here and are sent
     at most every FLUSH_S seconds, from execute() when one is due and from a timer thread when the engine is
-    idle: the server's figures trail the engine's by at most FLUSH_S (the load test waits that long before
-    its last scrape)."""
+    idle: the server's figures trail the engine's by at most FLUSH_S (the load test waits
+    loadtest.CACHE_METRICS_SETTLE_S before a snapshot)."""
 
     TIERS = ("device", "host")
     PATHS = ("device_hit", "host_hit", "miss", "no_user")
