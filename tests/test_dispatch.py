@@ -383,9 +383,13 @@ def test_an_injected_timer_never_touches_the_default_tuning_cache(tmp_path, monk
 
 
 @pytest.mark.parametrize("kernel_ms,picked", [(0.98, dispatch.REFERENCE), (0.90, "kernel")])
-def test_a_margin_keeps_the_reference_where_the_kernel_wins_by_noise(kernel_ms, picked):
+def test_a_margin_keeps_the_reference_where_the_kernel_wins_by_noise(kernel_ms, picked, caplog):
     ran: list[str] = []
     reference, options = _options(ran)
-    with dispatch.timed_by(lambda label, fn: 1.0 if label == "reference" else kernel_ms):
+    with dispatch.timed_by(lambda label, fn: 1.0 if label == "reference" else kernel_ms), \
+            caplog.at_level("INFO", logger=dispatch.__name__):
         chosen = dispatch.choose("op", (kernel_ms,), DEVICE, reference, options[:1], margin=0.03)
     assert chosen.algorithm == picked
+    # The log gives both sides of the verdict: the loser's time too, whichever side lost.
+    loser = f"reference {1.0:.4f} ms" if picked == "kernel" else f"fastest other {options[0].label} {kernel_ms:.4f} ms"
+    assert loser in caplog.text

@@ -319,8 +319,11 @@ def choose(op: str, key: tuple, device: torch.device, reference: Option, options
     _choices[(op, key, _graphed)] = chosen
     if persist:
         _keep(device, op, key, chosen, picked.label)
-    log.info("%s %s%s -> %s (%.4f ms; reference %.4f ms; %d options timed)", op, key,
-             " (CUDA graph)" if _graphed else "", picked.label, ms, reference_ms, chosen.timed)
+    # Both sides of the verdict: when the reference stays, the fastest of ours that lost to it.
+    other = f"reference {reference_ms:.4f} ms" if picked is not reference else \
+        f"fastest other {options[best].label} {costs[best]:.4f} ms" if costs else "no other option"
+    log.info("%s %s%s -> %s (%.4f ms; %s; %d options timed)", op, key, " (CUDA graph)" if _graphed else "",
+             picked.label, ms, other, chosen.timed)
     return chosen
 
 
