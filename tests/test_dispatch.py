@@ -393,3 +393,18 @@ def test_a_margin_keeps_the_reference_where_the_kernel_wins_by_noise(kernel_ms, 
     # The log gives both sides of the verdict: the loser's time too, whichever side lost.
     loser = f"reference {1.0:.4f} ms" if picked == "kernel" else f"fastest other {options[0].label} {kernel_ms:.4f} ms"
     assert loser in caplog.text
+
+
+def test_the_whole_call_is_timed_by_the_latency_of_one_call_waited_for(monkeypatch):
+    """The twin-or-ours verdict uses the latency a served request sees (each call synchronized, the median),
+    not a stream of overlapping launches: one slow call among fast ones does not move it."""
+    import time as time_module
+    synced: list[int] = []
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda *a: synced.append(1))
+    sleeps = iter([0.0, 0.0] + [0.001] * 9 + [0.05])  # two warm-up calls, then one outlier in ten
+
+    def call():
+        time_module.sleep(next(sleeps))
+    ms = dispatch.latency_ms("x", call, reps=10)
+    assert 0.9 <= ms < 10, ms                 # the median call, not the mean (6 ms) nor the total
+    assert len(synced) == 11                  # after the warm-up and after every timed call

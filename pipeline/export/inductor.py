@@ -106,7 +106,7 @@ class CompiledRetriever:
             reference = dispatch.Option(dispatch.REFERENCE, None, lambda: self._reference_twin()(*args))
             chosen = dispatch.choose("retriever", key, history.device, reference,
                                      [dispatch.Option("triton", None, lambda: self._call(*args))],
-                                     timer=functools.partial(dispatch.launch_ms, reps=10), rounds=3, margin=0.03)
+                                     timer=functools.partial(dispatch.latency_ms, reps=10), rounds=3, margin=0.03)
         return chosen.algorithm == dispatch.REFERENCE
 
     def _reference_twin(self) -> "CompiledRetriever":
