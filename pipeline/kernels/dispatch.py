@@ -360,23 +360,6 @@ def graph_replay_ms(label: str, fn: Callable[[], object], reps: int = 5) -> floa
     return start.elapsed_time(end) / reps
 
 
-def latency_ms(label: str, fn: Callable[[], object], reps: int = 20) -> float:
-    """ms of one call of fn waited for, the median of reps: the host's work and the GPU's add up, as in a
-    served request at concurrency 1 and in validate's and the bench's latencies. launch_ms times a stream
-    of calls instead, where they overlap: at about 0.1 ms a call (a small model's whole call) the two can
-    rank two options differently."""
-    fn()  # compile
-    fn()
-    torch.cuda.synchronize()
-    samples = []
-    for _ in range(reps):
-        start = time.perf_counter()
-        fn()
-        torch.cuda.synchronize()
-        samples.append(time.perf_counter() - start)
-    return sorted(samples)[len(samples) // 2] * 1e3
-
-
 def launch_ms(label: str, fn: Callable[[], object], reps: int = 20) -> float:
     """ms per call of fn launched op by op, from the host: the launches and the GPU work overlap as they do
     in a stream of calls, so this is the slower of the two."""
