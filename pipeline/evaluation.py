@@ -52,13 +52,27 @@ def evaluate_full_ranking(
 def predict_top_k(
     predict: Predict, split: Split, batch_size: int, device: torch.device, desc: str | None = None
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Runs a variant over a split -> (item ids [U, K], scores [U, K]) on the CPU."""
+    """Runs a variant over a split -> (item ids [U, K], scores [U, K]) on the CPU.
+
+    Every call has `batch_size` rows (or the split's size when smaller): a partial last batch is padded with
+    copies of its last row and the padding's answers dropped. Rows are independent, so the answer is the same;
+    a shape-specialized variant (max-autotune, a captured CUDA graph, a fixed-shape engine) is then not built
+    again for one leftover shape."""
     ids, scores = [], []
+    rows = min(batch_size, split.target.shape[0])
     for _, history, lengths, ts in _batches(split, batch_size, device, desc):
+        real = history.shape[0]
+        if real < rows:
+            history, lengths = _pad_rows(history, rows), _pad_rows(lengths, rows)
+            ts = None if ts is None else _pad_rows(ts, rows)
         batch_ids, batch_scores = predict(history, lengths, ts)
-        ids.append(batch_ids.cpu())
-        scores.append(batch_scores.float().cpu())
+        ids.append(batch_ids[:real].cpu())
+        scores.append(batch_scores[:real].float().cpu())
     return torch.cat(ids), torch.cat(scores)
+
+
+def _pad_rows(x: torch.Tensor, rows: int) -> torch.Tensor:
+    return torch.cat([x, x[-1:].expand(rows - x.shape[0], *x.shape[1:])])
 
 
 def top_k_metrics(ids: torch.Tensor, target: torch.Tensor, ks: Iterable[int]) -> dict[str, float]:

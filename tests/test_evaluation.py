@@ -46,3 +46,32 @@ def test_parity_overlap_and_error():
     assert p["parity_topk_overlap_min"] == pytest.approx(3 / 4)
     assert p["parity_max_abs_err"] == pytest.approx(0.5)
     assert p["parity_top1_agreement"] == pytest.approx(0.5)
+
+
+def test_predict_top_k_calls_one_shape_and_drops_the_padding():
+    """A partial last batch is padded to the batch size (a shape-specialized variant is not rebuilt for it) and
+    the answers are those of the unpadded rows, in order."""
+    from pipeline.data import Split
+    from pipeline.evaluation import predict_top_k
+
+    users, length = 10, 6
+    history = torch.arange(users * length).reshape(users, length) % 17 + 1
+    lengths = torch.arange(users) % length + 1
+    split = Split(history=history, lengths=lengths, target=torch.ones(users, dtype=torch.long),
+                  timestamps=history * 100, target_timestamps=None)
+    shapes = []
+
+    def predict(h, n, ts):
+        shapes.append((tuple(h.shape), tuple(n.shape), tuple(ts.shape)))
+        row = h.sum(dim=1) + 1000 * n + ts[:, 0]
+        return torch.stack([row, row + 1], dim=1), torch.stack([row, -row], dim=1).float()
+
+    ids, scores = predict_top_k(predict, split, 4, torch.device("cpu"))
+    assert shapes == [((4, length), (4,), (4, length))] * 3
+    expected = history.sum(dim=1) + 1000 * lengths + history[:, 0] * 100
+    assert ids.tolist() == torch.stack([expected, expected + 1], dim=1).tolist()
+    assert scores[:, 1].tolist() == (-expected).float().tolist()
+    # a split smaller than the batch is called at its own size, unpadded
+    shapes.clear()
+    predict_top_k(predict, split, 64, torch.device("cpu"))
+    assert shapes == [((users, length), (users,), (users, length))]

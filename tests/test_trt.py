@@ -199,7 +199,7 @@ def test_stage_raises_unavailable_after_checking_its_config(tmp_path):
     ctx = Context(cfg=cfg, device=torch.device("cpu"), run_dir=tmp_path, manifest=Manifest(), tracker=None)
     with pytest.raises(StageUnavailable, match="TensorRT cannot run here"):
         trt_stage.run(ctx)
-    bad = make_cfg("trt.batch.max=64")  # validate.eval_batch_size is 256
+    bad = make_cfg("trt.batch.max=64")  # validate.eval_batch_size is 128
     with pytest.raises(PipelineError, match="raise trt.batch.max"):
         trt_stage.run(Context(cfg=bad, device=torch.device("cpu"), run_dir=tmp_path, manifest=Manifest(), tracker=None))
     variant = Variant("tensorrt-fp32", "tensorrt", "fp32", str(tmp_path / "x.ep"), "trt", {"top_k": 100})
