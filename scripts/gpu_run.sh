@@ -2,14 +2,16 @@
 # The whole path on a bare GPU host (the image's python3 and torch, nothing else installed, no package index):
 # stage=all on the GPU, deploy to the local tritonserver with KIND_GPU instances, a checked query, load tests
 # with and without dynamic batching, the server's GPU metrics. Wheels come from scripts/gpu_wheels.sh (run on a
-# machine with an index) in two folders, so that each fits one transfer:
+# machine with an index) as .gpu-carry/ (one transfer: everything), or in two folders, one transfer each:
 #
+#   scripts/gpu_run.sh run-bg OUT     # with .gpu-carry/ present: run (below) in its own process session, so that
+#                                     # it outlives one device call; then `wait OUT` in later calls
 #   scripts/gpu_run.sh stash          # with .whl-triton/ present: keeps the tritonserver wheel in $GENREC_GPU_HOME
 #   scripts/gpu_run.sh run [OUT]      # with .whl/ present: installs, runs everything, writes OUT
 #   scripts/gpu_run.sh build [OUT]    # the first half of run: installs, stage=all, the validate table
 #   scripts/gpu_run.sh serve [OUT]    # the second half: deploy, query, load tests (also serving.fused), GPU metrics
-#   scripts/gpu_run.sh build-bg OUT   # build in its own process session, so that it outlives one device call
-#   scripts/gpu_run.sh wait OUT       # until that build has finished (WAIT_S, default 540 s; exit 1 if not)
+#   scripts/gpu_run.sh build-bg OUT   # build, the same way
+#   scripts/gpu_run.sh wait OUT       # until that has finished (WAIT_S, default 540 s; exit 1 if not)
 #   scripts/gpu_run.sh all [OUT]      # stash and run, when everything is here at once
 #   scripts/gpu_run.sh kernels [OUT]  # our kernels against the reference at 1k..1M items (torch+triton only), and
 #                                     # with ML1M_ROOT (a folder holding ml-1m/) the ML-1M preset's stage=all
@@ -47,7 +49,13 @@ step() {  # step NAME CMD...: runs CMD, its output to OUT/NAME.log and here; rec
 setup() {  # OUT, its step table, the carried wheels on PYTHONPATH
   mkdir -p "$out"
   [ -f "$out/steps.md" ] || { echo "| step | exit | seconds |" > "$out/steps.md"; echo "| --- | --- | --- |" >> "$out/steps.md"; }
-  if ls .whl/*.whl >/dev/null 2>&1; then
+  if [ -f .gpu-carry/site.tar.xz ]; then  # scripts/gpu_wheels.sh's one-transfer form: already installed for us
+    local sum; sum=$(cksum < .gpu-carry/site.tar.xz)
+    if [ "$(cat "$home/site/.carried" 2>/dev/null)" != "$sum" ]; then
+      rm -rf "$home/site" && mkdir -p "$home/site" && tar -xJf .gpu-carry/site.tar.xz -C "$home/site" || exit 1
+      echo "$sum" > "$home/site/.carried"
+    fi
+  elif ls .whl/*.whl >/dev/null 2>&1; then
     "$py" -m pip install -q --no-index --no-deps --no-compile --upgrade --target "$home/site" .whl/*.whl || exit 1
   fi
   export PYTHONPATH="$home/site:$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
@@ -55,6 +63,17 @@ setup() {  # OUT, its step table, the carried wheels on PYTHONPATH
 
 triton() {  # tritonserver unpacked under artifacts/triton from the stashed wheel
   if [ ! -x artifacts/triton/pytriton/tritonserver/bin/tritonserver ]; then
+    if [ -f .gpu-carry/tritonserver.tar.xz ]; then  # the slimmed wheel's content: made a wheel again
+      rm -rf "$home/server" && mkdir -p "$home/server" && tar -xJf .gpu-carry/tritonserver.tar.xz -C "$home/server" || exit 1
+      "$py" - "$home/server" "$home" <<'PY' || exit 1
+import sys, zipfile
+from pathlib import Path
+src, home = Path(sys.argv[1]), Path(sys.argv[2])
+with zipfile.ZipFile(home / (src / "WHEEL_NAME").read_text().strip(), "w", zipfile.ZIP_STORED) as zf:
+    for path in sorted(p for p in src.rglob("*") if p.is_file() and p.name != "WHEEL_NAME"):
+        zf.write(path, path.relative_to(src).as_posix())  # keeps the mode bits
+PY
+    fi
     wheel=$(ls "$home"/nvidia_pytriton-*.whl .whl-triton/nvidia_pytriton-*.whl 2>/dev/null | head -1)
     [ -n "$wheel" ] || { echo "no nvidia-pytriton wheel: run 'scripts/gpu_run.sh stash' first" >&2; exit 1; }
     step install_triton "$py" -m pipeline.serving install --wheel-file "$wheel" || exit 1
@@ -88,8 +107,6 @@ serve() {  # GPU_RUN_ARGS as for the build: the data and model the client checks
   step load_c1 "$py" -m pipeline.serving.loadtest --requests 500 --concurrency 1 "$gpu" ${GPU_RUN_ARGS:-}
   step load_c1_grpc "$py" -m pipeline.serving.loadtest --requests 500 --concurrency 1 --protocol grpc "$gpu" ${GPU_RUN_ARGS:-}
   step load_dynamic "$py" -m pipeline.serving.loadtest --requests "$n" --concurrency "$c" "$gpu" ${GPU_RUN_ARGS:-}
-  step load_returning "$py" -m pipeline.serving.loadtest --returning-users --users 1000 --requests "$n" \
-    --concurrency 8 "$gpu" ${GPU_RUN_ARGS:-}
   "$py" - "$out/gpu_metrics.txt" <<'PY'
 import sys, urllib.request
 text = urllib.request.urlopen("http://127.0.0.1:8002/metrics", timeout=5).read().decode()
@@ -105,38 +122,40 @@ PY
     serving.fused=true
   step load_dynamic_fused "$py" -m pipeline.serving.loadtest --requests "$n" --concurrency "$c" "$gpu" ${GPU_RUN_ARGS:-} \
     serving.fused=true
-  step deploy_fused_nobatch "$py" -m pipeline stage=deploy "$gpu" ${GPU_RUN_ARGS:-} serving.fused=true \
-    serving.dynamic_batching.enabled=false
-  step load_nobatch_fused "$py" -m pipeline.serving.loadtest --requests "$n" --concurrency "$c" "$gpu" ${GPU_RUN_ARGS:-} \
-    serving.fused=true serving.dynamic_batching.enabled=false
+  step load_returning_fused "$py" -m pipeline.serving.loadtest --returning-users --users 1000 --requests "$n" \
+    --concurrency 8 "$gpu" ${GPU_RUN_ARGS:-} serving.fused=true
+  grep -h "loaded and warmed" artifacts/serving/server.log > "$out/engine_load.log" 2>/dev/null
   "$py" -m pipeline.serving stop >/dev/null 2>&1
   {
     echo; echo "## steps"; cat "$out/steps.md"
     echo; echo "## validate (stage=all)"; cat "$out/validate_variants.md" 2>/dev/null
-    for s in query load_c1 load_c1_grpc load_dynamic load_returning load_nobatch load_c1_fused load_c1_fused_grpc \
-             load_dynamic_fused load_nobatch_fused; do
+    for s in query load_c1 load_c1_grpc load_dynamic load_nobatch load_c1_fused load_c1_fused_grpc \
+             load_dynamic_fused load_returning_fused; do
       echo; echo "## $s"; grep -v "^\s*$" "$out/$s.log" | tail -12
     done
+    echo; echo "## engine load"; cat "$out/engine_load.log" 2>/dev/null
     echo; echo "## GPU metrics"; cat "$out/gpu_metrics.txt" 2>/dev/null
   } >> "$out/summary.md"
   echo "results in $out"
 }
 
-build_bg() {  # a cold build takes longer than one device call: run it detached, then `wait` in later calls
+background() {  # background PHASE: PHASE in its own process session (it outlives one device call); `wait` for it
   mkdir -p "$out" "$home"
-  setsid nohup "$PWD/scripts/gpu_run.sh" build "$out" > "$out/build.out" 2>&1 < /dev/null &
-  echo "build started in the background: $out (log $out/build.out)"
+  rm -f "$out/finished"
+  setsid nohup bash -c '"$0" "$1" "$2"; echo "exit $?" > "$2/finished"' "$PWD/scripts/gpu_run.sh" "$1" "$out" \
+    > "$out/$1.out" 2>&1 < /dev/null &
+  echo "$1 started in the background: $out (log $out/$1.out)"
 }
 
-wait_build() {
+wait_bg() {
   local limit=${WAIT_S:-540} start=$SECONDS
-  until grep -q "^| stage_all |" "$out/steps.md" 2>/dev/null; do
+  until [ -f "$out/finished" ]; do
     if (( SECONDS - start >= limit )); then
-      echo "the build is still running after ${limit} s"; tail -3 "$out/build.out" 2>/dev/null; return 1
+      echo "still running after ${limit} s"; cat "$out/steps.md" 2>/dev/null; return 1
     fi
     sleep 5
   done
-  cat "$out/steps.md"
+  cat "$out/steps.md" "$out/finished"
 }
 
 kernels() {
@@ -171,12 +190,13 @@ case "$phase" in
   run) build; serve ;;
   build) build ;;
   serve) serve ;;
-  build-bg) build_bg ;;
-  wait) wait_build ;;
+  build-bg) background build ;;
+  run-bg) background run ;;
+  wait) wait_bg ;;
   all) stash; build; serve ;;
   kernels) kernels ;;
   incremental) incremental ;;
   tests) tests ;;
-  *) echo "usage: scripts/gpu_run.sh stash | run | build | build-bg | wait | serve | all | kernels | incremental | tests [OUT]" >&2
+  *) echo "usage: scripts/gpu_run.sh stash | run | run-bg | build | build-bg | wait | serve | all | kernels | incremental | tests [OUT]" >&2
      exit 2 ;;
 esac

@@ -613,6 +613,26 @@ def test_cache_metrics_are_read_per_engine_over_an_interval():
     assert "hits device 10, host 0; misses 3" in lines and "device_hit        10 rows, engine 0.200 ms" in lines
 
 
+def test_loadtest_report_splits_a_request_between_client_server_and_engine():
+    from pipeline.serving.loadtest import report, server_side
+
+    def counters(n, request_us, compute_us):
+        out = {}
+        for model, req, comp in (("genrec", request_us, 0.0), ("genrec_v2_engine", 0.7 * request_us, compute_us)):
+            out.update({("request_success", model): n, ("request_failure", model): 0, ("count", model): n,
+                        ("exec_count", model): n, ("queue_duration_us", model): 0.0,
+                        ("compute_infer_duration_us", model): comp, ("request_duration_us", model): req})
+        return out
+
+    server = server_side(counters(10, 1000.0, 500.0), counters(110, 251000.0, 100500.0))
+    assert server["genrec"]["request_ms"] == pytest.approx(2.5) and server["genrec_v2_engine"]["compute_ms"] == 1.0
+    client = {"ok": 100, "requests": 100, "errors": 0, "concurrency": 1, "protocol": "http", "k": 10,
+              "throughput_rps": 250.0, "p50_ms": 3.9, "p90_ms": 4.0, "p99_ms": 5.0, "mean_ms": 4.0, "first_errors": []}
+    lines = report({"version": "2", "variant": "eager-fp32", "model": "genrec", "client": client, "server": server})
+    assert ("per request (means): client 4.000 ms = outside the server 1.500 + in the server 2.500 ms "
+            "(engine compute 1.000 ms, other steps and hops 1.500 ms)") in lines
+
+
 def test_fused_repository_is_one_python_model_taking_ragged_histories(tmp_path):
     checkpoint = tmp_path / "model.pt"
     checkpoint.write_bytes(b"weights")

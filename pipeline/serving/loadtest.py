@@ -295,7 +295,7 @@ def main() -> int:
     client.pop("latencies_ms", None)
     if visits:
         time.sleep(CACHE_METRICS_SETTLE_S)
-    result = {"version": record["version"], "variant": record["variant"], "client": client,
+    result = {"version": record["version"], "variant": record["variant"], "model": model, "client": client,
               "server": server_side(before, scrape(server.metrics_url)), "time": time.strftime("%Y-%m-%d %H:%M:%S")}
     if visits:
         result["returning_users"] = {"users": args.users, "visited": len(visits.histories),
@@ -313,10 +313,21 @@ def report(result: dict) -> str:
              f"client: {c['throughput_rps']:.1f} requests/s, p50 {c['p50_ms']:.2f} ms, p90 {c['p90_ms']:.2f} ms, "
              f"p99 {c['p99_ms']:.2f} ms",
              "server (Prometheus, same interval):",
-             f"  {'model':<22} {'requests':>9} {'batches':>8} {'mean batch':>10} {'queue ms':>9} {'compute ms':>10}"]
+             f"  {'model':<22} {'requests':>9} {'batches':>8} {'mean batch':>10} {'queue ms':>9} {'compute ms':>10} "
+             f"{'request ms':>10}"]
     for model, s in result["server"].items():
         lines.append(f"  {model:<22} {s['requests']:>9.0f} {s['batches']:>8.0f} {s['mean_batch']:>10.2f} "
-                     f"{s['queue_ms']:>9.3f} {s['compute_ms']:>10.3f}")
+                     f"{s['queue_ms']:>9.3f} {s['compute_ms']:>10.3f} {s.get('request_ms', 0.0):>10.3f}")
+    models = result["server"]
+    ensemble = models.get(result.get("model", ""), {})
+    if ensemble.get("requests") and c.get("mean_ms"):
+        # Where a request's time goes (means): the client's round trip, the server's time for the ensemble
+        # (its steps and the hops between them), and the engine's own compute.
+        engine = sum(s["compute_ms"] for name, s in models.items() if name.endswith("_engine"))
+        lines.append(f"per request (means): client {c['mean_ms']:.3f} ms = outside the server "
+                     f"{c['mean_ms'] - ensemble['request_ms']:.3f} + in the server {ensemble['request_ms']:.3f} ms "
+                     f"(engine compute {engine:.3f} ms, other steps and hops "
+                     f"{ensemble['request_ms'] - engine:.3f} ms)")
     if "returning_users" in result:
         r = result["returning_users"]
         lines.append(f"returning users: {r['visited']} of {r['users']} came; failed requests {c['errors']}")

@@ -70,15 +70,18 @@ class TritonPythonModel:
         start = time.perf_counter()
         self.variant = spec["name"]
         self.predict = load_variant(Variant(**spec), self.device, int(params["max_k"]))
+        loaded = time.perf_counter()
         self._warm(int(params["max_len"]))
+        warmed = time.perf_counter()
         self.incremental, self.metrics, why = self._incremental(params, args["model_name"])
         cache = (f"user-state cache of {self.incremental.cache.budget} bytes ({self.incremental.cache.num_pages} "
                  f"device pages of {self.incremental.cache.page_size} positions, "
                  f"{getattr(self, 'graph_shapes', 0)} CUDA-graph shapes warmed)" if self.incremental
                  else f"no user-state cache: {why}")
         pb_utils.Logger.log_info(f"{args['model_name']}: {spec['name']} loaded and warmed in "
-                                 f"{time.perf_counter() - start:.1f} s on {self.device} "
-                                 f"(batch buckets: {self.buckets or 'none'}); {cache}")
+                                 f"{time.perf_counter() - start:.1f} s on {self.device} (load {loaded - start:.1f} s, "
+                                 f"batch buckets {self.buckets or 'none'} {warmed - loaded:.1f} s, user-state cache "
+                                 f"{time.perf_counter() - warmed:.1f} s); {cache}")
 
     def _incremental(self, params, name):
         """-> (IncrementalRetriever, CacheMetrics, None), or (None, None, why rows are served without a cache)."""
