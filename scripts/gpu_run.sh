@@ -9,7 +9,7 @@
 #   scripts/gpu_run.sh stash          # with .whl-triton/ present: keeps the tritonserver wheel in $GENREC_GPU_HOME
 #   scripts/gpu_run.sh run [OUT]      # with .whl/ present: installs, runs everything, writes OUT
 #   scripts/gpu_run.sh build [OUT]    # the first half of run: installs, stage=all, the validate table
-#   scripts/gpu_run.sh serve [OUT]    # the second half: deploy, query, load tests (also serving.fused), GPU metrics
+#   scripts/gpu_run.sh serve [OUT]    # the second half: deploy, query, load tests (also serving.fused=false), GPU metrics
 #   scripts/gpu_run.sh build-bg OUT   # build, the same way
 #   scripts/gpu_run.sh wait OUT       # until that has finished (WAIT_S, default 540 s; exit 1 if not)
 #   scripts/gpu_run.sh all [OUT]      # stash and run, when everything is here at once
@@ -21,8 +21,10 @@
 # Environment: GENREC_GPU_HOME (default /tmp/genrec-gpu: installed wheels, the stashed server wheel),
 # PYTHON (default python3), GPU_RUN_ARGS (extra overrides for stage=all and serve, e.g. "model=hstu data=ml-1m
 # data.root=/tmp/data": keep a carried dataset outside the repo, whose ignored folders a later call may drop),
-# LOAD_REQUESTS (default 3000), LOAD_CONCURRENCY (default 32), KERNELS_BUDGET_S (default 420), INC_ARGS (extra
-# arguments of the incremental bench, e.g. "--profile bench.iters=30"). OUT gets summary.md plus each step's log.
+# LOAD_REQUESTS (default 3000), LOAD_CONCURRENCY (default 32), LOAD_PROCESSES (client processes of those
+# loads, default 8: 4 on the H200's host sent about 3,000 requests/s, the server then had room), KERNELS_BUDGET_S
+# (default 420), INC_ARGS (extra arguments of the incremental bench, e.g. "--profile bench.iters=30").
+# OUT gets summary.md plus each step's log, and the server's log.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 home=${GENREC_GPU_HOME:-/tmp/genrec-gpu}
@@ -103,34 +105,33 @@ serve() {  # GPU_RUN_ARGS as for the build: the data and model the client checks
   local gpu="serving.instance_group.kind=KIND_GPU"
   step deploy "$py" -m pipeline stage=deploy "$gpu" ${GPU_RUN_ARGS:-}
   step query "$py" -m pipeline.client --check "$gpu" ${GPU_RUN_ARGS:-}
-  local n=${LOAD_REQUESTS:-3000} c=${LOAD_CONCURRENCY:-32}
+  local n=${LOAD_REQUESTS:-3000} c=${LOAD_CONCURRENCY:-32} p=${LOAD_PROCESSES:-8}
   step load_c1 "$py" -m pipeline.serving.loadtest --requests 500 --concurrency 1 "$gpu" ${GPU_RUN_ARGS:-}
   step load_c1_grpc "$py" -m pipeline.serving.loadtest --requests 500 --concurrency 1 --protocol grpc "$gpu" ${GPU_RUN_ARGS:-}
-  step load_dynamic "$py" -m pipeline.serving.loadtest --requests "$n" --concurrency "$c" "$gpu" ${GPU_RUN_ARGS:-}
+  step load_dynamic "$py" -m pipeline.serving.loadtest --requests "$n" --concurrency "$c" --processes "$p" "$gpu" ${GPU_RUN_ARGS:-}
+  step load_returning "$py" -m pipeline.serving.loadtest --returning-users --users 1000 --requests "$n" \
+    --concurrency 8 "$gpu" ${GPU_RUN_ARGS:-}
   "$py" - "$out/gpu_metrics.txt" <<'PY'
 import sys, urllib.request
 text = urllib.request.urlopen("http://127.0.0.1:8002/metrics", timeout=5).read().decode()
 open(sys.argv[1], "w").write("\n".join(l for l in text.splitlines() if l.startswith(("nv_gpu", "nv_energy", "nv_inference_count", "nv_inference_exec_count"))) + "\n")
 PY
   step deploy_nobatch "$py" -m pipeline stage=deploy "$gpu" ${GPU_RUN_ARGS:-} serving.dynamic_batching.enabled=false
-  step load_nobatch "$py" -m pipeline.serving.loadtest --requests "$n" --concurrency "$c" "$gpu" ${GPU_RUN_ARGS:-} \
+  step load_nobatch "$py" -m pipeline.serving.loadtest --requests "$n" --concurrency "$c" --processes "$p" "$gpu" ${GPU_RUN_ARGS:-} \
     serving.dynamic_batching.enabled=false
   "$py" -m pipeline.serving stop >/dev/null 2>&1  # the same version in another layout: not beside itself
-  step deploy_fused "$py" -m pipeline stage=deploy "$gpu" ${GPU_RUN_ARGS:-} serving.fused=true
-  step load_c1_fused "$py" -m pipeline.serving.loadtest --requests 500 --concurrency 1 "$gpu" ${GPU_RUN_ARGS:-} serving.fused=true
-  step load_c1_fused_grpc "$py" -m pipeline.serving.loadtest --requests 500 --concurrency 1 --protocol grpc "$gpu" ${GPU_RUN_ARGS:-} \
-    serving.fused=true
-  step load_dynamic_fused "$py" -m pipeline.serving.loadtest --requests "$n" --concurrency "$c" "$gpu" ${GPU_RUN_ARGS:-} \
-    serving.fused=true
-  step load_returning_fused "$py" -m pipeline.serving.loadtest --returning-users --users 1000 --requests "$n" \
-    --concurrency 8 "$gpu" ${GPU_RUN_ARGS:-} serving.fused=true
+  # The ensemble of three python models (serving.fused=false), for comparison with the default's one.
+  step deploy_three "$py" -m pipeline stage=deploy "$gpu" ${GPU_RUN_ARGS:-} serving.fused=false
+  step load_c1_three "$py" -m pipeline.serving.loadtest --requests 500 --concurrency 1 "$gpu" ${GPU_RUN_ARGS:-} serving.fused=false
+  step load_dynamic_three "$py" -m pipeline.serving.loadtest --requests "$n" --concurrency "$c" --processes "$p" "$gpu" \
+    ${GPU_RUN_ARGS:-} serving.fused=false
   grep -h "loaded and warmed" artifacts/serving/server.log > "$out/engine_load.log" 2>/dev/null
   "$py" -m pipeline.serving stop >/dev/null 2>&1
+  cp artifacts/serving/server.log "$out/server.log" 2>/dev/null
   {
     echo; echo "## steps"; cat "$out/steps.md"
     echo; echo "## validate (stage=all)"; cat "$out/validate_variants.md" 2>/dev/null
-    for s in query load_c1 load_c1_grpc load_dynamic load_nobatch load_c1_fused load_c1_fused_grpc \
-             load_dynamic_fused load_returning_fused; do
+    for s in query load_c1 load_c1_grpc load_dynamic load_returning load_nobatch load_c1_three load_dynamic_three; do
       echo; echo "## $s"; grep -v "^\s*$" "$out/$s.log" | tail -12
     done
     echo; echo "## engine load"; cat "$out/engine_load.log" 2>/dev/null

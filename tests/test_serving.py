@@ -126,7 +126,10 @@ def test_padding_is_right_padding_with_lengths():
 
 
 def _cfg(tmp_path, *overrides):
-    return load_config([f"artifacts_dir={tmp_path / 'artifacts'}", "validate.top_k=20", *overrides])
+    """The serving config; the three-model layout unless the overrides name serving.fused (its default, auto,
+    is tested on its own)."""
+    layout = [] if any(o.startswith("serving.fused=") for o in overrides) else ["serving.fused=false"]
+    return load_config([f"artifacts_dir={tmp_path / 'artifacts'}", "validate.top_k=20", *layout, *overrides])
 
 
 def _package(tmp_path, variant: Variant, max_len=8):
@@ -664,6 +667,23 @@ def test_fused_repository_is_one_python_model_taking_ragged_histories(tmp_path):
                                  examples=[[10, 20]], info={"metrics": {}})
     with pytest.raises(PipelineError, match="serving.fused=true needs a python engine.*native onnxruntime backend"):
         write_repository(onnx_package, _cfg(tmp_path, "serving.fused=true").serving, tmp_path / "prod", 3, "production")
+
+
+def test_fused_layout_by_default_wherever_the_engine_is_a_python_one(tmp_path):
+    from pipeline.serving.repository import Engine, fused_layout
+
+    checkpoint = tmp_path / "model.pt"
+    checkpoint.write_bytes(b"weights")
+    package = _package(tmp_path, Variant("eager-fp32", "eager", "fp32", str(checkpoint), "train"))
+    cfg = load_config([f"artifacts_dir={tmp_path / 'artifacts'}", "validate.top_k=20"])
+    assert cfg.serving.fused == "auto"
+    assert set(_configs(write_repository(package, cfg.serving, tmp_path / "repo", 2, "local"))) == {
+        "genrec", "genrec_v2", "genrec_v2_engine"}
+    native, python = Engine("onnxruntime", (), ()), Engine("python_onnxruntime", (), ())
+    assert (fused_layout("auto", native), fused_layout("auto", python)) == (False, True)
+    assert (fused_layout(False, python), fused_layout(True, python)) == (False, True)
+    with pytest.raises(PipelineError, match="serving.fused must be auto, true or false, got 'yes'"):
+        fused_layout("yes", python)
 
 
 def test_request_and_answer_are_what_preprocess_and_postprocess_compute():

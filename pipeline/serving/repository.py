@@ -25,7 +25,8 @@ so that every request reaches the engine with the same inputs: Triton's dynamic 
 requests that carry the same set of inputs, and hits, misses and requests without a user must run together.
 A native engine (production target) takes no user id; there USER_ID is checked and ignored.
 
-serving.fused=true folds the three steps into one python model, so that a request costs one stub round trip:
+serving.fused (auto: wherever the engine is a python one) folds the three steps into one python model, so that a
+request costs one python-backend stub round trip instead of three:
 
     <name>, <name>_vN       the same ensembles (clients, the smoke test and the blue/green switch see no
                             difference), each of one step
@@ -186,7 +187,7 @@ def write_repository(package: Package, scfg: DictConfig, dst: Path, version: int
     if dst.exists():
         shutil.rmtree(dst)
     names = release_models(scfg.model_name, release or version)
-    if scfg.get("fused", False):
+    if fused_layout(scfg.get("fused", "auto"), engine):
         return _write_fused(package, scfg, dst, version, engine, kind, names)
     folders = {
         names["preprocess"]: _write(dst, _preprocess(scfg, names["preprocess"], package), version),
@@ -210,6 +211,16 @@ def write_repository(package: Package, scfg: DictConfig, dst: Path, version: int
         _python_files(engine_dir, "engine_" + engine.kind.removeprefix("python_"))
         (engine_dir / "variant.json").write_text(_variant_json(package))
     return folders
+
+
+def fused_layout(value, engine: Engine) -> bool:
+    """serving.fused: true, false, or auto: one python model wherever the engine is a python one (the local
+    target), the ensemble of three for a native engine."""
+    if value == "auto":
+        return engine.kind.startswith("python_")
+    if isinstance(value, bool):
+        return value
+    raise PipelineError(f"serving.fused must be auto, true or false, got {value!r}")
 
 
 def _write_fused(package: Package, scfg: DictConfig, dst: Path, version: int, engine: Engine, kind: str,
