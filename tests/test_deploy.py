@@ -310,7 +310,7 @@ def test_returning_user_is_answered_from_its_cached_state(env):
     assert registry.get_model_version("genrec", version).tags["backend"] == "eager"
     engine = f"genrec_v{version}_engine"
     assert f"genrec_v{version}_engine: eager-fp32 loaded" in (server.root / "server.log").read_text()
-    assert "); user-state cache of {'device'" in (server.root / "server.log").read_text()
+    assert "); user-state cache of 4.0 GiB on the device" in (server.root / "server.log").read_text()
     test = load_splits(cfg).test
     user = next(u for u in range(len(test.lengths)) if 3 <= test.lengths[u] < test.history.shape[1])
     longer = test.history[user, : test.lengths[user]].tolist()  # synthetic: raw ids = model ids
@@ -388,7 +388,7 @@ def test_champion_of_each_backend_deploys_and_answers_as_the_pipeline(env, compi
     log = (server.root / "server.log").read_text()
     # The load split into its parts; the compiled variant's eager modules serve returning users, an AOTInductor
     # package has none to reach.
-    cache = {"inductor": "user-state cache of {'device'",
+    cache = {"inductor": "user-state cache of 4.0 GiB on the device and 16.0 GiB on the host (",
              "aoti": "no user-state cache: aoti-fp32 runs an exported artifact"}[backend]
     assert re.search(r"\(load [0-9.]+ s, batch buckets \[4\] [0-9.]+ s, user-state cache [0-9.]+ s\); "
                      + re.escape(cache), log), log[-3000:]

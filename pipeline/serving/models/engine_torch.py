@@ -74,7 +74,9 @@ class TritonPythonModel:
         self._warm(int(params["max_len"]))
         warmed = time.perf_counter()
         self.incremental, self.metrics, why = self._incremental(params, args["model_name"])
-        cache = (f"user-state cache of {self.incremental.cache.budget} bytes ({self.incremental.cache.num_pages} "
+        budget = self.incremental.cache.budget if self.incremental else {}
+        cache = (f"user-state cache of {budget.get('device', 0) / 2**30:.1f} GiB on the device and "
+                 f"{budget.get('host', 0) / 2**30:.1f} GiB on the host ({self.incremental.cache.num_pages} "
                  f"device pages of {self.incremental.cache.page_size} positions, "
                  f"{getattr(self, 'graph_shapes', 0)} CUDA-graph shapes warmed)" if self.incremental
                  else f"no user-state cache: {why}")
