@@ -86,7 +86,7 @@ build() {
   setup
   {
     echo "# GPU run $(date -u +%Y-%m-%dT%H:%M:%SZ)"
-    echo "commit $(git rev-parse --short HEAD 2>/dev/null || echo unknown)"
+    echo "commit $(git describe --always --dirty 2>/dev/null || echo unknown) (-dirty: the tree differs from it)"
     "$py" -c 'import torch, triton; print("torch", torch.__version__, "triton", triton.__version__, torch.cuda.get_device_name(0))'
   } > "$out/summary.md" 2>&1
   # shellcheck disable=SC2086
