@@ -65,17 +65,9 @@ setup() {  # OUT, its step table, the carried wheels on PYTHONPATH
 
 triton() {  # tritonserver unpacked under artifacts/triton from the stashed wheel
   if [ ! -x artifacts/triton/pytriton/tritonserver/bin/tritonserver ]; then
-    if [ -f .gpu-carry/tritonserver.tar.xz ]; then  # the slimmed wheel's content: made a wheel again
-      rm -rf "$home/server" && mkdir -p "$home/server" && tar -xJf .gpu-carry/tritonserver.tar.xz -C "$home/server" || exit 1
-      "$py" - "$home/server" "$home" <<'PY' || exit 1
-import sys, zipfile
-from pathlib import Path
-src, home = Path(sys.argv[1]), Path(sys.argv[2])
-with zipfile.ZipFile(home / (src / "WHEEL_NAME").read_text().strip(), "w", zipfile.ZIP_STORED) as zf:
-    for path in sorted(p for p in src.rglob("*") if p.is_file() and p.name != "WHEEL_NAME"):
-        zf.write(path, path.relative_to(src).as_posix())  # keeps the mode bits
-PY
-    fi
+    for packed in .gpu-carry/nvidia_pytriton-*.whl.xz; do  # the slimmed wheel of scripts/gpu_wheels.sh
+      [ -f "$packed" ] && { xz -dc "$packed" > "$home/$(basename "$packed" .xz)" || exit 1; }
+    done
     wheel=$(ls "$home"/nvidia_pytriton-*.whl .whl-triton/nvidia_pytriton-*.whl 2>/dev/null | head -1)
     [ -n "$wheel" ] || { echo "no nvidia-pytriton wheel: run 'scripts/gpu_run.sh stash' first" >&2; exit 1; }
     step install_triton "$py" -m pipeline.serving install --wheel-file "$wheel" || exit 1

@@ -37,25 +37,26 @@ PY
 python3 -m pip download -q --no-deps --only-binary=:all: --python-version "$py" "${platforms[@]}" \
   -d .whl-triton "$(python3 -c 'import yaml,sys; print(yaml.safe_load(open("conf/serving/default.yaml"))["wheel"])' 2>/dev/null || echo nvidia-pytriton==0.7.0)"
 du -sh .whl .whl-triton
-rm -rf .gpu-carry && mkdir -p .gpu-carry "$tmp/site" "$tmp/server"
+rm -rf .gpu-carry && mkdir -p .gpu-carry "$tmp/site"
 python3 -m pip install -q --no-deps --no-compile --only-binary=:all: --python-version "$py" --implementation cp \
   "${platforms[@]}" --target "$tmp/site" .whl/*.whl
 tar -C "$tmp/site" -cf - . | xz -9 > .gpu-carry/site.tar.xz
-python3 - .whl-triton/nvidia_pytriton-*.whl "$tmp/server" "$py" <<'PY'
+# The server wheel with only what `pipeline.serving install` unpacks for this Python, stored uncompressed (xz
+# compresses it better than zip's deflate).
+wheel=$(ls .whl-triton/nvidia_pytriton-*.whl)
+python3 - "$wheel" "$tmp/$(basename "$wheel")" "$py" <<'PY'
 import sys, zipfile
-from pathlib import Path
-wheel, dst, py = sys.argv[1], Path(sys.argv[2]), sys.argv[3]
-with zipfile.ZipFile(wheel) as zf:
-    for info in zf.infolist():
+src, dst, py = sys.argv[1:]
+stubs = "pytriton/tritonserver/python_backend_stubs/"
+with zipfile.ZipFile(src) as zin, zipfile.ZipFile(dst, "w", zipfile.ZIP_STORED) as zout:
+    for info in zin.infolist():
         name = info.filename
-        stub = name.startswith("pytriton/tritonserver/python_backend_stubs/")
-        if (not name.startswith(("pytriton/tritonserver/", "nvidia_pytriton.libs/")) or info.is_dir()
-                or (stub and not name.startswith(f"pytriton/tritonserver/python_backend_stubs/{py}/"))
-                or name.startswith("nvidia_pytriton.libs/libpython3")):  # the stubs link the host's libpython
-            continue
-        target = Path(zf.extract(info, dst))
-        target.chmod((info.external_attr >> 16) & 0o777 or 0o644)
-(dst / "WHEEL_NAME").write_text(Path(wheel).name)
+        if (name.startswith(("pytriton/tritonserver/", "nvidia_pytriton.libs/")) and not info.is_dir()
+                and (not name.startswith(stubs) or name.startswith(f"{stubs}{py}/"))
+                and not name.startswith("nvidia_pytriton.libs/libpython3")):  # the stubs link the host's libpython
+            kept = zipfile.ZipInfo(name, info.date_time)
+            kept.external_attr = info.external_attr  # the mode bits (the server's executable)
+            zout.writestr(kept, zin.read(info))
 PY
-tar -C "$tmp/server" -cf - . | xz -9 > .gpu-carry/tritonserver.tar.xz
+xz -9 -c "$tmp/$(basename "$wheel")" > ".gpu-carry/$(basename "$wheel").xz"
 du -sh .gpu-carry/*

@@ -74,12 +74,12 @@ class TritonPythonModel:
         self._warm(int(params["max_len"]))
         warmed = time.perf_counter()
         self.incremental, self.metrics, why = self._incremental(params, args["model_name"])
-        budget = self.incremental.cache.budget if self.incremental else {}
-        cache = (f"user-state cache of {budget.get('device', 0) / 2**30:.1f} GiB on the device and "
-                 f"{budget.get('host', 0) / 2**30:.1f} GiB on the host ({self.incremental.cache.num_pages} "
-                 f"device pages of {self.incremental.cache.page_size} positions, "
-                 f"{getattr(self, 'graph_shapes', 0)} CUDA-graph shapes warmed)" if self.incremental
-                 else f"no user-state cache: {why}")
+        cache = f"no user-state cache: {why}"
+        if self.incremental:
+            kv = self.incremental.cache
+            cache = (f"user-state cache of {kv.budget['device'] / 2**30:.1f} GiB on the device and "
+                     f"{kv.budget['host'] / 2**30:.1f} GiB on the host ({kv.num_pages} device pages of "
+                     f"{kv.page_size} positions, {getattr(self, 'graph_shapes', 0)} CUDA-graph shapes warmed)")
         pb_utils.Logger.log_info(f"{args['model_name']}: {spec['name']} loaded and warmed in "
                                  f"{time.perf_counter() - start:.1f} s on {self.device} (load {loaded - start:.1f} s, "
                                  f"batch buckets {self.buckets or 'none'} {warmed - loaded:.1f} s, user-state cache "
