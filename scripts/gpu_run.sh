@@ -8,6 +8,7 @@
 #                                     # it outlives one device call; then `wait OUT` in later calls
 #   scripts/gpu_run.sh stash          # with .whl-triton/ present: keeps the tritonserver wheel in $GENREC_GPU_HOME
 #   scripts/gpu_run.sh run [OUT]      # with .whl/ present: installs, runs everything, writes OUT
+#   scripts/gpu_run.sh run-tests-bg OUT  # run, then the gpu-marked tests (tests, below), in the background
 #   scripts/gpu_run.sh build [OUT]    # the first half of run: installs, stage=all, the validate table
 #   scripts/gpu_run.sh serve [OUT]    # the second half: deploy, query, load tests (also serving.fused=false), GPU metrics
 #   scripts/gpu_run.sh build-bg OUT   # build, the same way
@@ -185,11 +186,13 @@ case "$phase" in
   serve) serve ;;
   build-bg) background build ;;
   run-bg) background run ;;
+  run-tests) build; serve; tests ;;
+  run-tests-bg) background run-tests ;;
   wait) wait_bg ;;
   all) stash; build; serve ;;
   kernels) kernels ;;
   incremental) incremental ;;
   tests) tests ;;
-  *) echo "usage: scripts/gpu_run.sh stash | run | run-bg | build | build-bg | wait | serve | all | kernels | incremental | tests [OUT]" >&2
+  *) echo "usage: scripts/gpu_run.sh stash | run | run-bg | run-tests | run-tests-bg | build | build-bg | wait | serve | all | kernels | incremental | tests [OUT]" >&2
      exit 2 ;;
 esac

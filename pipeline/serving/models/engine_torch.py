@@ -71,7 +71,7 @@ class TritonPythonModel:
         self.variant = spec["name"]
         self.predict = load_variant(Variant(**spec), self.device, int(params["max_k"]))
         loaded = time.perf_counter()
-        self._warm(int(params["max_len"]))
+        warm_detail = self._warm(int(params["max_len"]))
         warmed = time.perf_counter()
         self.incremental, self.metrics, why = self._incremental(params, args["model_name"])
         cache = f"no user-state cache: {why}"
@@ -82,7 +82,7 @@ class TritonPythonModel:
                      f"{kv.page_size} positions, {getattr(self, 'graph_shapes', 0)} CUDA-graph shapes warmed)")
         pb_utils.Logger.log_info(f"{args['model_name']}: {spec['name']} loaded and warmed in "
                                  f"{time.perf_counter() - start:.1f} s on {self.device} (load {loaded - start:.1f} s, "
-                                 f"batch buckets {self.buckets or 'none'} {warmed - loaded:.1f} s, user-state cache "
+                                 f"batch buckets {self.buckets or 'none'} {warmed - loaded:.1f} s {warm_detail}, user-state cache "
                                  f"{time.perf_counter() - warmed:.1f} s); {cache}")
 
     def _incremental(self, params, name):
@@ -122,14 +122,32 @@ class TritonPythonModel:
             for n in (length, min(length + 1, max_len)):
                 warm.recommend(history, torch.tensor([n], device=self.device), ["warm"], times)
 
-    def _warm(self, max_len: int) -> None:
+    def _warm(self, max_len: int) -> str:
+        """-> what the warm-up took per bucket, and what Inductor found in its caches (a miss compiles)."""
+        # Only a torch.compile variant has imported Dynamo (its import alone takes seconds): others count nothing.
+        counters = getattr(sys.modules.get("torch._dynamo.utils"), "counters", None) or {}
+        before = {key: dict(counters.get(key, {})) for key in ("inductor", "aot_autograd")}
+        took = []
         for batch in self.buckets or (1, 2):
+            start = time.perf_counter()
             history = torch.ones(batch, max_len, dtype=torch.int64, device=self.device)
             times = torch.zeros_like(history) if self.time_bias else None
             with torch.inference_mode():
                 self.predict(history, torch.ones(batch, dtype=torch.int64, device=self.device), times)
-        if self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)
+            if self.device.type == "cuda":
+                torch.cuda.synchronize(self.device)
+            took.append(f"{batch}: {time.perf_counter() - start:.1f} s")
+
+        def new(key, name):
+            return counters.get(key, {}).get(name, 0) - before[key].get(name, 0)
+
+        graphs = {what: new("inductor", f"fxgraph_cache_{what}") for what in ("hit", "miss", "bypass")}
+        autograd = {what: new("aot_autograd", f"autograd_cache_{what}") for what in ("hit", "miss", "bypass")}
+        caches = ""
+        if any(graphs.values()) or any(autograd.values()):
+            caches = ("; Inductor's graph cache " + ", ".join(f"{n} {w}" for w, n in graphs.items() if n)
+                      + ", AOTAutograd's " + (", ".join(f"{n} {w}" for w, n in autograd.items() if n) or "unused"))
+        return f"({', '.join(took)}{caches})"
 
     def execute(self, requests):
         history = [from_triton(pb_utils.get_input_tensor_by_name(r, "HISTORY")) for r in requests]
