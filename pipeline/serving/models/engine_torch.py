@@ -125,7 +125,9 @@ class TritonPythonModel:
     def _warm(self, max_len: int) -> str:
         """-> what the warm-up took per bucket, and what Inductor found in its caches (a miss compiles)."""
         # Only a torch.compile variant has imported Dynamo (its import alone takes seconds): others count nothing.
-        counters = getattr(sys.modules.get("torch._dynamo.utils"), "counters", None) or {}
+        counters = getattr(sys.modules.get("torch._dynamo.utils"), "counters", None)
+        if counters is None:  # (not `or {}`: Dynamo's counters are an empty defaultdict until something counts)
+            counters = {}
         before = {key: dict(counters.get(key, {})) for key in ("inductor", "aot_autograd")}
         took = []
         for batch in self.buckets or (1, 2):
