@@ -200,10 +200,13 @@ class VariantSpec:
 _RULE = "<backend>[-<mode>][-graph][-triton][-int8table][-ref_<op>...]-<precision>"
 
 
-def build(spec: VariantSpec, retriever: torch.nn.Module, device: torch.device) -> Callable:
+def build(spec: VariantSpec, retriever: torch.nn.Module, device: torch.device, source: tuple | None = None) -> Callable:
     """The spec's call over an eager retriever already in its precision and on its device:
     predict(history, lengths, timestamps=None) -> (ids, scores). The one way eager and inductor variants
-    are made, by the compile stage, validate's loader and the bench alike."""
+    are made, by the compile stage, validate's loader and the bench alike. source: what the retriever was
+    loaded from (file identity, precision, device, top-k): an inductor spec with the reference kernels is
+    then built once per process for those weights, and our kernels' variant of the same spec uses that
+    build as its reference twin (pipeline.export.inductor.shared_reference_build)."""
     if spec.backend not in ("eager", "inductor"):
         raise PipelineError(f"{spec.name}: a {spec.backend} variant loads from the artifact its stage wrote")
     if spec.kernels == "triton":
@@ -216,10 +219,14 @@ def build(spec: VariantSpec, retriever: torch.nn.Module, device: torch.device) -
         # as plain PyTorch does; Inductor's freezing would fold it to a constant anyway.
         retriever.freeze(int8_table=spec.int8_table)
     if spec.backend == "inductor":
-        from pipeline.export.inductor import CompiledRetriever
+        from pipeline.export.inductor import CompiledRetriever, shared_reference_build
 
+        if source is not None:
+            source = (*source, spec.int8_table)
+            if spec.kernels == "reference" and not spec.reference_ops:
+                return shared_reference_build(source, retriever, spec.mode, spec.cuda_graph, FREEZING)
         return CompiledRetriever(retriever, spec.mode, spec.kernels, spec.reference_ops, cuda_graph=spec.cuda_graph,
-                                 freezing=FREEZING)
+                                 freezing=FREEZING, source=source)
     from pipeline.export.inductor import kernel_choice
 
     @torch.no_grad()

@@ -5,6 +5,7 @@ Every loaded variant is a callable (history, lengths, timestamps) -> (item ids [
 """
 from __future__ import annotations
 
+import os
 from typing import Callable
 
 import torch
@@ -41,7 +42,10 @@ def build_retriever(checkpoint: str, top_k: int, precision: str, device: torch.d
 @register("inductor")
 def _load_retriever_variant(variant: Variant, device: torch.device, top_k: int) -> Callable:
     """Eager and torch.compile variants: the checkpoint's retriever, built by its spec (pipeline.catalogue)."""
-    return build(variant.spec, build_retriever(variant.artifact, top_k, variant.precision, device), device)
+    retriever = build_retriever(variant.artifact, top_k, variant.precision, device)  # checks the file's digest
+    stat = os.stat(variant.artifact)
+    source = (os.path.realpath(variant.artifact), stat.st_size, stat.st_mtime_ns, variant.precision, str(device), top_k)
+    return build(variant.spec, retriever, device, source=source)
 
 
 @register("onnxruntime")

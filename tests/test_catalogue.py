@@ -102,3 +102,22 @@ def test_build_freezes_our_variants_not_the_eager_baseline():
     assert ours.frozen_table is not None and ours.frozen_table.dtype == torch.int8
     with pytest.raises(PipelineError, match="artifact"):
         build(VariantSpec("aoti", "fp32"), _retriever(), torch.device("cpu"))
+
+
+def test_a_reference_spec_is_built_once_per_weights_and_serves_as_our_variants_twin(tmp_path):
+    """validate loads inductor-X and inductor-X-triton from one checkpoint: where our variant's dispatch picks
+    its reference twin, the twin is inductor-X's own build, so both columns time one build, not two."""
+    cpu = torch.device("cpu")
+    weights = (str(tmp_path / "model.pt"), 1, 2, "fp32", "cpu", 5)
+    reference = build(VariantSpec("inductor", "fp32"), _retriever(), cpu, source=weights)
+    assert build(VariantSpec("inductor", "fp32"), _retriever(), cpu, source=weights) is reference
+    ours = build(VariantSpec("inductor", "fp32", "triton"), _retriever(), cpu, source=weights)
+    assert ours is not reference and ours._reference_twin() is reference
+    # other weights, another mode, or no source: builds of their own
+    other = (str(tmp_path / "other.pt"), *weights[1:])
+    assert build(VariantSpec("inductor", "fp32"), _retriever(), cpu, source=other) is not reference
+    assert build(VariantSpec("inductor", "fp32", mode="max-autotune-no-cudagraphs"), _retriever(), cpu,
+                 source=weights) is not reference
+    assert build(VariantSpec("inductor", "fp32"), _retriever(), cpu) is not reference
+    alone = build(VariantSpec("inductor", "fp32", "triton"), _retriever(), cpu)
+    assert alone._reference_twin() is not reference

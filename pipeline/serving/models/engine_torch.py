@@ -130,7 +130,11 @@ class TritonPythonModel:
             counters = {}
         before = {key: dict(counters.get(key, {})) for key in ("inductor", "aot_autograd")}
         took = []
-        for batch in self.buckets or (1, 2):
+        # The largest bucket first, then the rest from 1: the order of validate's first calls (its eval batch,
+        # the largest size it timed, then batch 1), so Dynamo makes the same graphs (batch 1 specialized, one
+        # dynamic graph for the others, made at the first size above 1) and Inductor's cache has them.
+        buckets = self.buckets or [1, 2]
+        for batch in sorted(buckets, key=lambda b: (b != max(buckets), b)):
             start = time.perf_counter()
             history = torch.ones(batch, max_len, dtype=torch.int64, device=self.device)
             times = torch.zeros_like(history) if self.time_bias else None
