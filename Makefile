@@ -5,6 +5,7 @@ PY     := $(VENV)/bin/python
 # CPU build of torch on machines without a GPU; override on GPU hosts: make setup TORCH_SPEC=torch
 TORCH_SPEC ?= torch==2.13.0+cpu
 ARGS ?=
+TEST_WORKERS ?= auto
 
 # The real tritonserver (python backend only), unpacked from the nvidia-pytriton wheel; never pip-installed.
 TRITON := artifacts/triton/pytriton/tritonserver/bin/tritonserver
@@ -22,8 +23,8 @@ setup: $(PY)  ## create .venv and install the project
 run: $(PY)  ## the main job on the embedded default (synthetic data, CPU or GPU)
 	$(PY) -m pipeline stage=all precision=fp16 $(ARGS)
 
-test: $(PY)  ## the test suite (CPU)
-	$(PY) -m pytest -q --durations=15 $(ARGS)
+test: $(PY)  ## the test suite (CPU), one worker per core; a test file stays on one worker (its fixtures are built once)
+	$(PY) -m pytest -q --durations=15 -n $(TEST_WORKERS) --dist loadfile $(ARGS)
 
 ui: $(PY)  ## MLflow UI on http://127.0.0.1:5000
 	$(PY) -m mlflow ui --host 127.0.0.1 --port 5000 \
