@@ -68,6 +68,7 @@ class CompiledRetriever:
         # CUDA-graph modes replay into the same output buffers: each call is a new step, and what it returns
         # is copied out (B x k, small), so a caller may keep the answers of several calls.
         self.cudagraphs = mode in ("max-autotune", "reduce-overhead")
+        self.autotuned = mode.startswith("max-autotune")
         # The mode's options plus freezing, set per compile rather than on the process's Inductor config.
         options = {**torch._inductor.list_mode_options(mode), "freezing": freezing}
         fn = retriever.candidates if kernel_backend == "triton" else retriever
@@ -135,9 +136,12 @@ class CompiledRetriever:
         return self._twin
 
     def _call(self, history, lengths, timestamps):
-        if history.shape[0] > 1:
+        if history.shape[0] > 1 and (history.is_cuda or not self.autotuned):
             # One graph for every batch size above 1 (batch 1 is specialized by Dynamo anyway) rather than
-            # a compile per size: compiling dominates on the CPU.
+            # a compile per size: compiling dominates on the CPU. Not under max-autotune on the CPU: there
+            # (torch 2.13, the default synthetic retriever) the dynamic graph made at batch 128 failed at
+            # batch 16, one of its bmm's having kept the first size ("Expected size for first two dimensions
+            # of batch2 tensor to be: [32, 32] but got: [256, 32]"); each size gets its own graph instead.
             for tensor in (history, lengths, timestamps):
                 if tensor is not None:
                     torch._dynamo.mark_dynamic(tensor, 0)
