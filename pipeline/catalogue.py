@@ -204,7 +204,7 @@ def build(spec: VariantSpec, retriever: torch.nn.Module, device: torch.device, s
     """The spec's call over an eager retriever already in its precision and on its device:
     predict(history, lengths, timestamps=None) -> (ids, scores). The one way eager and inductor variants
     are made, by the compile stage, validate's loader and the bench alike. source: what the retriever was
-    loaded from (file identity, precision, device, top-k): an inductor spec with the reference kernels is
+    loaded from (the checkpoint's digest, precision, device, top-k): an inductor spec with the reference kernels is
     then built once per process for those weights, and our kernels' variant of the same spec uses that
     build as its reference twin (pipeline.export.inductor.shared_reference_build)."""
     if spec.backend not in ("eager", "inductor"):

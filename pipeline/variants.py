@@ -5,7 +5,6 @@ Every loaded variant is a callable (history, lengths, timestamps) -> (item ids [
 """
 from __future__ import annotations
 
-import os
 from typing import Callable
 
 import torch
@@ -13,7 +12,7 @@ import torch
 from pipeline.catalogue import DTYPES, build
 from pipeline.checkpoint import load_checkpoint
 from pipeline.core import ConfigError, PipelineError, Variant
-from pipeline.integrity import verify_digest
+from pipeline.integrity import recorded, verify_digest
 
 Loader = Callable[[Variant, torch.device, int], Callable]
 LOADERS: dict[str, Loader] = {}
@@ -43,9 +42,8 @@ def build_retriever(checkpoint: str, top_k: int, precision: str, device: torch.d
 def _load_retriever_variant(variant: Variant, device: torch.device, top_k: int) -> Callable:
     """Eager and torch.compile variants: the checkpoint's retriever, built by its spec (pipeline.catalogue)."""
     retriever = build_retriever(variant.artifact, top_k, variant.precision, device)  # checks the file's digest
-    stat = os.stat(variant.artifact)
-    source = (os.path.realpath(variant.artifact), stat.st_size, stat.st_mtime_ns, variant.precision, str(device), top_k)
-    return build(variant.spec, retriever, device, source=source)
+    weights = next(iter(recorded(variant.artifact).values()))  # that digest: which weights these are
+    return build(variant.spec, retriever, device, source=(weights, variant.precision, str(device), top_k))
 
 
 @register("onnxruntime")

@@ -273,7 +273,10 @@ exec /usr/bin/g++ "$@"
         assert " -shared " in calls.read_text()  # the wrapper built (and broke) the probe package
         # remembered on this host: the next package skips the probe and is built by the system compiler alone
         assert inductor._known_replacement(str(wrapper)) == "/usr/bin/g++"
-    assert package.cxx == "/usr/bin/g++"
+        calls.write_text("")
+        again = inductor.package_program(program, tmp_path / "again.pt2", torch.device("cpu"))
+    assert package.cxx == "/usr/bin/g++" and again.cxx == "/usr/bin/g++"
+    assert " -shared " not in calls.read_text()
     loaded = torch._inductor.aoti_load_package(str(package.path))
     x = torch.randn(2, 4)
     torch.testing.assert_close(loaded(x), model(x))

@@ -183,7 +183,7 @@ SHARED_BUILDS_KEPT = 4
 def shared_reference_build(source: tuple, retriever: nn.Module, mode: str, cuda_graph: bool, freezing: bool,
                            compiler: str = "inductor") -> "CompiledRetriever":
     """The process's build of the reference-kernel spec (mode, cuda_graph, freezing, compiler) over the weights
-    `source` names (file identity, precision, device, top-k, table form), made over `retriever` if there is none."""
+    `source` names (the checkpoint's digest, precision, device, top-k, table form), made over `retriever` if there is none."""
     key = (source, mode, cuda_graph, freezing, compiler)
     built = _SHARED_BUILDS.get(key)
     if built is None:

@@ -133,8 +133,8 @@ class TritonPythonModel:
         # The largest bucket first, then the rest from 1: the order of validate's first calls (its eval batch,
         # the largest size it timed, then batch 1), so Dynamo makes the same graphs (batch 1 specialized, one
         # dynamic graph for the others, made at the first size above 1) and Inductor's cache has them.
-        buckets = self.buckets or [1, 2]
-        for batch in sorted(buckets, key=lambda b: (b != max(buckets), b)):
+        buckets = sorted(self.buckets or [1, 2])
+        for batch in buckets[-1:] + buckets[:-1]:
             start = time.perf_counter()
             history = torch.ones(batch, max_len, dtype=torch.int64, device=self.device)
             times = torch.zeros_like(history) if self.time_bias else None
