@@ -9,8 +9,10 @@
 #   scripts/gpu_run.sh stash          # with .whl-triton/ present: keeps the tritonserver wheel in $GENREC_GPU_HOME
 #   scripts/gpu_run.sh run [OUT]      # with .whl/ present: installs, runs everything, writes OUT
 #   scripts/gpu_run.sh run-tests-bg OUT  # run, then the gpu-marked tests (tests, below), in the background
+#   scripts/gpu_run.sh run-kernels-bg OUT  # run, then kernels (below; after the build, whose caches stay cold)
 #   scripts/gpu_run.sh build [OUT]    # the first half of run: installs, stage=all, the validate table
-#   scripts/gpu_run.sh serve [OUT]    # the second half: deploy, query, load tests (also serving.fused=false), GPU metrics
+#   scripts/gpu_run.sh serve [OUT]    # the second half: deploy, query, load tests (also with two engine instances
+#                                     # and serving.fused=false), GPU metrics
 #   scripts/gpu_run.sh build-bg OUT   # build, the same way
 #   scripts/gpu_run.sh wait OUT       # until that has finished (WAIT_S, default 540 s; exit 1 if not)
 #   scripts/gpu_run.sh all [OUT]      # stash and run, when everything is here at once
@@ -113,6 +115,11 @@ PY
   step load_nobatch "$py" -m pipeline.serving.loadtest --requests "$n" --concurrency "$c" --processes "$p" "$gpu" ${GPU_RUN_ARGS:-} \
     serving.dynamic_batching.enabled=false
   "$py" -m pipeline.serving stop >/dev/null 2>&1  # the same version in another layout: not beside itself
+  # Two engine instances on the GPU (each its own python process and CUDA context), batching on.
+  step deploy_two "$py" -m pipeline stage=deploy "$gpu" ${GPU_RUN_ARGS:-} serving.instance_group.count=2
+  step load_dynamic_two "$py" -m pipeline.serving.loadtest --requests "$n" --concurrency "$c" --processes "$p" "$gpu" \
+    ${GPU_RUN_ARGS:-} serving.instance_group.count=2
+  "$py" -m pipeline.serving stop >/dev/null 2>&1
   # The ensemble of three python models (serving.fused=false), for comparison with the default's one.
   step deploy_three "$py" -m pipeline stage=deploy "$gpu" ${GPU_RUN_ARGS:-} serving.fused=false
   step load_c1_three "$py" -m pipeline.serving.loadtest --requests 500 --concurrency 1 "$gpu" ${GPU_RUN_ARGS:-} serving.fused=false
@@ -124,7 +131,8 @@ PY
   {
     echo; echo "## steps"; cat "$out/steps.md"
     echo; echo "## validate (stage=all)"; cat "$out/validate_variants.md" 2>/dev/null
-    for s in query load_c1 load_c1_grpc load_dynamic load_returning load_nobatch load_c1_three load_dynamic_three; do
+    for s in query load_c1 load_c1_grpc load_dynamic load_returning load_nobatch load_dynamic_two load_c1_three \
+      load_dynamic_three; do
       echo; echo "## $s"; grep -v "^\s*$" "$out/$s.log" | tail -12
     done
     echo; echo "## engine load"; cat "$out/engine_load.log" 2>/dev/null
@@ -154,7 +162,7 @@ wait_bg() {
 
 kernels() {
   mkdir -p "$out"
-  echo "| step | exit | seconds |" > "$out/steps.md"; echo "| --- | --- | --- |" >> "$out/steps.md"
+  [ -f "$out/steps.md" ] || { echo "| step | exit | seconds |" > "$out/steps.md"; echo "| --- | --- | --- |" >> "$out/steps.md"; }
   export PYTHONPATH="$home/site:$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
   step kernels_vs_reference "$py" -m pipeline.bench.kernels_vs_reference --shapes synthetic --specs default+graph \
     --budget-s "${KERNELS_BUDGET_S:-420}" --out "$out/kvr"
@@ -188,11 +196,13 @@ case "$phase" in
   run-bg) background run ;;
   run-tests) build; serve; tests ;;
   run-tests-bg) background run-tests ;;
+  run-kernels) build; serve; kernels ;;
+  run-kernels-bg) background run-kernels ;;
   wait) wait_bg ;;
   all) stash; build; serve ;;
   kernels) kernels ;;
   incremental) incremental ;;
   tests) tests ;;
-  *) echo "usage: scripts/gpu_run.sh stash | run | run-bg | run-tests | run-tests-bg | build | build-bg | wait | serve | all | kernels | incremental | tests [OUT]" >&2
+  *) echo "usage: scripts/gpu_run.sh stash | run | run-bg | run-tests | run-tests-bg | build | build-bg | run-kernels | run-kernels-bg | wait | serve | all | kernels | incremental | tests [OUT]" >&2
      exit 2 ;;
 esac

@@ -686,6 +686,44 @@ def test_fused_layout_by_default_wherever_the_engine_is_a_python_one(tmp_path):
         fused_layout("yes", python)
 
 
+@pytest.mark.parametrize("time_bias", [False, True])
+@pytest.mark.parametrize("text", [False, True])
+def test_a_batch_of_requests_is_checked_and_mapped_as_each_request_alone(text, time_bias):
+    """The fused engine checks a batch's requests together; each request must get what Request gives it alone:
+    the same padded ids, lengths, users and times, or the same error, whatever the others hold."""
+    from pipeline.serving.models.common import Batch, Request
+
+    vocab = Vocabulary(np.array(["", "30", "10", "20", "40"]) if text else RAW)
+    ids = (lambda rows: pack_text(rows)) if text else (lambda rows: np.array(rows))
+    inputs = [
+        (ids([[10, 40]]), np.array([[2]]), None, np.array([[5, 6]])),
+        (ids([[30], [20]]), np.array([[1], [1]]), np.array([[7], [8]]), np.array([[1], [2]])),
+        (ids([[10, 99]]), np.array([[2]]), None, np.array([[1, 2]])),       # unknown id 99
+        (ids([[20, 30, 10]]), np.array([[3]]), np.array([[4]]), np.array([[1, 2, 3]])),
+        (ids([[10]]), np.array([[9]]), None, np.array([[1]])),              # k out of range
+        (ids([[40]]), np.array([[1]]), np.array([[-2]]), np.array([[1]])),  # negative user id
+    ]
+    batch = Batch(vocab, inputs, max_len=4, max_k=5, time_bias=time_bias)
+    start, good = 0, iter(batch.good)
+    for i, one in enumerate(inputs):
+        try:
+            alone = Request(vocab, *one[:3], one[3] if time_bias else None, max_len=4, max_k=5, time_bias=time_bias)
+        except RequestError as err:
+            assert str(batch.errors[i]) == str(err)
+            continue
+        assert batch.errors[i] is None
+        index, rows, k = next(good)
+        assert (index, rows, k) == (i, alone.rows, alone.k)
+        assert batch.history[start:start + rows].tolist() == alone.history.tolist()
+        assert batch.lengths[start:start + rows].tolist() == alone.lengths.tolist()
+        assert batch.users[start:start + rows].tolist() == alone.users.tolist()
+        if time_bias:
+            assert batch.times[start:start + rows].tolist() == alone.times.tolist()
+        start += rows
+    assert [i for i, _, _ in batch.good] == [0, 1, 3] and start == len(batch.history) == 4
+    assert "unknown item ids (1): 99" in str(batch.errors[2]) and "k=9" in str(batch.errors[4])
+
+
 def test_request_and_answer_are_what_preprocess_and_postprocess_compute():
     from pipeline.serving.models.common import Request, answer
 

@@ -103,9 +103,9 @@ def check_request(history: np.ndarray, k: np.ndarray, max_len: int, max_k: int) 
                            f"send the {max_len} most recent")
     if history.dtype.kind in "iu" and (history < 0).any():
         raise RequestError(f"negative item ids: {', '.join(str(i) for i in np.unique(history[history < 0])[:10])}")
-    ks = np.unique(np.asarray(k).reshape(-1))
-    if ks.size != 1:
-        raise RequestError(f"K must be the same for every row of a request, got {ks.tolist()}")
+    ks = np.asarray(k).reshape(-1)
+    if ks.size == 0 or (ks != ks[0]).any():
+        raise RequestError(f"K must be the same for every row of a request, got {np.unique(ks).tolist()}")
     value = int(ks[0])
     if not 1 <= value <= max_k:
         raise RequestError(f"k={value} is out of range; valid: 1..{max_k}")
@@ -245,6 +245,77 @@ def read_request(pb_utils, request, vocabulary: Vocabulary, max_len: int, max_k:
 
     return Request(vocabulary, given("HISTORY"), given("K"), given("USER_ID"),
                    given("TIMESTAMPS") if time_bias else None, max_len, max_k, time_bias)
+
+
+class Batch:
+    """The requests of one execute() checked and mapped together (the fused engine): the checks and messages
+    of Request, with the per-request numpy work done once per batch (one vocabulary lookup for every id of
+    every request, one padded array), which is most of what a request costs the python model besides the
+    stub's own work. inputs: per request (HISTORY, K, USER_ID or None, TIMESTAMPS or None) as Request takes
+    them. -> `errors` (a RequestError or None per request) and, for the good ones in order: `history`
+    [R, max_len], `lengths` [R, 1], `users` [R, 1], `times` [R, max_len] or None, and `good` (index, rows, k)."""
+
+    def __init__(self, vocabulary: Vocabulary, inputs, max_len: int, max_k: int, time_bias: bool) -> None:
+        self.errors: list[RequestError | None] = [None] * len(inputs)
+        checked = []  # (index, raw history [B, L], k, users [B, 1], times [B, L] or None)
+        for i, (history, k, user, timestamps) in enumerate(inputs):
+            try:
+                history = np.asarray(history)
+                if vocabulary.text:  # text ids: each request on its own (Request unpacks and maps them)
+                    request = Request(vocabulary, history, k, user, timestamps, max_len, max_k, time_bias)
+                    checked.append((i, request, request.k, request.users, request.times))
+                    continue
+                value = check_request(history, k, max_len, max_k)
+                users = user_ids(None if user is None else np.asarray(user), history.shape[0])
+                times = check_timestamps(timestamps, history) if time_bias else None
+                checked.append((i, history, value, users, times))
+            except RequestError as err:
+                self.errors[i] = err
+        if not vocabulary.text:
+            checked = self._encode(vocabulary, checked)
+        rows = sum(len(c[3]) for c in checked)
+        self.history = np.zeros((rows, max_len), dtype=np.int64)
+        self.lengths = np.empty((rows, 1), dtype=np.int64)
+        self.times = np.zeros((rows, max_len), dtype=np.int64) if time_bias else None
+        self.users = np.concatenate([c[3] for c in checked]) if checked else np.empty((0, 1), np.int64)
+        self.good: list[tuple[int, int, int]] = []
+        start = 0
+        for i, history, k, users, times in checked:
+            if isinstance(history, Request):  # text ids: already padded
+                history, length = history.history, history.lengths
+                end = start + len(history)
+                self.history[start:end], self.lengths[start:end] = history, length
+                if times is not None:
+                    self.times[start:end] = times
+            else:
+                end, width = start + len(history), history.shape[1]
+                self.history[start:end, :width] = history
+                self.lengths[start:end] = width
+                if times is not None:
+                    self.times[start:end, :width] = times
+            self.good.append((i, end - start, k))
+            start = end
+
+    def _encode(self, vocabulary: Vocabulary, checked: list) -> list:
+        """Every request's raw ids -> model ids in one lookup; when some are unknown, each request on its own
+        (a bad one gets its error, the others go on)."""
+        if not checked:
+            return checked
+        try:
+            flat = vocabulary.encode(np.concatenate([c[1].reshape(-1) for c in checked]))
+        except RequestError:
+            kept = []
+            for i, history, k, users, times in checked:
+                try:
+                    kept.append((i, vocabulary.encode(history), k, users, times))
+                except RequestError as err:
+                    self.errors[i] = err
+            return kept
+        out, start = [], 0
+        for i, history, k, users, times in checked:
+            out.append((i, flat[start: start + history.size].reshape(history.shape), k, users, times))
+            start += history.size
+        return out
 
 
 def answer(vocabulary: Vocabulary, ids: np.ndarray, scores: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
