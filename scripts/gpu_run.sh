@@ -26,7 +26,7 @@
 # data.root=/tmp/data": keep a carried dataset outside the repo, whose ignored folders a later call may drop),
 # LOAD_REQUESTS (default 3000), LOAD_CONCURRENCY (default 32), LOAD_PROCESSES (client processes of those
 # loads, default 8: 4 on the H200's host sent about 3,000 requests/s, the server then had room), KERNELS_BUDGET_S
-# (default 420), INC_ARGS (extra arguments of the incremental bench, e.g. "--profile bench.iters=30").
+# (default 420), SERVE_THREE (default 1; 0 skips the ensemble of three), INC_ARGS (extra arguments of the incremental bench, e.g. "--profile bench.iters=30").
 # OUT gets summary.md plus each step's log, and the server's log.
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -120,11 +120,13 @@ PY
   step load_dynamic_two "$py" -m pipeline.serving.loadtest --requests "$n" --concurrency "$c" --processes "$p" "$gpu" \
     ${GPU_RUN_ARGS:-} serving.instance_group.count=2
   "$py" -m pipeline.serving stop >/dev/null 2>&1
-  # The ensemble of three python models (serving.fused=false), for comparison with the default's one.
-  step deploy_three "$py" -m pipeline stage=deploy "$gpu" ${GPU_RUN_ARGS:-} serving.fused=false
-  step load_c1_three "$py" -m pipeline.serving.loadtest --requests 500 --concurrency 1 "$gpu" ${GPU_RUN_ARGS:-} serving.fused=false
-  step load_dynamic_three "$py" -m pipeline.serving.loadtest --requests "$n" --concurrency "$c" --processes "$p" "$gpu" \
-    ${GPU_RUN_ARGS:-} serving.fused=false
+  if [ "${SERVE_THREE:-1}" = 1 ]; then
+    # The ensemble of three python models (serving.fused=false), for comparison with the default's one.
+    step deploy_three "$py" -m pipeline stage=deploy "$gpu" ${GPU_RUN_ARGS:-} serving.fused=false
+    step load_c1_three "$py" -m pipeline.serving.loadtest --requests 500 --concurrency 1 "$gpu" ${GPU_RUN_ARGS:-} serving.fused=false
+    step load_dynamic_three "$py" -m pipeline.serving.loadtest --requests "$n" --concurrency "$c" --processes "$p" "$gpu" \
+      ${GPU_RUN_ARGS:-} serving.fused=false
+  fi
   grep -h "loaded and warmed" artifacts/serving/server.log > "$out/engine_load.log" 2>/dev/null
   "$py" -m pipeline.serving stop >/dev/null 2>&1
   cp artifacts/serving/server.log "$out/server.log" 2>/dev/null
