@@ -130,11 +130,10 @@ class TritonPythonModel:
             counters = {}
         before = {key: dict(counters.get(key, {})) for key in ("inductor", "aot_autograd")}
         took = []
-        # The largest bucket first, then the rest from 1: the order of validate's first calls (its eval batch,
-        # the largest size it timed, then batch 1), so Dynamo makes the same graphs (batch 1 specialized, one
-        # dynamic graph for the others, made at the first size above 1) and Inductor's cache has them.
-        buckets = sorted(self.buckets or [1, 2])
-        for batch in buckets[-1:] + buckets[:-1]:
+        # From the smallest bucket up. (Largest first, the order of validate's first calls, was tried on the
+        # H200: the captured champion's first load warmed its buckets in 66 s with 2 of 3 graphs missing
+        # Inductor's cache, against 29 s from the smallest up in the run before; docs/BENCHMARKS.md.)
+        for batch in sorted(self.buckets or [1, 2]):
             start = time.perf_counter()
             history = torch.ones(batch, max_len, dtype=torch.int64, device=self.device)
             times = torch.zeros_like(history) if self.time_bias else None
