@@ -274,6 +274,20 @@ def test_compiled_triton_retriever_serves_a_bucket_by_its_reference_twin_where_f
     torch._dynamo.reset()
 
 
+def test_kernels_bench_times_our_variant_against_the_reference_columns_own_build():
+    """As validate loads both from one checkpoint: where our spec's whole-call dispatch picks its reference
+    twin, the twin is the reference column's build (two builds of one spec once timed 6-75% apart)."""
+    from pipeline.bench import kernels_vs_reference as kvr
+
+    torch._dynamo.reset()
+    retriever = kvr.build(kvr.SMOKE, 50, 10, DEVICE, torch.float32)
+    batch_inputs = {b: kvr.inputs(kvr.SMOKE, 50, b, DEVICE) for b in (1, 3)}
+    with dispatch.timed_by(_timer({"reference": 1.0, "passes": 2.0, "gemv": 3.0, "triton": 2.0})):
+        times = kvr.measure(retriever, "default", batch_inputs, DEVICE, warmup=1, iters=2, compiler="eager", rounds=1)
+    assert times["triton"]["twin"] == "the reference build"
+    assert {row["algorithm"] for row in kernels.dispatch_log() if row["op"] == "retriever"} == {"reference"}
+
+
 def test_bench_script_smoke_reports_a_failing_shape_and_goes_on(tmp_path):
     """The GPU script in its reduced mode: a table with both kernels per shape and batch, the dispatch
     choices, a shape that cannot be built (5 items, top-10) reported, and no Hydra or MLflow imported."""

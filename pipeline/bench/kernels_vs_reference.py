@@ -8,7 +8,8 @@ and of the ML-1M preset (conf/tuned/hstu_ml-1m.yaml: history 200, 8 layers), ite
 (ML-1M), 100k and 1M items and batch 1 and 128: the p50 of the whole call as served (the compiled call, the
 copy out and the exactness check), CUDA events, after warm-up, for kernels=reference and kernels=triton in
 the same spec (CompiledRetriever: compile mode, plus "+graph" for the call captured in one CUDA graph).
-Random-initialized models: the shapes are the point. Prints a table, the ratio (reference p50 / ours:
+Our kernels' spec uses the reference spec's build as its twin, as
+validate does. Random-initialized models: the shapes are the point. Prints a table, the ratio (reference p50 / ours:
 >= 1 means ours is not slower) and the kernels' dispatch choice per op and shape, and writes both as CSV.
 A shape that fails is reported and the run goes on; pairs not started within --budget-s are listed as
 skipped (run them with --shapes/--items). Needs torch, triton and numpy only.
@@ -29,7 +30,7 @@ import torch
 
 from pipeline import kernels
 from pipeline.bench.latency import summarize, time_calls
-from pipeline.catalogue import DTYPES, VariantSpec
+from pipeline.catalogue import DTYPES, FREEZING, VariantSpec
 from pipeline.kernels import dispatch
 
 ITEMS = (1_000, 3_706, 100_000, 1_000_000)
@@ -91,15 +92,25 @@ def measure(retriever, spec: str, batch_inputs: dict[int, tuple], device: torch.
     timed in turns, `rounds` blocks of iters/rounds calls each, and each backend's samples pooled: a GPU's
     clocks and caches drift over a run, and timing one side wholly after the other carried that drift into
     the ratio (two builds of the same spec once measured 0.107 and 0.128 ms at b=128)."""
-    from pipeline.export.inductor import CompiledRetriever
+    from pipeline.export import inductor
+    from pipeline.export.inductor import CompiledRetriever, shared_reference_build
 
     dtype = next(retriever.parameters()).dtype
     predictors, out = {}, {}
+    # As validate builds them from one checkpoint: the reference spec once, and our kernels' variant using that
+    # very build as its reference twin wherever its whole-call dispatch picks the twin (a second build of the
+    # same spec once timed 6-75% apart from the first).
+    source = ("kernels_vs_reference", id(retriever), dtype, str(device))
     for kernel_backend in ("reference", "triton"):
         variant = spec_for(spec, kernel_backend, dtype)
         try:
-            predict = CompiledRetriever(retriever, variant.mode, variant.kernels, cuda_graph=variant.cuda_graph,
-                                        compiler=compiler)
+            spec_key = (variant.mode, variant.cuda_graph, FREEZING, compiler)
+            if kernel_backend == "reference":
+                predict = shared_reference_build(source, retriever, variant.mode, variant.cuda_graph,
+                                                 FREEZING, compiler)
+            else:
+                predict = CompiledRetriever(retriever, variant.mode, variant.kernels, cuda_graph=variant.cuda_graph,
+                                            compiler=compiler, source=source)
             out[kernel_backend] = {}
             for batch, args in batch_inputs.items():
                 start = time.perf_counter()
@@ -120,6 +131,11 @@ def measure(retriever, spec: str, batch_inputs: dict[int, tuple], device: torch.
                                                           per_round))
         for kernel_backend in predictors:
             out[kernel_backend][batch].update(summarize(np.concatenate(samples[kernel_backend]), batch))
+    if "triton" in predictors:  # what its whole-call dispatch timed ours against
+        twin = predictors["triton"]._twin
+        out["triton"]["twin"] = "none" if twin is None else \
+            "the reference build" if twin is predictors.get("reference") else "a build of its own"
+    inductor._SHARED_BUILDS.pop((source, *spec_key), None)  # this pair's model goes when the pair is done
     torch._dynamo.reset()
     return out
 
@@ -178,7 +194,7 @@ def _row(base: dict, spec: str, batch: int, times: dict[str, dict]) -> dict:
     return {**row, "reference_p50_ms": ref["p50_ms"], "triton_p50_ms": ours["p50_ms"],
             "reference_p90_ms": ref["p90_ms"], "triton_p90_ms": ours["p90_ms"],
             "speedup": ref["p50_ms"] / ours["p50_ms"], "reference_first_call_s": ref["first_call_s"],
-            "triton_first_call_s": ours["first_call_s"]}
+            "triton_first_call_s": ours["first_call_s"], "twin": times["triton"].get("twin", "none")}
 
 
 def _error(err: Exception) -> str:
