@@ -38,3 +38,23 @@ def test_bad_fit_is_refused(tmp_path, store_template, overrides, expected):
     result = run_pipeline([*TINY, f"artifacts_dir={tmp_path / 'artifacts'}", "stage=train", *overrides], cwd=tmp_path)
     output = result.stdout + result.stderr
     assert result.returncode != 0 and expected in output, output
+
+
+def test_training_leaves_the_matmul_settings_inductor_keys_its_cache_on(tmp_path):
+    """fit() turns TF32 on for training and must leave the process as it found it, as Inductor's cache reads
+    it: restoring allow_tf32=False instead turned the default "none" into "ieee", so the graphs compiled after
+    training in one process (stage=all) were never found by validate or the serving engine in another."""
+    import torch
+
+    from pipeline.serving.config import load_config
+    from pipeline.stages.train import fit
+
+    def settings():  # torch._inductor.codecache.FxGraphHashDetails.cuda_matmul_settings
+        return (torch.backends.cuda.matmul.fp32_precision,
+            torch.backends.cuda.matmul.allow_fp16_reduced_precision_reduction,
+            torch.backends.cuda.matmul.allow_bf16_reduced_precision_reduction)
+
+    before = settings()
+    cfg = load_config([*TINY, f"artifacts_dir={tmp_path}", "train.epochs=1"])
+    fit(cfg, torch.device("cpu"), tmp_path, lambda *args, **kwargs: None)
+    assert settings() == before == ("none", True, True)

@@ -73,11 +73,19 @@ def fit(cfg, device: torch.device, out_dir: Path, log_metrics: Callable[..., Non
     pipeline.bench.quality trains with; log_metrics(metrics, step=epoch) receives the per-epoch numbers;
     on_data(interactions) is called once the dataset is read."""
     # TF32 for training only: the later stages measure fp32 variants, gated on score error, in true fp32.
-    tf32 = torch.backends.cuda.matmul.allow_tf32
+    # The setting is restored as it was, through the API that reads it: restoring allow_tf32=False turns the
+    # default "none" into "ieee", and Inductor keys its cache on it, so every process that had trained
+    # (stage=all) compiled graphs that no other process (validate from_run, the serving engine) found.
+    matmul = torch.backends.cuda.matmul
+    precision = getattr(matmul, "fp32_precision", None)  # torch >= 2.9
+    tf32 = matmul.allow_tf32 if precision is None else None
     try:
         return _fit(cfg, device, out_dir, log_metrics, on_data)
     finally:
-        torch.backends.cuda.matmul.allow_tf32 = tf32
+        if precision is None:
+            matmul.allow_tf32 = tf32
+        else:
+            matmul.fp32_precision = precision
 
 
 def _fit(cfg, device: torch.device, out_dir: Path, log_metrics: Callable[..., None],
@@ -90,7 +98,11 @@ def _fit(cfg, device: torch.device, out_dir: Path, log_metrics: Callable[..., No
     if tcfg.fit == "all_but_test" and tcfg.refit:
         raise PipelineError("train.refit=true needs train.fit=holdout: with all_but_test there is no epoch count to choose")
     if device.type == "cuda":
-        torch.backends.cuda.matmul.allow_tf32 = True  # as the reference trains; evaluation is unaffected in effect
+        # TF32 as the reference trains; evaluation is unaffected in effect
+        if getattr(torch.backends.cuda.matmul, "fp32_precision", None) is None:
+            torch.backends.cuda.matmul.allow_tf32 = True
+        else:
+            torch.backends.cuda.matmul.fp32_precision = "tf32"
     interactions = load_interactions(cfg.data)
     if on_data is not None:
         on_data(interactions)

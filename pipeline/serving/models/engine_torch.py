@@ -130,9 +130,10 @@ class TritonPythonModel:
             counters = {}
         before = {key: dict(counters.get(key, {})) for key in ("inductor", "aot_autograd")}
         took = []
-        # From the smallest bucket up. (Largest first, the order of validate's first calls, was tried on the
-        # H200: the captured champion's first load warmed its buckets in 66 s with 2 of 3 graphs missing
-        # Inductor's cache, against 29 s from the smallest up in the run before; docs/BENCHMARKS.md.)
+        # From the smallest bucket up. The order does not decide Inductor's cache hits: batch 1 has its own
+        # graph, every larger size shares one dynamic graph whatever size made it (on the CPU, validate's made
+        # at 128 served this engine's 16). What did decide them was the process's matmul settings, which
+        # Inductor keys on (see pipeline.stages.train.fit).
         for batch in sorted(self.buckets or [1, 2]):
             start = time.perf_counter()
             history = torch.ones(batch, max_len, dtype=torch.int64, device=self.device)
