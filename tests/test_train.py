@@ -47,7 +47,7 @@ def test_training_leaves_the_matmul_settings_inductor_keys_its_cache_on(tmp_path
     import torch
 
     from pipeline.serving.config import load_config
-    from pipeline.stages.train import fit
+    from pipeline.stages.train import _tf32_matmul, fit
 
     def settings():  # torch._inductor.codecache.FxGraphHashDetails.cuda_matmul_settings
         return (torch.backends.cuda.matmul.fp32_precision,
@@ -58,3 +58,6 @@ def test_training_leaves_the_matmul_settings_inductor_keys_its_cache_on(tmp_path
     cfg = load_config([*TINY, f"artifacts_dir={tmp_path}", "train.epochs=1"])
     fit(cfg, torch.device("cpu"), tmp_path, lambda *args, **kwargs: None)
     assert settings() == before == ("none", True, True)
+    with _tf32_matmul(True):  # as on CUDA: TF32 while training, then the settings as they were
+        assert torch.backends.cuda.matmul.fp32_precision == "tf32"
+    assert settings() == before

@@ -7,12 +7,12 @@ For the HSTU shapes of the synthetic default (conf/model/hstu.yaml: history 50, 
 and of the ML-1M preset (conf/tuned/hstu_ml-1m.yaml: history 200, 8 layers), item tables of 1k, 3.7k
 (ML-1M), 100k and 1M items and batch 1 and 128: the p50 of the whole call as served (the compiled call, the
 copy out and the exactness check), CUDA events, after warm-up, for kernels=reference and kernels=triton in
-the same spec (CompiledRetriever: compile mode, plus "+graph" for the call captured in one CUDA graph).
-Our kernels' spec uses the reference spec's build as its twin, as
-validate does. Random-initialized models: the shapes are the point. Prints a table, the ratio (reference p50 / ours:
->= 1 means ours is not slower) and the kernels' dispatch choice per op and shape, and writes both as CSV.
-A shape that fails is reported and the run goes on; pairs not started within --budget-s are listed as
-skipped (run them with --shapes/--items). Needs torch, triton and numpy only.
+the same spec (CompiledRetriever: compile mode, plus "+graph" for the call captured in one CUDA graph);
+our kernels' spec uses the reference spec's build as its twin, as validate does. Random-initialized models:
+the shapes are the point. Prints a table, the ratio (reference p50 / ours: >= 1 means ours is not slower)
+and the kernels' dispatch choice per op and shape, and writes both as CSV. A shape that fails is reported and
+the run goes on; pairs not started within --budget-s are listed as skipped (run them with --shapes/--items).
+Needs torch, triton and numpy only.
 """
 from __future__ import annotations
 
@@ -92,8 +92,7 @@ def measure(retriever, spec: str, batch_inputs: dict[int, tuple], device: torch.
     timed in turns, `rounds` blocks of iters/rounds calls each, and each backend's samples pooled: a GPU's
     clocks and caches drift over a run, and timing one side wholly after the other carried that drift into
     the ratio (two builds of the same spec once measured 0.107 and 0.128 ms at b=128)."""
-    from pipeline.export import inductor
-    from pipeline.export.inductor import CompiledRetriever, shared_reference_build
+    from pipeline.export.inductor import CompiledRetriever, forget_shared_builds, shared_reference_build
 
     dtype = next(retriever.parameters()).dtype
     predictors, out = {}, {}
@@ -104,7 +103,6 @@ def measure(retriever, spec: str, batch_inputs: dict[int, tuple], device: torch.
     for kernel_backend in ("reference", "triton"):
         variant = spec_for(spec, kernel_backend, dtype)
         try:
-            spec_key = (variant.mode, variant.cuda_graph, FREEZING, compiler)
             if kernel_backend == "reference":
                 predict = shared_reference_build(source, retriever, variant.mode, variant.cuda_graph,
                                                  FREEZING, compiler)
@@ -135,7 +133,7 @@ def measure(retriever, spec: str, batch_inputs: dict[int, tuple], device: torch.
         twin = predictors["triton"]._twin
         out["triton"]["twin"] = "none" if twin is None else \
             "the reference build" if twin is predictors.get("reference") else "a build of its own"
-    inductor._SHARED_BUILDS.pop((source, *spec_key), None)  # this pair's model goes when the pair is done
+    forget_shared_builds(source)  # this pair's model goes when the pair is done
     torch._dynamo.reset()
     return out
 

@@ -180,6 +180,12 @@ _SHARED_BUILDS: "OrderedDict[tuple, CompiledRetriever]" = OrderedDict()
 SHARED_BUILDS_KEPT = 4
 
 
+def forget_shared_builds(source: tuple) -> None:
+    """Drops the process's shared builds over the weights `source` names (their weights and graphs go with them)."""
+    for key in [key for key in _SHARED_BUILDS if key[0] == source]:
+        del _SHARED_BUILDS[key]
+
+
 def shared_reference_build(source: tuple, retriever: nn.Module, mode: str, cuda_graph: bool, freezing: bool,
                            compiler: str = "inductor") -> "CompiledRetriever":
     """The process's build of the reference-kernel spec (mode, cuda_graph, freezing, compiler) over the weights

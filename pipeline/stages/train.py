@@ -6,8 +6,9 @@ from __future__ import annotations
 import copy
 import logging
 import time
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Iterator
 
 import numpy as np
 import torch
@@ -72,20 +73,33 @@ def fit(cfg, device: torch.device, out_dir: Path, log_metrics: Callable[..., Non
     """Trains cfg.model on cfg.data as cfg.train says -> (the checkpoint in out_dir, its test metrics). Also what
     pipeline.bench.quality trains with; log_metrics(metrics, step=epoch) receives the per-epoch numbers;
     on_data(interactions) is called once the dataset is read."""
-    # TF32 for training only: the later stages measure fp32 variants, gated on score error, in true fp32.
-    # The setting is restored as it was, through the API that reads it: restoring allow_tf32=False turns the
-    # default "none" into "ieee", and Inductor keys its cache on it, so every process that had trained
-    # (stage=all) compiled graphs that no other process (validate from_run, the serving engine) found.
+    # TF32 as the reference trains (on CUDA), for training only: the later stages measure fp32 variants,
+    # gated on score error, in true fp32.
+    with _tf32_matmul(device.type == "cuda"):
+        return _fit(cfg, device, out_dir, log_metrics, on_data)
+
+
+@contextmanager
+def _tf32_matmul(enabled: bool) -> Iterator[None]:
+    """TF32 for CUDA matmuls while inside (when enabled), then the setting exactly as it was, through the API
+    that reads it: restoring allow_tf32=False would turn torch's default fp32 precision "none" into "ieee",
+    which Inductor keys its cache on, so graphs compiled after training in one process (stage=all) would never
+    be found by another (validate from_run, the serving engine)."""
     matmul = torch.backends.cuda.matmul
     precision = getattr(matmul, "fp32_precision", None)  # torch >= 2.9
-    tf32 = matmul.allow_tf32 if precision is None else None
+    saved = matmul.allow_tf32 if precision is None else precision
     try:
-        return _fit(cfg, device, out_dir, log_metrics, on_data)
+        if enabled:
+            if precision is None:
+                matmul.allow_tf32 = True
+            else:
+                matmul.fp32_precision = "tf32"
+        yield
     finally:
         if precision is None:
-            matmul.allow_tf32 = tf32
+            matmul.allow_tf32 = saved
         else:
-            matmul.fp32_precision = precision
+            matmul.fp32_precision = saved
 
 
 def _fit(cfg, device: torch.device, out_dir: Path, log_metrics: Callable[..., None],
@@ -97,12 +111,6 @@ def _fit(cfg, device: torch.device, out_dir: Path, log_metrics: Callable[..., No
         raise PipelineError(f"unknown train.fit '{tcfg.fit}'; valid choices: {', '.join(FITS)}")
     if tcfg.fit == "all_but_test" and tcfg.refit:
         raise PipelineError("train.refit=true needs train.fit=holdout: with all_but_test there is no epoch count to choose")
-    if device.type == "cuda":
-        # TF32 as the reference trains; evaluation is unaffected in effect
-        if getattr(torch.backends.cuda.matmul, "fp32_precision", None) is None:
-            torch.backends.cuda.matmul.allow_tf32 = True
-        else:
-            torch.backends.cuda.matmul.fp32_precision = "tf32"
     interactions = load_interactions(cfg.data)
     if on_data is not None:
         on_data(interactions)

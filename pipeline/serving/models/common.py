@@ -257,42 +257,32 @@ class Batch:
 
     def __init__(self, vocabulary: Vocabulary, inputs, max_len: int, max_k: int, time_bias: bool) -> None:
         self.errors: list[RequestError | None] = [None] * len(inputs)
-        checked = []  # (index, raw history [B, L], k, users [B, 1], times [B, L] or None)
+        checked = []  # (index, raw ids [B, L], k, users [B, 1], times [B, L] or None)
         for i, (history, k, user, timestamps) in enumerate(inputs):
             try:
                 history = np.asarray(history)
-                if vocabulary.text:  # text ids: each request on its own (Request unpacks and maps them)
-                    request = Request(vocabulary, history, k, user, timestamps, max_len, max_k, time_bias)
-                    checked.append((i, request, request.k, request.users, request.times))
-                    continue
+                if vocabulary.text:  # UINT8 [B, bytes]: the ids of each row as UTF-8 text, newline-separated
+                    history = unpack_text(history)
                 value = check_request(history, k, max_len, max_k)
                 users = user_ids(None if user is None else np.asarray(user), history.shape[0])
                 times = check_timestamps(timestamps, history) if time_bias else None
                 checked.append((i, history, value, users, times))
             except RequestError as err:
                 self.errors[i] = err
-        if not vocabulary.text:
-            checked = self._encode(vocabulary, checked)
-        rows = sum(len(c[3]) for c in checked)
+        checked = self._encode(vocabulary, checked)
+        rows = sum(len(c[1]) for c in checked)
         self.history = np.zeros((rows, max_len), dtype=np.int64)
         self.lengths = np.empty((rows, 1), dtype=np.int64)
         self.times = np.zeros((rows, max_len), dtype=np.int64) if time_bias else None
         self.users = np.concatenate([c[3] for c in checked]) if checked else np.empty((0, 1), np.int64)
         self.good: list[tuple[int, int, int]] = []
         start = 0
-        for i, history, k, users, times in checked:
-            if isinstance(history, Request):  # text ids: already padded
-                history, length = history.history, history.lengths
-                end = start + len(history)
-                self.history[start:end], self.lengths[start:end] = history, length
-                if times is not None:
-                    self.times[start:end] = times
-            else:
-                end, width = start + len(history), history.shape[1]
-                self.history[start:end, :width] = history
-                self.lengths[start:end] = width
-                if times is not None:
-                    self.times[start:end, :width] = times
+        for i, history, k, _, times in checked:
+            end, width = start + len(history), history.shape[1]
+            self.history[start:end, :width] = history
+            self.lengths[start:end] = width
+            if times is not None:
+                self.times[start:end, :width] = times
             self.good.append((i, end - start, k))
             start = end
 
