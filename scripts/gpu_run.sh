@@ -26,7 +26,7 @@
 # data.root=/tmp/data": keep a carried dataset outside the repo, whose ignored folders a later call may drop),
 # LOAD_REQUESTS (default 3000), LOAD_CONCURRENCY (default 32), LOAD_PROCESSES (client processes of those
 # loads, default 8: 4 on the H200's host sent about 3,000 requests/s, the server then had room), KERNELS_BUDGET_S
-# (default 420), SERVE_THREE (default 1; 0 skips the ensemble of three), INC_ARGS (extra arguments of the incremental bench, e.g. "--profile bench.iters=30").
+# (default 420), SERVE_TWO, SERVE_THREE (default 1; 0 skips the load with two engine instances, the ensemble of three), INC_ARGS (extra arguments of the incremental bench, e.g. "--profile bench.iters=30").
 # OUT gets summary.md plus each step's log, and the server's log.
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -116,10 +116,12 @@ PY
     serving.dynamic_batching.enabled=false
   "$py" -m pipeline.serving stop >/dev/null 2>&1  # the same version in another layout: not beside itself
   # Two engine instances on the GPU (each its own python process and CUDA context), batching on.
-  step deploy_two "$py" -m pipeline stage=deploy "$gpu" ${GPU_RUN_ARGS:-} serving.instance_group.count=2
-  step load_dynamic_two "$py" -m pipeline.serving.loadtest --requests "$n" --concurrency "$c" --processes "$p" "$gpu" \
-    ${GPU_RUN_ARGS:-} serving.instance_group.count=2
-  "$py" -m pipeline.serving stop >/dev/null 2>&1
+  if [ "${SERVE_TWO:-1}" = 1 ]; then
+    step deploy_two "$py" -m pipeline stage=deploy "$gpu" ${GPU_RUN_ARGS:-} serving.instance_group.count=2
+    step load_dynamic_two "$py" -m pipeline.serving.loadtest --requests "$n" --concurrency "$c" --processes "$p" "$gpu" \
+      ${GPU_RUN_ARGS:-} serving.instance_group.count=2
+    "$py" -m pipeline.serving stop >/dev/null 2>&1
+  fi
   if [ "${SERVE_THREE:-1}" = 1 ]; then
     # The ensemble of three python models (serving.fused=false), for comparison with the default's one.
     step deploy_three "$py" -m pipeline stage=deploy "$gpu" ${GPU_RUN_ARGS:-} serving.fused=false

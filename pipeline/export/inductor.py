@@ -31,13 +31,21 @@ from pipeline.integrity import write_digest
 log = logging.getLogger(__name__)
 
 
-def call_p50_ms(label: str, fn: Callable[[], object], device: torch.device, iters: int = 10) -> float:
-    """The whole-call verdict's timer: p50 of fn as validate, the bench and kernels_vs_reference time a
-    variant (pipeline.bench.latency.time_calls), so the dispatch ranks ours and the twin by the figure they
-    are judged by, not by a stream of launches timed as one (dispatch.launch_ms)."""
+def call_samples_ms(label: str, fn: Callable[[], object], device: torch.device, iters: int = 20) -> np.ndarray:
+    """The whole-call verdict's timer: per-call ms of fn timed as validate, the bench and kernels_vs_reference
+    time a variant (pipeline.bench.latency.time_calls), so the dispatch ranks ours and the twin by the figure
+    they are judged by (the p50 of many calls: dispatch.choose pools the rounds' samples), not by a stream of
+    launches timed as one (dispatch.launch_ms)."""
     from pipeline.bench.latency import time_calls
 
-    return float(np.median(time_calls(fn, device, warmup=2, iters=iters)))
+    return time_calls(fn, device, warmup=2, iters=iters)
+
+
+# The whole-call verdict (ours or the twin, per batch bucket): the two timed in turns, VERDICT_ROUNDS blocks of 20
+# calls each, samples pooled, as kernels_vs_reference times them; ours must be VERDICT_MARGIN faster to serve, the
+# spread of two timings of one build on the H200 (4% in one run), and the 5% within which ours counts as not slower.
+VERDICT_ROUNDS = 5
+VERDICT_MARGIN = 0.05
 
 
 class CompiledRetriever:
@@ -121,8 +129,8 @@ class CompiledRetriever:
             reference = dispatch.Option(dispatch.REFERENCE, None, lambda: self._reference_twin()(*args))
             chosen = dispatch.choose("retriever", key, history.device, reference,
                                      [dispatch.Option("triton", None, lambda: self._call(*args))],
-                                     timer=functools.partial(call_p50_ms, device=history.device), rounds=3,
-                                     margin=0.03)
+                                     timer=functools.partial(call_samples_ms, device=history.device),
+                                     rounds=VERDICT_ROUNDS, margin=VERDICT_MARGIN)
         return chosen.algorithm == dispatch.REFERENCE
 
     def _reference_twin(self) -> "CompiledRetriever":

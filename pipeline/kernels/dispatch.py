@@ -32,13 +32,14 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Callable, Iterator, Sequence
 
+import numpy as np
 import torch
 
 log = logging.getLogger(__name__)
 
 REFERENCE = "reference"
-# A timer: (label of the candidate, a call of it) -> ms per call.
-Timer = Callable[[str, Callable[[], object]], float]
+# A timer: (label of the candidate, a call of it) -> ms per call, or an array of per-call samples in ms.
+Timer = Callable[[str, Callable[[], object]], "float | np.ndarray"]
 
 
 @dataclass(frozen=True)
@@ -268,8 +269,12 @@ def choose(op: str, key: tuple, device: torch.device, reference: Option, options
     timer: how to time the options (default: as the calls are served, see served_by_graph); an injected
     timer (timed_by) takes precedence. Where nothing is timed, or inside a CUDA-graph capture (not recorded
     then), options[0] runs untimed.
-    rounds: how many times each option is timed, round-robin, keeping its fastest: a first timing can carry
-    one-off costs that later calls never pay (Inductor's CUDA graphs record at a shape's second call).
+    rounds: how many times each option is timed, round-robin; each option's timings (one figure per round, or
+    the per-call samples a timer may return as an array) are pooled and their median ranks it. Rounds, since a
+    first timing can carry one-off costs that later calls never pay (Inductor's CUDA graphs record at a
+    shape's second call); the median of the pool, not the fastest round, since one lucky round is not how an
+    option serves (on the H200 a whole call under Inductor's CUDA graphs timed 0.34 ms in its best round of
+    ten calls against 0.36 ms for the reference, then served at 0.53 against 0.31 ms).
     margin: an option must beat the reference by this fraction to be picked (timings of two near-equal calls
     are noise; the reference keeps such a shape)."""
     cached = choice(op, key)
@@ -293,18 +298,20 @@ def choose(op: str, key: tuple, device: torch.device, reference: Option, options
         return kept
     timer = _timer or timer or (graph_replay_ms if _graphed else launch_ms)
     start, limit = time.perf_counter(), budget_s()
-    reference_ms = _time(op, key, reference, timer)
-    timings: dict[int, float] = {}
+    reference_runs = [_time(op, key, reference, timer)]
+    runs: dict[int, list] = {}
     for i, option in enumerate(options):
         if i > 0 and time.perf_counter() - start > limit:
             log.info("%s %s: tuning budget of %.0f s spent; %d options untimed", op, key, limit, len(options) - i)
             break
-        timings[i] = _time(op, key, option, timer)
+        runs[i] = [_time(op, key, option, timer)]
     for _ in range(rounds - 1):
-        reference_ms = min(reference_ms, _time(op, key, reference, timer))
-        for i, ms in timings.items():
-            if math.isfinite(ms):
-                timings[i] = min(ms, _time(op, key, options[i], timer))
+        reference_runs.append(_time(op, key, reference, timer))
+        for i, timed in runs.items():
+            if _finite(timed[0]):
+                timed.append(_time(op, key, options[i], timer))
+    reference_ms = _pooled_median(reference_runs)
+    timings = {i: _pooled_median(timed) for i, timed in runs.items()}
     TUNING_LOG.append((op, key, reference.algorithm, reference.config, reference_ms, 0.0))
     costs: dict[int, float] = {}
     for i, ms in timings.items():
@@ -327,8 +334,20 @@ def choose(op: str, key: tuple, device: torch.device, reference: Option, options
     return chosen
 
 
-def _time(op: str, key: tuple, option: Option, timer: Timer) -> float:
-    """ms per call of option; inf where it fails (e.g. out of shared memory for this GPU: not a candidate)."""
+def _finite(timed) -> bool:
+    return bool(np.all(np.isfinite(timed)))
+
+
+def _pooled_median(runs: list) -> float:
+    """The median of every timing in `runs` (floats, or arrays of per-call samples); inf if a run failed."""
+    if not all(_finite(timed) for timed in runs):
+        return math.inf
+    return float(np.median(np.concatenate([np.atleast_1d(np.asarray(timed, dtype=float)) for timed in runs])))
+
+
+def _time(op: str, key: tuple, option: Option, timer: Timer):
+    """ms per call of option (a float, or per-call samples); inf where it fails (e.g. out of shared memory for
+    this GPU: not a candidate)."""
     try:
         return timer(option.label, option.run)
     except Exception as err:
