@@ -130,7 +130,7 @@ def measure(retriever, spec: str, batch_inputs: dict[int, tuple], device: torch.
         for kernel_backend in predictors:
             out[kernel_backend][batch].update(summarize(np.concatenate(samples[kernel_backend]), batch))
     if "triton" in predictors:  # what its whole-call dispatch timed ours against
-        twin = predictors["triton"]._twin
+        twin = predictors["triton"].twin
         out["triton"]["twin"] = "none" if twin is None else \
             "the reference build" if twin is predictors.get("reference") else "a build of its own"
     forget_shared_builds(source)  # this pair's model goes when the pair is done

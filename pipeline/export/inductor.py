@@ -133,6 +133,12 @@ class CompiledRetriever:
                                      rounds=VERDICT_ROUNDS, margin=VERDICT_MARGIN)
         return chosen.algorithm == dispatch.REFERENCE
 
+    @property
+    def twin(self) -> "CompiledRetriever | None":
+        """The reference-kernel build this variant's whole-call dispatch timed itself against (None until a
+        kernels=triton variant's first call of a batch bucket)."""
+        return self._twin
+
     def _reference_twin(self) -> "CompiledRetriever":
         if self._twin is None:
             mode, cuda_graph, freezing, compiler, _ = self.spec
