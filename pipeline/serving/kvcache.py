@@ -111,6 +111,10 @@ def _to_device(array: np.ndarray, device: torch.device) -> Tensor:
     return host.pin_memory().to(device, non_blocking=True)
 
 
+_EMPTY = np.empty(0, dtype=np.int64)  # read-only use: never written into
+_EMPTY.flags.writeable = False
+
+
 def _ranges(starts: np.ndarray, ends: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """For ranges [starts[i], ends[i]): (i, position) of each of their elements, in order."""
     counts = ends - starts
@@ -487,61 +491,72 @@ class _Batch:
 
     def _indexes(self) -> dict[str, np.ndarray]:
         """The batch's index arrays (int64, by name), built on the host; what the device work needs besides
-        them is left in attributes."""
+        them is left in attributes. Per row, only the page tables are gathered into one array (a pass over
+        the rows); every index is then numpy over the whole batch."""
         S, B = self.cache.page_size, len(self.users)
-        n_list, c_list, kind, entries, tables, restore = (self.n_list, self.c_list, self.kind, self.entries,
-                                                          self.tables, self.restore)
-        # Each row's page table: as written by this batch, else as cached.
-        table = [tables[b] if tables[b] is not None else entries[b].pages if entries[b] is not None else None
-                 for b in range(B)]
-        pooled = [kind[b] == DEVICE_TIER or restore[b] for b in range(B)]
-        active = [b for b in range(B) if n_list[b] > c_list[b]]
-        zero = [b for b in range(B) if n_list[b] == c_list[b]]
+        kind, entries, tables = self.kind, self.entries, self.tables
+        # Each row's page table: as written by this batch, else as cached; all of them in one flat array, row b's
+        # from start[b] on.
+        table = [t if t is not None else e.pages if e is not None else None for t, e in zip(tables, entries)]
+        present = [t for t in table if t is not None]
+        sizes = np.array(list(map(len, present)), dtype=np.int64)
+        has_table = np.array([t is not None for t in table], dtype=bool)
+        flat = np.concatenate(present) if present else _EMPTY
+        start = np.zeros(B, dtype=np.int64)
+        start[has_table] = np.cumsum(sizes) - sizes
+        c, n = np.array(self.c_list, dtype=np.int64), self.n
+        restore = np.array(self.restore, dtype=bool)
+        pooled = np.array([k == DEVICE_TIER for k in kind], dtype=bool) | restore
+        is_active = n > c
+        act, zero = np.flatnonzero(is_active), np.flatnonzero(~is_active)
         # Where each row's cached positions are read: pool pages (device hits, host hits copied back), or the
         # host state itself (host hits with no room on the device), appended after the pool's. Whole pages
         # are gathered (an index per page): row b's positions start at c_off[b]; the rest of its last page is
         # never read (the kernel reads c_len[b] keys).
-        c = np.array(c_list, dtype=np.int64)
-        n = self.n
-        in_pool = [b for b in active if c_list[b] and pooled[b]]
-        transient = [b for b in active if c_list[b] and not pooled[b]]
-        read_pages = [-(-c_list[b] // S) for b in in_pool]
-        gather = np.concatenate([table[b][:k] for b, k in zip(in_pool, read_pages)]) if in_pool else \
-            np.empty(0, np.int64)
+        in_pool = np.flatnonzero(is_active & (c > 0) & pooled)
+        transient = np.flatnonzero(is_active & (c > 0) & ~pooled)
+        read_pages = -(-c[in_pool] // S)
+        which, page = _ranges(np.zeros(len(in_pool), np.int64), read_pages)
+        gather = flat[start[in_pool][which] + page]
         c_off = np.zeros(B, dtype=np.int64)
-        if in_pool:
-            pages = np.array(read_pages, dtype=np.int64)
-            c_off[in_pool] = (np.cumsum(pages) - pages) * S
-        if transient:
+        c_off[in_pool] = (np.cumsum(read_pages) - read_pages) * S
+        if len(transient):
             c_off[transient] = len(gather) * S + np.cumsum(c[transient]) - c[transient]
         # New positions, flat in the order of the active rows.
-        act = np.array(active, dtype=np.int64)
         m_act = n[act] - c[act]
         which, pos = _ranges(c[act], n[act])
         rows = act[which]
         n_off = np.cumsum(m_act) - m_act
-        written = [i for i, b in enumerate(active) if tables[b] is not None]
+        written = np.flatnonzero(np.array([tables[b] is not None for b in act.tolist()], dtype=bool))
         w_rows = act[written]
-        all_written = len(written) == len(active)
-        restored = [b for b in range(B) if restore[b]]
-        pooled_zero = [b for b in zero if pooled[b]]
+        all_written = len(written) == len(act)
+        restored = np.flatnonzero(restore)
+        pooled_zero = zero[pooled[zero]] if len(zero) else _EMPTY
+
+        def slots(row_ids: np.ndarray, first: np.ndarray, last: np.ndarray) -> np.ndarray:
+            """Pool slots of positions [first[i], last[i]) of rows row_ids[i], concatenated in order."""
+            if not len(row_ids):
+                return _EMPTY
+            w, p = _ranges(first, last)
+            return flat[start[row_ids][w] + p // S] * S + p % S
+
         parts = {
             "items": self.items[rows, pos], "positions": pos, "c_off": c_off[act], "c_len": c[act], "n_off": n_off,
             "m_len": m_act, "last_rows": np.cumsum(m_act) - 1, "active": act, "gather": gather,
-            "w_slots": _slots([tables[b] for b in w_rows], c[w_rows], n[w_rows], S),
-            "keep": np.empty(0, np.int64) if all_written else
+            "w_slots": slots(w_rows, c[w_rows], n[w_rows]),
+            "keep": _EMPTY if all_written else
             _ranges(n_off[written], n_off[written] + m_act[written])[1],
-            "w_query_slots": np.array([table[b][0] for b in w_rows], dtype=np.int64),
-            "w_query_rows": np.array(written, dtype=np.int64),
-            "r_slots": _slots([tables[b] for b in restored], np.zeros(len(restored), np.int64), c[restored], S),
-            "r_query_slots": np.array([tables[b][0] for b in restored], dtype=np.int64),
-            "zero": np.array(pooled_zero, dtype=np.int64),
-            "zero_slots": np.array([table[b][0] for b in pooled_zero], dtype=np.int64),
+            "w_query_slots": flat[start[w_rows]],
+            "w_query_rows": written,
+            "r_slots": slots(restored, np.zeros(len(restored), np.int64), c[restored]) if len(restored) else _EMPTY,
+            "r_query_slots": flat[start[restored]],
+            "zero": pooled_zero,
+            "zero_slots": flat[start[pooled_zero]],
         }
         if self.times is not None:
             parts["ts_new"] = self.times[rows, pos]
-        self.active, self.zero, self.transient, self.restored = act, zero, transient, restored
-        self.pooled, self.written, self.all_written, self.n_off = pooled, written, all_written, n_off
+        self.active, self.zero, self.transient, self.restored = act, zero.tolist(), transient.tolist(), restored.tolist()
+        self.pooled, self.written, self.all_written, self.n_off = pooled.tolist(), written.tolist(), all_written, n_off
         return parts
 
     def _device_work(self) -> Tensor:
