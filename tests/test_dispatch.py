@@ -446,3 +446,24 @@ def test_an_option_fast_in_one_round_only_does_not_win_the_pooled_verdict():
         chosen = dispatch.choose("retriever", ("pooled-ours",), torch.device("cpu"), reference, options, rounds=3,
                                  margin=0.05)
     assert chosen.algorithm == "triton" and chosen.ms == pytest.approx(0.30)
+
+
+def test_validate_sets_our_kernels_variant_beside_its_twin_and_flags_it_where_slower(caplog):
+    """As in the H200 run on the ML-1M preset: inductor-max-autotune-triton-fp16 timed 0.528 ms at batch 1
+    against its twin's 0.313 (and faster at 128): validate's table says so, and the run logs a warning."""
+    from pipeline.catalogue import VariantSpec
+    from pipeline.stages.validate import _twins_markdown, against_twins
+
+    ours = VariantSpec("inductor", "fp16", "triton", "max-autotune").variant("ckpt", "compile")
+    twin = VariantSpec("inductor", "fp16", "reference", "max-autotune").variant("ckpt", "compile")
+    alone = VariantSpec("inductor", "fp16", "triton", "max-autotune-no-cudagraphs", cuda_graph=True).variant("ckpt", "compile")
+    rows = [{"variant": ours.name, "latency_p50_ms_b1": 0.528, "latency_p50_ms_b128": 0.463},
+            {"variant": twin.name, "latency_p50_ms_b1": 0.313, "latency_p50_ms_b128": 0.751},
+            {"variant": alone.name, "latency_p50_ms_b1": 0.182, "latency_p50_ms_b128": 0.386}]
+    with caplog.at_level("WARNING", logger="pipeline.stages.validate"):
+        twins = against_twins([ours, twin, alone], rows, [1, 128])
+    assert [(t["variant"], t["twin"]) for t in twins] == [(ours.name, twin.name)]  # the captured spec has no twin built
+    assert twins[0]["ratios"] == {1: pytest.approx(0.313 / 0.528), 128: pytest.approx(0.751 / 0.463)}
+    assert f"{ours.name} is slower than its twin {twin.name} at batch 1 " in caplog.text and "batch 128" not in caplog.text
+    table = _twins_markdown(twins, [1, 128])
+    assert f"| {ours.name} | {twin.name} | 0.59 (slower) | 1.62 |" in table

@@ -96,7 +96,8 @@ def run(ctx: Context) -> StageResult:
     latency_csv = ctx.run_dir / "validate_latency.csv"
     _write_csv(latency_csv, latency_rows, ("variant", "batch_size", "p50_ms", "p90_ms", "p99_ms", "mean_ms", "users_per_s"))
     table_md = ctx.run_dir / "validate_variants.md"
-    table_md.write_text(_markdown(rows, columns))
+    twins = against_twins(variants, measured_rows, vcfg.batch_sizes)
+    table_md.write_text(_markdown(rows, columns) + _twins_markdown(twins, vcfg.batch_sizes))
     plot = latency_vs_batch(latency_rows, ctx.run_dir / "latency_vs_batch.png", f"latency on {device_name(device)}")
     results_json = ctx.run_dir / "validate_variants.json"
     results_json.write_text(json.dumps(results, indent=2))
@@ -114,7 +115,8 @@ def run(ctx: Context) -> StageResult:
     log.info("gates: %s", ", ".join(f"{r['variant']['name']}={'pass' if r['gate_passed'] else 'FAIL'}" for r in results))
     return StageResult(
         metrics={"num_variants": len(measured_rows), "num_passing_gates": sum(r["gate_passed"] for r in results),
-                 "num_failed_variants": len(failed)},
+                 "num_failed_variants": len(failed),
+                 "num_slower_than_twin": sum(any(r < TWIN_TOLERANCE for r in t["ratios"].values()) for t in twins)},
         artifacts={"validate_table": str(table_csv), "validate_table_md": str(table_md),
                    "validate_latency": str(latency_csv), "latency_plot": str(plot),
                    "validate_results": str(results_json), "validate_history": str(history_csv),
@@ -136,6 +138,53 @@ def _measure(variant: Variant, ctx: Context, test, reference: tuple | None) -> t
     metrics.update(latency_metrics(sweep))
     metrics["load_seconds"] = load_seconds
     return metrics, sweep, (ids, scores)
+
+
+# Our kernels' variant may be at most this much slower than its twin (twin p50 / ours p50 below it: flagged).
+TWIN_TOLERANCE = 0.95
+
+
+def against_twins(variants: list[Variant], rows: list[dict], batch_sizes) -> list[dict]:
+    """Each measured variant with our kernels beside its twin, the same spec with the reference kernels, where
+    both were measured: {"variant", "twin", "ratios": {batch: twin p50 / ours p50}} (>= 1: ours not slower). A
+    ratio below TWIN_TOLERANCE is logged as a warning: the whole-call dispatch should have served the twin."""
+    from dataclasses import replace
+
+    measured = {r["variant"]: r for r in rows}
+    out = []
+    for variant in variants:
+        spec = variant.spec if variant.name in measured else None
+        if spec is None or spec.kernels != "triton":
+            continue
+        twin = replace(spec, kernels="reference", reference_ops=()).name
+        if twin not in measured:
+            continue
+        ratios = {}
+        for b in batch_sizes:
+            ours, theirs = measured[variant.name].get(f"latency_p50_ms_b{b}"), measured[twin].get(f"latency_p50_ms_b{b}")
+            if ours and theirs:
+                ratios[b] = theirs / ours
+        slower = {b: r for b, r in ratios.items() if r < TWIN_TOLERANCE}
+        if slower:
+            log.warning("%s is slower than its twin %s at batch %s (twin p50 / ours: %s): its whole-call dispatch "
+                        "served ours there", variant.name, twin, ", ".join(map(str, slower)),
+                        ", ".join(f"{r:.2f}" for r in slower.values()))
+        out.append({"variant": variant.name, "twin": twin, "ratios": ratios})
+    return out
+
+
+def _twins_markdown(twins: list[dict], batch_sizes) -> str:
+    if not twins:
+        return ""
+    lines = ["", "Our kernels against their twin (the same spec with the reference kernels): twin p50 / ours p50 "
+             f"(>= 1: ours not slower; below {TWIN_TOLERANCE}: flagged)", "",
+             "| variant | twin | " + " | ".join(f"b{b}" for b in batch_sizes) + " |",
+             "|" + " --- |" * (2 + len(batch_sizes))]
+    for t in twins:
+        cells = [f"{t['ratios'][b]:.2f}{' (slower)' if t['ratios'][b] < TWIN_TOLERANCE else ''}"
+                 if b in t["ratios"] else "" for b in batch_sizes]
+        lines.append(f"| {t['variant']} | {t['twin']} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
 
 
 def _failed_variants(ctx: Context, failed_here: dict[str, str], measured: set[str]) -> dict[str, str]:
