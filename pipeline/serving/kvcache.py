@@ -548,7 +548,7 @@ class _Batch:
             _ranges(n_off[written], n_off[written] + m_act[written])[1],
             "w_query_slots": flat[start[w_rows]],
             "w_query_rows": written,
-            "r_slots": slots(restored, np.zeros(len(restored), np.int64), c[restored]) if len(restored) else _EMPTY,
+            "r_slots": slots(restored, np.zeros(len(restored), np.int64), c[restored]),
             "r_query_slots": flat[start[restored]],
             "zero": pooled_zero,
             "zero_slots": flat[start[pooled_zero]],

@@ -12,6 +12,7 @@ import csv
 import json
 import logging
 import time
+from dataclasses import replace
 from functools import partial
 from typing import Callable
 
@@ -148,8 +149,6 @@ def against_twins(variants: list[Variant], rows: list[dict], batch_sizes) -> lis
     """Each measured variant with our kernels beside its twin, the same spec with the reference kernels, where
     both were measured: {"variant", "twin", "ratios": {batch: twin p50 / ours p50}} (>= 1: ours not slower). A
     ratio below TWIN_TOLERANCE is logged as a warning: the whole-call dispatch should have served the twin."""
-    from dataclasses import replace
-
     measured = {r["variant"]: r for r in rows}
     out = []
     for variant in variants:

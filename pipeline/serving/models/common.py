@@ -216,57 +216,67 @@ def to_triton(pb_utils, name: str, array: np.ndarray):
     return tensor
 
 
+def checked_inputs(vocabulary: Vocabulary, history, k, user, timestamps, max_len: int, max_k: int,
+                   time_bias: bool) -> tuple[np.ndarray, int, np.ndarray, np.ndarray | None]:
+    """One request's checks, as Request and Batch make them: HISTORY [B, L] raw ids (UINT8 text for a text
+    vocabulary), K [B, 1], USER_ID [B, 1] or None, TIMESTAMPS [B, L] or None -> (raw ids [B, L], k, users
+    [B, 1] (NO_USER for none), timestamps [B, L] or None). Raises RequestError for a bad request."""
+    history = np.asarray(history)
+    if vocabulary.text:  # UINT8 [B, bytes]: the ids of each row as UTF-8 text, newline-separated
+        history = unpack_text(history)
+    value = check_request(history, k, max_len, max_k)
+    users = user_ids(None if user is None else np.asarray(user), history.shape[0])
+    times = check_timestamps(timestamps, history) if time_bias else None
+    return history, value, users, times
+
+
 class Request:
-    """One request, checked and mapped to the engine's inputs (preprocess, and the fused engine, per request):
-    HISTORY [B, L] raw ids (UINT8 text for a text vocabulary), K [B, 1], USER_ID [B, 1] or None, TIMESTAMPS
-    [B, L] or None -> `history` [B, max_len] model ids right-padded with 0, `lengths` [B, 1], `users` [B, 1]
-    (NO_USER for none), `times` [B, max_len] or None, `k`. Raises RequestError for a bad one."""
+    """One request, checked and mapped to the engine's inputs (the preprocess model): `history` [B, max_len]
+    model ids right-padded with 0, `lengths` [B, 1], `users` [B, 1] (NO_USER for none), `times` [B, max_len]
+    or None, `k`, from the inputs checked_inputs takes. Raises RequestError for a bad one."""
 
     def __init__(self, vocabulary: Vocabulary, history, k, user, timestamps, max_len: int, max_k: int,
                  time_bias: bool) -> None:
-        history = np.asarray(history)
-        if vocabulary.text:  # UINT8 [B, bytes]: the ids of each row as UTF-8 text, newline-separated
-            history = unpack_text(history)
-        self.k = check_request(history, k, max_len, max_k)
+        history, self.k, self.users, times = checked_inputs(vocabulary, history, k, user, timestamps, max_len,
+                                                            max_k, time_bias)
         self.history, self.lengths = pad(vocabulary.encode(history), max_len)
-        self.users = user_ids(None if user is None else np.asarray(user), history.shape[0])
-        self.times = pad(check_timestamps(timestamps, history), max_len)[0] if time_bias else None
+        self.times = pad(times, max_len)[0] if time_bias else None
 
     @property
     def rows(self) -> int:
         return len(self.history)
 
 
-def read_request(pb_utils, request, vocabulary: Vocabulary, max_len: int, max_k: int, time_bias: bool) -> Request:
-    """A Triton request's HISTORY, K, USER_ID and TIMESTAMPS (None when it lacks one) -> a checked Request."""
+def request_inputs(pb_utils, request, time_bias: bool) -> tuple:
+    """A Triton request's (HISTORY, K, USER_ID, TIMESTAMPS) as numpy, None for one it lacks (TIMESTAMPS is
+    read only with a time bias)."""
     def given(name):
         tensor = pb_utils.get_input_tensor_by_name(request, name)
         return None if tensor is None else from_triton(tensor)
 
-    return Request(vocabulary, given("HISTORY"), given("K"), given("USER_ID"),
-                   given("TIMESTAMPS") if time_bias else None, max_len, max_k, time_bias)
+    return given("HISTORY"), given("K"), given("USER_ID"), given("TIMESTAMPS") if time_bias else None
+
+
+def read_request(pb_utils, request, vocabulary: Vocabulary, max_len: int, max_k: int, time_bias: bool) -> Request:
+    """A Triton request's inputs -> a checked Request."""
+    return Request(vocabulary, *request_inputs(pb_utils, request, time_bias), max_len, max_k, time_bias)
 
 
 class Batch:
     """The requests of one execute() checked and mapped together (the fused engine): the checks and messages
-    of Request, with the per-request numpy work done once per batch (one vocabulary lookup for every id of
-    every request, one padded array), which is most of what a request costs the python model besides the
-    stub's own work. inputs: per request (HISTORY, K, USER_ID or None, TIMESTAMPS or None) as Request takes
-    them. -> `errors` (a RequestError or None per request) and, for the good ones in order: `history`
-    [R, max_len], `lengths` [R, 1], `users` [R, 1], `times` [R, max_len] or None, and `good` (index, rows, k)."""
+    of Request (checked_inputs), with the per-request numpy work done once per batch (one vocabulary lookup
+    for every id of every request, one padded array), which is most of what a request costs the python model
+    besides the stub's own work. inputs: per request (HISTORY, K, USER_ID or None, TIMESTAMPS or None) as
+    request_inputs gives them. -> `errors` (a RequestError or None per request) and, for the good ones in
+    order: `history` [R, max_len], `lengths` [R, 1], `users` [R, 1], `times` [R, max_len] or None, and `good`
+    (index, rows, k)."""
 
     def __init__(self, vocabulary: Vocabulary, inputs, max_len: int, max_k: int, time_bias: bool) -> None:
         self.errors: list[RequestError | None] = [None] * len(inputs)
         checked = []  # (index, raw ids [B, L], k, users [B, 1], times [B, L] or None)
-        for i, (history, k, user, timestamps) in enumerate(inputs):
+        for i, request in enumerate(inputs):
             try:
-                history = np.asarray(history)
-                if vocabulary.text:  # UINT8 [B, bytes]: the ids of each row as UTF-8 text, newline-separated
-                    history = unpack_text(history)
-                value = check_request(history, k, max_len, max_k)
-                users = user_ids(None if user is None else np.asarray(user), history.shape[0])
-                times = check_timestamps(timestamps, history) if time_bias else None
-                checked.append((i, history, value, users, times))
+                checked.append((i, *checked_inputs(vocabulary, *request, max_len, max_k, time_bias)))
             except RequestError as err:
                 self.errors[i] = err
         checked = self._encode(vocabulary, checked)

@@ -14,7 +14,7 @@ import json
 from pathlib import Path
 
 import numpy as np
-from genrec_common import Batch, Vocabulary, answer, from_triton, to_triton
+from genrec_common import Batch, Vocabulary, answer, request_inputs, to_triton
 from genrec_engine import TritonPythonModel as Engine
 from genrec_engine import pb_utils
 
@@ -29,13 +29,7 @@ class TritonPythonModel(Engine):
 
     def execute(self, requests):
         responses = [None] * len(requests)
-
-        def given(request, name):
-            tensor = pb_utils.get_input_tensor_by_name(request, name)
-            return None if tensor is None else from_triton(tensor)
-
-        batch = Batch(self.vocabulary, [(given(r, "HISTORY"), given(r, "K"), given(r, "USER_ID"),
-                                         given(r, "TIMESTAMPS") if self.time_bias else None) for r in requests],
+        batch = Batch(self.vocabulary, [request_inputs(pb_utils, r, self.time_bias) for r in requests],
                       self.max_len, self.max_k, self.time_bias)
         for i, err in enumerate(batch.errors):
             if err is not None:
