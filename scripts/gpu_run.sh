@@ -19,6 +19,7 @@
 #   scripts/gpu_run.sh kernels [OUT]  # our kernels against the reference at 1k..1M items (torch+triton only), and
 #                                     # with ML1M_ROOT (a folder holding ml-1m/) the ML-1M preset's stage=all
 #   scripts/gpu_run.sh incremental [OUT]  # returning users: GPU hit, host hit, miss against full recompute
+#   scripts/gpu_run.sh bench [OUT]    # make bench (BENCH_ARGS: its overrides, e.g. "bench.budget_s=1200"); bench-bg OUT
 #   scripts/gpu_run.sh tests [OUT]    # the gpu-marked tests, timed (needs pytest and, from .whl/, hydra)
 #
 # Environment: GENREC_GPU_HOME (default /tmp/genrec-gpu: installed wheels, the stashed server wheel),
@@ -87,7 +88,10 @@ build() {
   # shellcheck disable=SC2086
   step stage_all "$py" -m pipeline stage=all precision=fp16 device=cuda ${GPU_RUN_ARGS:-}
   local run_dir
-  run_dir=$(ls -td artifacts/runs/*/ 2>/dev/null | head -1)
+  # This run's folder only (newer than the summary written before it), not an earlier run's tables.
+  run_dir=$(find artifacts/runs -mindepth 1 -maxdepth 1 -type d -newer "$out/summary.md" -printf '%T@ %p\n' 2>/dev/null \
+    | sort -n | tail -1 | cut -d' ' -f2-)
+  [ -n "$run_dir" ] && run_dir="$run_dir/"
   for f in validate_variants.md validate_latency.csv compile.json manifest.json; do
     [ -f "$run_dir$f" ] && cp "$run_dir$f" "$out/"
   done
@@ -150,12 +154,21 @@ background() {  # background PHASE: PHASE in its own process session (it outlive
   rm -f "$out/finished"
   setsid nohup bash -c '"$0" "$1" "$2"; echo "exit $?" > "$2/finished"' "$PWD/scripts/gpu_run.sh" "$1" "$out" \
     > "$out/$1.out" 2>&1 < /dev/null &
+  echo $! > "$out/pid"
   echo "$1 started in the background: $out (log $out/$1.out)"
 }
 
-wait_bg() {
+wait_bg() {  # exit 0: finished; 1: still running after WAIT_S; 2: nothing running or finished in OUT on this host
   local limit=${WAIT_S:-540} start=$SECONDS
   until [ -f "$out/finished" ]; do
+    # A host that was replaced between two calls has neither OUT nor the process: say so at once rather
+    # than wait out the limit.
+    if [ ! -f "$out/pid" ] || ! kill -0 "$(cat "$out/pid")" 2>/dev/null; then
+      [ -f "$out/finished" ] && break
+      echo "nothing is running in $out on this host and it has not finished (a fresh host, or the run died:" \
+        "$(ls "$out"/*.out 2>/dev/null | head -1 || echo 'no log')); start it again" >&2
+      return 2
+    fi
     if (( SECONDS - start >= limit )); then
       echo "still running after ${limit} s"; cat "$out/steps.md" 2>/dev/null; return 1
     fi
@@ -185,6 +198,13 @@ incremental() {
   echo "results in $out"
 }
 
+bench() {  # make bench on this host (the standard GPU workload, every variant of the bench config); BENCH_ARGS
+  setup
+  # shellcheck disable=SC2086
+  step bench "$py" -m pipeline.bench.run --no-mlflow --out "$out/bench" ${BENCH_ARGS:-}
+  echo "results in $out"
+}
+
 tests() {
   setup
   GENREC_TEST_TIMES="$out/test_times.log" step gpu_tests "$py" -m pytest -m gpu -q -p no:cacheprovider --durations=25 tests
@@ -206,7 +226,9 @@ case "$phase" in
   all) stash; build; serve ;;
   kernels) kernels ;;
   incremental) incremental ;;
+  bench) bench ;;
+  bench-bg) background bench ;;
   tests) tests ;;
-  *) echo "usage: scripts/gpu_run.sh stash | run | run-bg | run-tests | run-tests-bg | build | build-bg | run-kernels | run-kernels-bg | wait | serve | all | kernels | incremental | tests [OUT]" >&2
+  *) echo "usage: scripts/gpu_run.sh stash | run | run-bg | run-tests | run-tests-bg | build | build-bg | run-kernels | run-kernels-bg | wait | serve | all | kernels | incremental | bench | bench-bg | tests [OUT]" >&2
      exit 2 ;;
 esac
