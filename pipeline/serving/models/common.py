@@ -120,10 +120,10 @@ def check_request(history: np.ndarray, k: np.ndarray, max_len: int, max_k: int) 
     if history.shape[1] > max_len:
         raise RequestError(f"history of {history.shape[1]} items is longer than the maximum {max_len}; "
                            f"send the {max_len} most recent")
-    if history.dtype.kind in "iu" and (history < 0).any():
+    if history.dtype.kind in "iu" and history.min() < 0:  # (one reduction: this runs for every request)
         raise RequestError(f"negative item ids: {', '.join(str(i) for i in np.unique(history[history < 0])[:10])}")
     ks = np.asarray(k).reshape(-1)
-    if ks.size == 0 or (ks != ks[0]).any():
+    if ks.size == 0 or (ks.size > 1 and (ks != ks[0]).any()):
         raise RequestError(f"K must be the same for every row of a request, got {np.unique(ks).tolist()}")
     value = int(ks[0])
     if not 1 <= value <= max_k:
@@ -142,7 +142,7 @@ def user_ids(user_id: np.ndarray | None, batch: int) -> np.ndarray:
     if user_id.shape != (batch, 1):
         raise RequestError(f"USER_ID must be [batch, 1], one id per row of HISTORY ({batch} rows), "
                            f"got shape {list(user_id.shape)}")
-    if (user_id < 0).any():
+    if user_id.min() < 0:
         raise RequestError(f"negative USER_ID: {', '.join(str(u) for u in np.unique(user_id[user_id < 0])[:10])}; "
                            "user ids are >= 0 (leave USER_ID out for a request without a user)")
     return np.array(user_id, dtype=np.int64)  # a copy: the input is read-only, and DLPack cannot export that
