@@ -34,13 +34,14 @@ def test_vocabulary_maps_raw_ids_both_ways():
 
 
 def test_vocabulary_by_table_and_by_sorted_search_agree():
-    # Dense integer ids go through a table, sparse ones (beyond 16 per item and 2**20) through a sorted search;
+    # Dense integer ids go through a table, sparse ones (beyond 4 per item and 2**20) through a sorted search;
     # raw id 0 is an item here, so an out-of-range id must not read the table's slot 0.
     rng = np.random.default_rng(0)
     dense = Vocabulary(np.array([-1, 0, 7, 3, 1 << 19]))
     sparse = Vocabulary(np.array([-1, 0, 7, 3, 1 << 40]))
     assert dense._table is not None and sparse._table is None
     assert dense.encode(np.array([[3, 0, 7, 1 << 19]])).tolist() == [[3, 1, 2, 4]]
+    assert dense.encode(np.array([[3]])).dtype == sparse.encode(np.array([[3]])).dtype == np.int64
     assert sparse.encode(np.array([[3, 0, 7, 1 << 40]])).tolist() == [[3, 1, 2, 4]]
     for vocab in (dense, sparse):
         with pytest.raises(RequestError, match=r"unknown item ids \(3\): -1, 5, 1099511627777"):

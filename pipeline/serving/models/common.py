@@ -15,9 +15,9 @@ class RequestError(ValueError):
     """A request the model cannot answer; its message is sent back to the client."""
 
 
-# Integer raw ids up to max(DENSE_IDS_MIN, DENSE_IDS_PER_ITEM * items) are mapped through a table (8 bytes per
-# id up to the largest: 8 MB at 1M); sparser ids by a sorted search.
-DENSE_IDS_MIN, DENSE_IDS_PER_ITEM = 1 << 20, 16
+# Integer raw ids below max(DENSE_IDS_MIN, DENSE_IDS_PER_ITEM * items) are mapped through a table (4 bytes per id
+# up to the largest: at most 16 MB for 1M items, 4 MB for any smaller catalogue); sparser ids by a sorted search.
+DENSE_IDS_MIN, DENSE_IDS_PER_ITEM = 1 << 20, 4
 
 
 class Vocabulary:
@@ -39,7 +39,7 @@ class Vocabulary:
         self._table = None
         if not self.text and self.num_items and self._sorted_raw[0] >= 0 and \
                 self._sorted_raw[-1] < max(DENSE_IDS_MIN, DENSE_IDS_PER_ITEM * self.num_items):
-            self._table = np.zeros(int(self._sorted_raw[-1]) + 1, dtype=np.int64)
+            self._table = np.zeros(int(self._sorted_raw[-1]) + 1, dtype=np.int32)
             self._table[self._sorted_raw[::-1]] = self._model_ids[::-1]  # a repeated raw id keeps its first model id
 
     @property
@@ -54,7 +54,7 @@ class Vocabulary:
             model = self._table[np.where(inside, raw, 0)]
             known = inside & (model > 0)
             if known.all():
-                return model
+                return model.astype(np.int64)
         else:
             pos = np.minimum(np.searchsorted(self._sorted_raw, raw), len(self._sorted_raw) - 1)
             known = self._sorted_raw[pos] == raw
