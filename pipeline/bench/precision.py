@@ -17,8 +17,9 @@ import torch
 from torch import Tensor
 
 from pipeline.bench.workload import WORKLOADS, Workload
+from pipeline.catalogue import DTYPES
 
-DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
+HALF = sorted(name for name, dtype in DTYPES.items() if dtype.itemsize == 2)  # the 16-bit precisions
 
 
 def _top_k(query: Tensor, table: Tensor, history: Tensor, k: int) -> Tensor:
@@ -63,7 +64,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--workload", choices=sorted(WORKLOADS), default="retrieval-1m")
     parser.add_argument("--users", type=int, default=32)
-    parser.add_argument("--dtype", choices=sorted(DTYPES), default="bf16")
+    parser.add_argument("--dtype", choices=HALF, default="bf16")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
     if args.users < 1:
