@@ -120,9 +120,7 @@ def _fit(cfg, device: torch.device, out_dir: Path, log_metrics: Callable[..., No
     )
     model = build_model(cfg.model, splits.num_items).to(device)
     retriever = Retriever(model, k=10, l2_norm=cfg.model.l2_norm)
-    optimizer = torch.optim.AdamW(
-        model.parameters(), lr=tcfg.lr, weight_decay=tcfg.weight_decay, betas=tuple(tcfg.betas)
-    )
+    optimizer = _optimizer(model, tcfg)
     gen = torch.Generator().manual_seed(cfg.seed)
     holdout = tcfg.fit == "holdout"
     train_sequences = splits.train if holdout else train_with_validation(splits)
@@ -187,13 +185,15 @@ def _refit(cfg, device: torch.device, splits, epochs: int, gen: torch.Generator,
     log.info("refit on train+valid for %d epochs (chosen on validation)", epochs)
     torch.manual_seed(cfg.seed)
     model = build_model(cfg.model, splits.num_items).to(device)
-    optimizer = torch.optim.AdamW(
-        model.parameters(), lr=cfg.train.lr, weight_decay=cfg.train.weight_decay, betas=tuple(cfg.train.betas)
-    )
+    optimizer = _optimizer(model, cfg.train)
     sequences = train_with_validation(splits)
     for epoch in tqdm(range(1, epochs + 1), desc="refit", unit="epoch"):
         log_metrics({"refit_train_loss": _train_epoch(model, optimizer, sequences, cfg, device, gen)}, step=epoch)
     return model.eval()
+
+
+def _optimizer(model: torch.nn.Module, tcfg) -> torch.optim.Optimizer:
+    return torch.optim.AdamW(model.parameters(), lr=tcfg.lr, weight_decay=tcfg.weight_decay, betas=tuple(tcfg.betas))
 
 
 def _train_epoch(model, optimizer, train: TrainSequences, cfg, device, gen: torch.Generator) -> float:
