@@ -761,3 +761,56 @@ def test_request_and_answer_are_what_preprocess_and_postprocess_compute():
         Request(vocab, np.array([[10]]), np.array([[1]]), np.array([[-3]]), None, 3, 20, False)
     raw, scores = answer(vocab, np.array([[4, 1, 2]]), np.array([[3.0, 2.0, 1.0]], np.float64), 2)
     assert raw.tolist() == [[40, 30]] and scores.dtype == np.float32 and scores.tolist() == [[3.0, 2.0]]
+
+
+def _smoke_package(precision: str):
+    """A package stand-in for deploy's smoke test: its 'pipeline answer' to a history is a function of it."""
+    def recommend(predict, history, k, device, times=None):
+        ids = np.array(sorted(history, reverse=True)[:k] + [-1] * max(0, k - len(history)))
+        return ids, np.linspace(1.0, 0.5, k).astype(np.float32) + 0.01 * len(history)
+
+    examples = [[5, 9, 2], [7], [1, 4]]
+    return SimpleNamespace(load=lambda device: None, examples=examples, example=lambda i: (examples[i], None),
+                           time_bias=False, example_timestamps=None, recommend=recommend,
+                           variant=SimpleNamespace(precision=precision))
+
+
+@pytest.mark.parametrize("broken", [False, True])
+def test_smoke_test_sends_returning_users_and_refuses_a_wrong_cached_answer(monkeypatch, broken):
+    from pipeline.serving.client import Recommendation
+    from pipeline.stages import deploy
+
+    package, sent = _smoke_package("fp32"), []
+
+    class Client:  # answers as the pipeline; with `broken`, a user's second visit (its cached state) differs
+        def __init__(self, url, model):
+            self.seen = set()
+
+        def recommend(self, history, k, user_id=None, timestamps=None):
+            sent.append((list(history), user_id))
+            ids, scores = package.recommend(None, history, k, None)
+            if broken and user_id is not None and user_id in self.seen:
+                ids = ids[::-1].copy()
+            self.seen.add(user_id)
+            return Recommendation(ids, scores, "3")
+
+        def close(self):
+            pass
+
+    monkeypatch.setattr(deploy, "GenrecClient", Client)
+    smoke = SimpleNamespace(examples=3, k=2, atol=1e-4)
+    check = deploy._smoke_test(package, SimpleNamespace(url="x"), "3", smoke, "cpu", returning=True)
+    if broken:
+        with pytest.raises(PipelineError, match=rf"returning user, USER_ID {deploy.SMOKE_USER_ID}, 3 actions\) "
+                                                r"differs from the pipeline's: item at rank 1"):
+            check("genrec")
+    else:
+        check("genrec")
+        # Every history as it is, then each one of two actions or more without its last action and whole, under one
+        # id per history ([7] has no earlier visit to send).
+        user = deploy.SMOKE_USER_ID
+        assert sent == [([5, 9, 2], None), ([7], None), ([1, 4], None),
+                        ([5, 9], user), ([5, 9, 2], user), ([1], user + 2), ([1, 4], user + 2)]
+    sent.clear()
+    deploy._smoke_test(_smoke_package("fp16"), SimpleNamespace(url="x"), "3", smoke, "cpu", returning=True)("genrec")
+    assert all(user is None for _, user in sent)  # 16 bits: only the plain requests

@@ -69,7 +69,8 @@ def run(ctx: Context) -> StageResult:
     elif server.pid() is None:
         raise PipelineError(f"the server on {server.url} was not started from {server.root}, so it serves another "
                             "repository; stop it (make stop with its artifacts_dir) or set serving.*_port")
-    smoke = _smoke_test(package, server, number, dcfg.smoke, engine_device(package, scfg.instance_group.kind))
+    smoke = _smoke_test(package, server, number, dcfg.smoke, engine_device(package, scfg.instance_group.kind),
+                        returning=bool(scfg.cache.enabled))
     start = time.perf_counter()
     try:
         load_seconds = rollout(server, scfg.model_name, staging, release_id, smoke, dcfg.load_timeout_s,
@@ -119,10 +120,21 @@ def _aliases_after_failure(ctx: Context, name: str, number: str, serving: dict |
                 f"version {serving['version']} (it serves)" if serving else "none (nothing serves)", number)
 
 
-def _smoke_test(package, server: LocalServer, version: str, smoke, device):
+# The smoke test's returning users: ids no client is expected to send (a real user of the same id would only lose
+# its cached state: a cached prefix that does not match a request's history is never used).
+SMOKE_USER_ID = 2**62
+
+
+def _smoke_test(package, server: LocalServer, version: str, smoke, device, returning: bool = False):
     """check(model): the model's answers for a few packaged test histories must be the pipeline's own,
     computed on the engine's device. The pipeline's answers come first: a package that does not load here
-    never reaches the server."""
+    never reaches the server.
+
+    returning (the engine's user-state cache is on): each history is also sent as a returning user would send
+    it, without its last action and then whole, under one USER_ID, so that the second answer comes from the
+    cached state of the first (docs/INCREMENTAL.md), and both must be the pipeline's own answers too. fp32
+    packages only: in 16 bits the incremental path's rounding differs from the variant's within the
+    precision's gate, which the smoke test's tolerance is not."""
     predict = package.load(device)
     examples = [package.example(i) for i in range(min(smoke.examples, len(package.examples)))]
     if not examples:
@@ -131,17 +143,31 @@ def _smoke_test(package, server: LocalServer, version: str, smoke, device):
         raise PipelineError("this time-bias model's package holds no timestamps for its test histories; promote it "
                             "again with a dataset that has timestamps")
     expected = [package.recommend(predict, history, smoke.k, device, times) for history, times in examples]
+    visits = []  # (user id, [(history, times, expected), ...] in the order a returning user sends them)
+    if returning and package.variant.precision == "fp32":
+        for i, ((history, times), answer) in enumerate(zip(examples, expected)):
+            if len(history) >= 2:
+                before, before_times = history[:-1], None if times is None else times[:-1]
+                first = package.recommend(predict, before, smoke.k, device, before_times)
+                visits.append((SMOKE_USER_ID + i, [(before, before_times, first), (history, times, answer)]))
+    elif returning:
+        log.info("smoke test: returning users not sent to a %s package (only fp32 answers are compared with the "
+                 "pipeline's within deploy.smoke.atol)", package.variant.precision)
 
     def check(model: str) -> None:
         client = GenrecClient(server.url, model)
         try:
-            for (history, times), (ids, scores) in zip(examples, expected):
-                answer = client.recommend(history, smoke.k, timestamps=times)
+            requests = [(history, times, answer, None) for (history, times), answer in zip(examples, expected)]
+            requests += [(history, times, answer, user) for user, sent in visits for history, times, answer in sent]
+            for history, times, (ids, scores), user in requests:
+                answer = client.recommend(history, smoke.k, user_id=user, timestamps=times)
                 if answer.model_version != str(version):
                     raise PipelineError(f"smoke test of {model}: version {answer.model_version} answered, not {version}")
                 problem = mismatch(answer, ids, scores, smoke.atol)
                 if problem:
-                    raise PipelineError(f"smoke test of {model}: the server's answer differs from the pipeline's: {problem}")
+                    who = "" if user is None else f" (a returning user, USER_ID {user}, {len(history)} actions)"
+                    raise PipelineError(f"smoke test of {model}: the server's answer{who} differs from the "
+                                        f"pipeline's: {problem}")
         finally:
             client.close()
 
