@@ -82,11 +82,20 @@ def test_validate_nested_variant_runs(finished_run):
         assert run.data.tags["backend"] == run.data.tags["variant"].split("-")[0]
     # the half-precision twin answers nearly the same top-K
     assert variants["variant:eager-fp16"].data.metrics["parity_topk_overlap"] > 0.8
+    # Returning users as the engine answers them (from the cached state of their previous visit), for the
+    # variants the engine serves with its cache; ONNX Runtime has no modules to cache from.
+    for name in ("eager-fp32", "inductor-fp32", "eager-fp16"):
+        metrics = variants[f"variant:{name}"].data.metrics
+        assert metrics["returning_hit_share"] == 1.0, name  # every answer came from the cache
+        assert metrics["returning_topk_overlap"] >= 0.99, name
+    assert variants["variant:eager-fp32"].data.metrics["returning_max_abs_err"] < 1e-4
+    assert "returning_topk_overlap" not in variants["variant:onnxruntime-fp32"].data.metrics
     artifacts = {a.path for a in client.list_artifacts(validate.info.run_id)}
     assert {"validate_variants.csv", "validate_variants.md", "latency_vs_batch.png"} <= artifacts
     table = client.download_artifacts(validate.info.run_id, "validate_variants.md", str(tmp))
     header = open(table).readline()
     assert "latency_p50_ms_b1 | latency_p99_ms_b1 | latency_p50_ms_b8 |" in header  # every batch of the sweep
+    assert "| eager-fp16 | " in open(table).read().split("Returning users as the serving engine answers them")[1]
     # Hydra wrote nothing into the working directory: everything goes under artifacts_dir.
     assert not (tmp / "outputs").exists()
 

@@ -73,6 +73,7 @@ def run(ctx: Context) -> StageResult:
             metrics["compile_seconds"] = compiled
         gate = gate_for(ctx.cfg.gates, variant.precision)
         passed, why = check(metrics, gate)
+        returning_ok = _returning_check(variant.name, metrics, gate)
         metrics.update(gate.as_metrics())
         metrics["gate_passed"] = float(passed)
         with ctx.tracker.run(f"variant:{variant.name}", tags=tags):
@@ -80,7 +81,7 @@ def run(ctx: Context) -> StageResult:
             ctx.tracker.set_tags({"status": "ok", "device_name": device_name(device),
                                   "gate_passed": str(passed).lower(), "gate_reason": why})
         rows.append({"variant": variant.name, "backend": variant.backend, "precision": variant.precision,
-                     **metrics, "gate_reason": why})
+                     **metrics, "gate_reason": why, "returning_ok": returning_ok})
         results.append({"variant": variant.to_dict(), "metrics": metrics, "gate_passed": passed, "gate_reason": why})
         latency_rows += [{"variant": variant.name, **r} for r in sweep]
         log.info("%s: hr10=%.4f overlap=%.4f p50(b=1)=%.3f ms", variant.name, metrics["hr10"],
@@ -98,7 +99,8 @@ def run(ctx: Context) -> StageResult:
     _write_csv(latency_csv, latency_rows, ("variant", "batch_size", "p50_ms", "p90_ms", "p99_ms", "mean_ms", "users_per_s"))
     table_md = ctx.run_dir / "validate_variants.md"
     twins = against_twins(variants, measured_rows, vcfg.batch_sizes)
-    table_md.write_text(_markdown(rows, columns) + _twins_markdown(twins, vcfg.batch_sizes))
+    table_md.write_text(_markdown(rows, columns) + _twins_markdown(twins, vcfg.batch_sizes)
+                        + _returning_markdown(measured_rows))
     plot = latency_vs_batch(latency_rows, ctx.run_dir / "latency_vs_batch.png", f"latency on {device_name(device)}")
     results_json = ctx.run_dir / "validate_variants.json"
     results_json.write_text(json.dumps(results, indent=2))
@@ -117,7 +119,8 @@ def run(ctx: Context) -> StageResult:
     return StageResult(
         metrics={"num_variants": len(measured_rows), "num_passing_gates": sum(r["gate_passed"] for r in results),
                  "num_failed_variants": len(failed),
-                 "num_slower_than_twin": sum(any(r < TWIN_TOLERANCE for r in t["ratios"].values()) for t in twins)},
+                 "num_slower_than_twin": sum(any(r < TWIN_TOLERANCE for r in t["ratios"].values()) for t in twins),
+                 "num_returning_outside_gate": sum(r.get("returning_ok") is False for r in measured_rows)},
         artifacts={"validate_table": str(table_csv), "validate_table_md": str(table_md),
                    "validate_latency": str(latency_csv), "latency_plot": str(plot),
                    "validate_results": str(results_json), "validate_history": str(history_csv),
@@ -135,10 +138,58 @@ def _measure(variant: Variant, ctx: Context, test, reference: tuple | None) -> t
     ids, scores = predict_top_k(predict, test, vcfg.eval_batch_size, device, desc=f"eval {variant.name}")
     metrics = top_k_metrics(ids, test.target, ks=(10, 50, 200))
     metrics.update(parity(ids, scores, *(reference or (ids, scores))))
+    if ctx.cfg.serving.cache.enabled:
+        metrics.update(returning_parity(predict, test, ids, scores, ctx.cfg.gates.sample.num_users,
+                                        vcfg.eval_batch_size, device, int(ctx.cfg.serving.cache.page_size)))
     sweep = latency_sweep(predict, test, vcfg.batch_sizes, device, vcfg.warmup, vcfg.iters, vcfg.num_threads)
     metrics.update(latency_metrics(sweep))
     metrics["load_seconds"] = load_seconds
     return metrics, sweep, (ids, scores)
+
+
+@torch.no_grad()
+def returning_parity(predict: Callable, split, ids: torch.Tensor, scores: torch.Tensor, num_users: int, batch_size: int,
+                     device: torch.device, page_size: int) -> dict[str, float]:
+    """What the serving engine answers a returning user against the variant's own answer (ids, scores: its
+    top-K on `split`): for the first num_users users with two actions or more, the history without its last
+    action seeds a user-state cache (docs/INCREMENTAL.md: the engine's KVCache and IncrementalRetriever over
+    the variant's eager modules and kernel choice), then the whole history is answered from the cached state,
+    as a request with USER_ID is. -> returning_topk_overlap, returning_max_abs_err (parity with the variant's
+    answer, for the variant's gate) and returning_hit_share (the share of those answers that came from the
+    cache); {} where the engine serves every row with the variant's own call (an exported artifact, SASRec)."""
+    from pipeline.catalogue import eager_form
+    from pipeline.serving.kvcache import IncrementalRetriever, KVCache
+
+    form = eager_form(predict)
+    if form is None:
+        return {}
+    retriever, kernel_choice = form
+    probe = IncrementalRetriever(retriever, None)
+    users = torch.nonzero(split.lengths[:num_users] >= 2).flatten()
+    if probe.reason or not len(users):
+        return {}
+    rows, width = min(batch_size, len(users)), split.history.shape[1]
+    page_size = max(1, min(page_size, width))
+    # Room for one batch's users on the device tier, whole pages each (and a page more for the query).
+    budget = 2 * rows * probe.bytes_per_user(width + 2 * page_size)
+    cache = KVCache(budget, 0, device, page_size=page_size)
+    engine = IncrementalRetriever(retriever, cache, namespace="validate", cuda_graphs=False)
+    got_ids, got_scores = [], []
+    with torch.inference_mode(), kernel_choice():
+        for start in range(0, len(users), rows):
+            batch = users[start: start + rows]
+            history, lengths = split.history[batch], split.lengths[batch]
+            times = None if split.timestamps is None else split.timestamps[batch]
+            who = batch.tolist()
+            engine.recommend(history, lengths - 1, who, times)  # the earlier visit: a miss that seeds the cache
+            batch_ids, batch_scores = engine.recommend(history, lengths, who, times)  # one action more
+            got_ids.append(batch_ids.cpu())
+            got_scores.append(batch_scores.float().cpu())
+            cache.clear()
+    agreement = parity(torch.cat(got_ids), torch.cat(got_scores), ids[users], scores[users])
+    return {"returning_topk_overlap": agreement["parity_topk_overlap"],
+            "returning_max_abs_err": agreement["parity_max_abs_err"],
+            "returning_hit_share": cache.counters["hits_device"] / len(users)}
 
 
 # Our kernels' variant may be at most this much slower than its twin (twin p50 / ours p50 below it: flagged).
@@ -183,6 +234,35 @@ def _twins_markdown(twins: list[dict], batch_sizes) -> str:
         cells = [f"{t['ratios'][b]:.2f}{' (slower)' if t['ratios'][b] < TWIN_TOLERANCE else ''}"
                  if b in t["ratios"] else "" for b in batch_sizes]
         lines.append(f"| {t['variant']} | {t['twin']} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def _returning_check(name: str, metrics: dict, gate) -> bool | None:
+    """Is the returning users' answer (returning_parity) within the variant's gate of parity with the variant's
+    own answer? None when it was not measured. Outside it: a warning (serving.cache.enabled=false serves such a
+    variant without the cache)."""
+    if "returning_topk_overlap" not in metrics:
+        return None
+    overlap, err = metrics["returning_topk_overlap"], metrics["returning_max_abs_err"]
+    ok = (gate.min_topk_overlap is None or overlap >= gate.min_topk_overlap) and \
+        (gate.max_score_err is None or err <= gate.max_score_err)
+    log.log(logging.INFO if ok else logging.WARNING,
+            "%s: returning users (cached state) against its own answer: top-K overlap %.4f, max score error %.3g, "
+            "%.0f%% answered from the cache%s", name, overlap, err, 100 * metrics["returning_hit_share"],
+            "" if ok else "; OUTSIDE its gate: the served answers of returning users differ from the variant's")
+    return ok
+
+
+def _returning_markdown(rows: list[dict]) -> str:
+    measured = [r for r in rows if "returning_topk_overlap" in r]
+    if not measured:
+        return ""
+    lines = ["", "Returning users as the serving engine answers them (the history without its last action cached, "
+             "then the whole history from that state) against the variant's own answer, on the gate's sample", "",
+             "| variant | top-K overlap | max score error | from the cache | within the gate |", "| --- | --- | --- | --- | --- |"]
+    for r in measured:
+        lines.append(f"| {r['variant']} | {r['returning_topk_overlap']:.4f} | {r['returning_max_abs_err']:.3g} | "
+                     f"{r['returning_hit_share']:.0%} | {'yes' if r['returning_ok'] else 'NO'} |")
     return "\n".join(lines) + "\n"
 
 
