@@ -123,15 +123,19 @@ def _ranges(starts: np.ndarray, ends: np.ndarray) -> tuple[np.ndarray, np.ndarra
     return which, np.arange(int(counts.sum())) - first[which] + starts[which]
 
 
-def _slots(tables: Sequence[np.ndarray], starts: np.ndarray, ends: np.ndarray, page_size: int) -> np.ndarray:
-    """Pool slots (page * page_size + offset) of positions [starts[i], ends[i]) of the users whose page
-    tables are tables[i], concatenated in order."""
-    if not len(tables):
-        return np.empty(0, dtype=np.int64)
-    which, pos = _ranges(starts, ends)
-    sizes = np.fromiter((len(t) for t in tables), dtype=np.int64, count=len(tables))
-    table = np.concatenate(tables)
-    return table[(np.cumsum(sizes) - sizes)[which] + pos // page_size] * page_size + pos % page_size
+def _slots(flat: np.ndarray, table_start: np.ndarray, firsts: np.ndarray, lasts: np.ndarray,
+           page_size: int) -> np.ndarray:
+    """Pool slots (page * page_size + offset) of positions [firsts[i], lasts[i]) of the users whose page tables
+    start at flat[table_start[i]], concatenated in order."""
+    if not len(firsts):
+        return _EMPTY
+    which, pos = _ranges(firsts, lasts)
+    return flat[table_start[which] + pos // page_size] * page_size + pos % page_size
+
+
+def _user_slots(pages: np.ndarray, length: int, page_size: int) -> np.ndarray:
+    """Pool slots of one user's positions 0..length-1 in its pages."""
+    return _slots(pages, np.zeros(1, np.int64), np.zeros(1, np.int64), np.array([length]), page_size)
 
 
 class _Pool:
@@ -272,7 +276,7 @@ class KVCache:
                 self._store_host(user, namespace, items.tobytes(), times, state, count_too_large=True)
                 return
             pool = self._ensure_pool()
-            slots = _to_device(_slots([pages], np.array([0]), np.array([state.length]), self.page_size), self.device)
+            slots = _to_device(_user_slots(pages, state.length, self.page_size), self.device)
             pool.keys.index_copy_(1, slots, state.keys.to(self.device, non_blocking=True))
             pool.values.index_copy_(1, slots, state.values.to(self.device, non_blocking=True))
             pool.queries[int(pages[0])] = state.query.to(self.device, non_blocking=True)
@@ -345,8 +349,7 @@ class KVCache:
     def _gather(self, entry: _Entry) -> UserState:
         """An entry's pages as one contiguous state on the device."""
         pool = self._ensure_pool()
-        slots = _to_device(_slots([entry.pages], np.array([0]), np.array([entry.length]), self.page_size),
-                           self.device)
+        slots = _to_device(_user_slots(entry.pages, entry.length, self.page_size), self.device)
         return UserState(pool.keys.index_select(1, slots), pool.values.index_select(1, slots),
                          pool.queries[int(entry.pages[0])].clone(),
                          pool.times.index_select(0, slots) if pool.times is not None else None)
@@ -533,22 +536,15 @@ class _Batch:
         restored = np.flatnonzero(restore)
         pooled_zero = zero[pooled[zero]] if len(zero) else _EMPTY
 
-        def slots(row_ids: np.ndarray, first: np.ndarray, last: np.ndarray) -> np.ndarray:
-            """Pool slots of positions [first[i], last[i]) of rows row_ids[i], concatenated in order."""
-            if not len(row_ids):
-                return _EMPTY
-            w, p = _ranges(first, last)
-            return flat[start[row_ids][w] + p // S] * S + p % S
-
         parts = {
             "items": self.items[rows, pos], "positions": pos, "c_off": c_off[act], "c_len": c[act], "n_off": n_off,
             "m_len": m_act, "last_rows": np.cumsum(m_act) - 1, "active": act, "gather": gather,
-            "w_slots": slots(w_rows, c[w_rows], n[w_rows]),
+            "w_slots": _slots(flat, start[w_rows], c[w_rows], n[w_rows], S),
             "keep": _EMPTY if all_written else
             _ranges(n_off[written], n_off[written] + m_act[written])[1],
             "w_query_slots": flat[start[w_rows]],
             "w_query_rows": written,
-            "r_slots": slots(restored, np.zeros(len(restored), np.int64), c[restored]),
+            "r_slots": _slots(flat, start[restored], np.zeros(len(restored), np.int64), c[restored], S),
             "r_query_slots": flat[start[restored]],
             "zero": pooled_zero,
             "zero_slots": flat[start[pooled_zero]],
